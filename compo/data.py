@@ -1,0 +1,528 @@
+"""Preference pairs: loading and validating files, chat templates and truncation.
+
+Supported files (read through ``datasets``): JSONL, JSON (an array of objects), CSV and Parquet,
+in the public schemas:
+
+* string fields ``prompt``, ``chosen``, ``rejected`` (e.g. UltraFeedback-binarized's ``prompt``);
+* ``chosen``/``rejected`` as chat-message lists sharing the prompt turns (HH-RLHF and UltraFeedback
+  in their conversational form); the last message of each must be the assistant's reply;
+* ``prompt`` as a message list with one-message ``chosen``/``rejected`` lists (TRL's
+  conversational preference format);
+* raw HH-RLHF transcripts (``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` in ``chosen``/``rejected``,
+  no ``prompt``).
+
+Optional fields: ``id`` (default ``<file stem>-<row>``), ``confidence`` in [0, 1] (default 1.0);
+every other field is kept in ``metadata``. Rows are numbered from 1 in file order (for JSONL
+without blank lines, the row is the line number).
+
+A bad row (missing or empty field, wrong type, identical chosen and rejected, undecodable bytes,
+invalid JSON) stops the load with one line naming file, row and field, or, with
+``on_error="skip"``, is returned in :attr:`LoadResult.rejected` with its reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from compo.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+ON_ERROR = ("raise", "skip")
+CHAT_TEMPLATE_MODES = ("auto", "always", "never")
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def default_data_path() -> Path:
+    """The embedded default data set shipped inside the package."""
+    return Path(str(resources.files("compo") / "assets" / "default_pairs.jsonl"))
+
+
+@dataclass
+class PreferencePair:
+    """One preference judgement: ``chosen`` is preferred to ``rejected`` as a reply to ``prompt``.
+
+    Attributes:
+        id: Unique within a data set.
+        prompt: A plain string, or the chat messages that precede the reply.
+        chosen: The preferred reply.
+        rejected: The other reply.
+        confidence: How much the label is trusted, in [0, 1] (e.g. from click counts).
+        metadata: Every other field of the source row.
+    """
+
+    id: str
+    prompt: str | list[Message]
+    chosen: str
+    rejected: str
+    confidence: float = 1.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+            "confidence": self.confidence,
+            "metadata": self.metadata,
+        }
+
+
+class RowError(Exception):
+    """A row that cannot become a pair; ``field`` is None when the whole row is at fault."""
+
+    def __init__(self, field: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+
+    def describe(self, source: Path, row: int) -> str:
+        where = f"{source}: row {row}"
+        return (
+            f"{where}: field '{self.field}': {self.reason}"
+            if self.field
+            else f"{where}: {self.reason}"
+        )
+
+
+@dataclass
+class RejectedRow:
+    """A row left out under ``on_error=skip``, with why."""
+
+    source: str
+    row: int
+    field: str | None
+    reason: str
+    record: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "row": self.row,
+            "field": self.field,
+            "reason": self.reason,
+            "record": self.record,
+        }
+
+
+@dataclass
+class LoadResult:
+    pairs: list[PreferencePair]
+    rejected: list[RejectedRow]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading records
+# --------------------------------------------------------------------------------------------
+
+
+def _read_with_datasets(path: Path, builder: str) -> list[dict[str, Any]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    return list(ds)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _scan_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yields (row, record or RowError) line by line; used to locate what ``datasets`` rejected."""
+    row = 0
+    for raw in path.read_bytes().splitlines():
+        if not raw.strip():
+            continue
+        row += 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield (
+                row,
+                RowError(None, f"undecodable bytes (not UTF-8) at byte {exc.start} of the line"),
+            )
+            continue
+        try:
+            yield row, json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield row, RowError(None, f"invalid JSON: {exc.msg} at column {exc.colno}")
+
+
+def _scan_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        # A CSV row may span lines, so rows after a bad byte cannot be recovered reliably.
+        raise DataError(
+            f"{path}: line {line}: undecodable bytes (not UTF-8); fix the file"
+        ) from exc
+    yield from enumerate(csv.DictReader(io.StringIO(text)), start=1)
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yields ``(row, record)`` pairs of a file; ``record`` is a RowError for unreadable rows.
+
+    Raises:
+        DataError: The file is missing, has an unknown extension or cannot be read at all.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_BUILDERS)}"
+        )
+    try:
+        records = _read_with_datasets(path, builder)
+    except Exception as exc:  # arrow/pandas errors name neither row nor field: locate them below
+        log.debug("datasets could not read %s (%s); scanning row by row", path, exc)
+        if path.suffix.lower() == ".jsonl":
+            yield from _scan_jsonl(path)
+            return
+        if builder == "csv":
+            yield from _scan_csv(path)
+            return
+        if builder == "json":
+            try:
+                data = json.loads(path.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as inner:
+                raise DataError(f"{path}: unreadable JSON file: {_first_line(inner)}") from inner
+            if not isinstance(data, list):
+                raise DataError(
+                    f"{path}: expected a JSON array of objects (or use .jsonl)"
+                ) from exc
+            yield from enumerate(data, start=1)
+            return
+        raise DataError(f"{path}: unreadable {builder} file: {_first_line(exc)}") from exc
+    yield from enumerate(records, start=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Validating records
+# --------------------------------------------------------------------------------------------
+
+
+def _text(record: dict[str, Any], name: str) -> str:
+    value = record.get(name)
+    if value is None:
+        raise RowError(name, "is missing")
+    if not isinstance(value, str):
+        raise RowError(name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError(name, "is empty")
+    return value
+
+
+def _messages(value: Any, name: str) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise RowError(name, "expected a non-empty list of chat messages")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} - {"name"}:
+            raise RowError(name, f"message {i}: expected an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise RowError(name, f"message {i}: role {role!r} is not one of {list(ROLES)}")
+        if not isinstance(content, str):
+            raise RowError(name, f"message {i}: content must be a string")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _parse_hh_transcript(text: str, name: str) -> list[Message]:
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise RowError(
+            name, "expected an HH-RLHF transcript ('\\n\\nHuman: ... \\n\\nAssistant: ...')"
+        )
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [
+        {"role": roles[r], "content": c.strip()}
+        for r, c in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
+def _split_conversation(messages: list[Message], name: str) -> tuple[list[Message], str]:
+    if messages[-1]["role"] != "assistant":
+        raise RowError(name, "the last message must be the assistant's reply")
+    reply = messages[-1]["content"]
+    if not reply.strip():
+        raise RowError(name, "the assistant's reply is empty")
+    return messages[:-1], reply
+
+
+def _confidence(record: dict[str, Any]) -> float:
+    value = record.get("confidence")
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RowError("confidence", f"expected a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise RowError("confidence", f"must be in [0, 1], got {value}")
+    return float(value)
+
+
+def _prompt_and_replies(record: dict[str, Any]) -> tuple[str | list[Message], str, str]:
+    chosen, rejected, prompt = record.get("chosen"), record.get("rejected"), record.get("prompt")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if value is None:
+            raise RowError(name, "is missing")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is None and chosen.startswith("\n\nHuman:"):
+            chosen_msgs = _parse_hh_transcript(chosen, "chosen")
+            rejected_msgs = _parse_hh_transcript(rejected, "rejected")
+        else:
+            prompt_value = (
+                _messages(prompt, "prompt") if isinstance(prompt, list) else _text(record, "prompt")
+            )
+            return prompt_value, _text(record, "chosen"), _text(record, "rejected")
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        chosen_msgs, rejected_msgs = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    else:
+        bad = "chosen" if not isinstance(chosen, str | list) else "rejected"
+        raise RowError(bad, "chosen and rejected must both be strings or both be message lists")
+    chosen_turns, chosen_reply = _split_conversation(chosen_msgs, "chosen")
+    rejected_turns, rejected_reply = _split_conversation(rejected_msgs, "rejected")
+    if chosen_turns != rejected_turns:
+        raise RowError("rejected", "its prompt turns differ from those of chosen")
+    if chosen_turns:
+        turns: str | list[Message] = chosen_turns
+    elif isinstance(prompt, list):
+        turns = _messages(prompt, "prompt")
+    else:
+        turns = _text(record, "prompt")
+    if isinstance(turns, list) and not any(m["content"].strip() for m in turns):
+        raise RowError("prompt", "is empty")
+    return turns, chosen_reply, rejected_reply
+
+
+def pair_from_record(record: Any, default_id: str) -> PreferencePair:
+    """Validates one source row and turns it into a :class:`PreferencePair`.
+
+    Args:
+        record: The row as read from the file.
+        default_id: Id to use when the row has none.
+
+    Raises:
+        RowError: Naming the field at fault and why.
+    """
+    if isinstance(record, RowError):
+        raise record
+    if not isinstance(record, dict):
+        raise RowError(None, f"expected an object, got {type(record).__name__}")
+    prompt, chosen, rejected = _prompt_and_replies(record)
+    if chosen.strip() == rejected.strip():
+        raise RowError("rejected", "is identical to chosen")
+    raw_id = record.get("id")
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, str | int)):
+        raise RowError("id", f"expected a string or integer, got {type(raw_id).__name__}")
+    metadata = {
+        k: v
+        for k, v in record.items()
+        if k not in {"id", "prompt", "chosen", "rejected", "confidence"}
+    }
+    return PreferencePair(
+        id=str(raw_id) if raw_id is not None and str(raw_id) else default_id,
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        confidence=_confidence(record),
+        metadata=metadata,
+    )
+
+
+def load_pairs(
+    path: str | Path | None = None, on_error: str = "raise", limit: int | None = None
+) -> LoadResult:
+    """Loads and validates a preference file.
+
+    Args:
+        path: The file; None means the embedded default data set.
+        on_error: ``raise`` stops at the first bad row with a :class:`DataError` naming file, row
+            and field; ``skip`` leaves bad rows out and returns them in ``rejected``.
+        limit: Keep only the first ``limit`` valid pairs (None keeps all).
+
+    Returns:
+        The valid pairs and the rejected rows.
+
+    Raises:
+        DataError: On an unreadable file, a bad row (``on_error=raise``) or no valid row at all.
+    """
+    if on_error not in ON_ERROR:
+        raise DataError(f"data.on_error: {on_error!r} is not one of {list(ON_ERROR)}")
+    source = Path(path).expanduser() if path else default_data_path()
+    pairs: list[PreferencePair] = []
+    rejected: list[RejectedRow] = []
+    seen: set[str] = set()
+    for row, record in iter_records(source):
+        try:
+            pair = pair_from_record(record, default_id=f"{source.stem}-{row}")
+            if pair.id in seen:
+                raise RowError("id", f"duplicate id {pair.id!r}")
+        except RowError as err:
+            if on_error == "raise":
+                raise DataError(
+                    err.describe(source, row) + " (data.on_error=skip sets such rows aside)"
+                ) from None
+            kept = record if not isinstance(record, RowError) else None
+            rejected.append(RejectedRow(str(source), row, err.field, err.reason, kept))
+            continue
+        seen.add(pair.id)
+        pairs.append(pair)
+        if limit is not None and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise DataError(f"{source}: no valid preference pair ({len(rejected)} rows rejected)")
+    if rejected:
+        log.warning("%s: %d bad rows set aside (see rejected_rows.jsonl)", source, len(rejected))
+    return LoadResult(pairs, rejected)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedPair:
+    """Token ids of one pair: the prompt and each reply (with its end-of-turn token)."""
+
+    pair_id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class TruncationReport:
+    n_prompt_truncated: int = 0
+    n_chosen_truncated: int = 0
+    n_rejected_truncated: int = 0
+    n_identical_after_truncation: int = 0
+
+    def as_metrics(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+def prompt_text(prompt: str | list[Message], tokenizer: Any, use_template: bool) -> str:
+    """Renders a prompt for the model: its chat template with a generation prompt, or plain text."""
+    if use_template:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if isinstance(prompt, str):
+        return prompt
+    # No template: a plain, documented transcript format.
+    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
+
+
+def use_chat_template(tokenizer: Any, mode: str) -> bool:
+    """Resolves ``data.chat_template`` (auto / always / never) for a tokenizer."""
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise DataError(f"data.chat_template: {mode!r} is not one of {list(CHAT_TEMPLATE_MODES)}")
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "always" and not has:
+        raise DataError("data.chat_template=always, but the tokenizer has no chat template")
+    return has and mode != "never"
+
+
+def encode_pairs(
+    pairs: list[PreferencePair],
+    tokenizer: Any,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    chat_template: str = "auto",
+) -> tuple[list[EncodedPair], TruncationReport]:
+    """Tokenizes pairs, truncating the prompt from the left and replies from the right.
+
+    Replies end with the tokenizer's end-of-sequence token (the end of the assistant turn), so
+    training also teaches the model where to stop.
+
+    Args:
+        pairs: Validated pairs.
+        tokenizer: A Hugging Face tokenizer.
+        max_length: Longest prompt + reply, in tokens.
+        max_prompt_length: Longest prompt; the oldest tokens go first.
+        chat_template: ``auto`` uses the tokenizer's template when it has one.
+
+    Returns:
+        The encoded pairs (same order) and counts of what truncation changed.
+    """
+    if not 0 < max_prompt_length < max_length:
+        raise DataError(
+            f"data: need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})"
+        )
+    templated = use_chat_template(tokenizer, chat_template)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    report = TruncationReport()
+    encoded = []
+    for pair in pairs:
+        text = prompt_text(pair.prompt, tokenizer, templated)
+        prompt_ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        if len(prompt_ids) > max_prompt_length:
+            prompt_ids = prompt_ids[-max_prompt_length:]
+            report.n_prompt_truncated += 1
+        budget = max_length - len(prompt_ids)
+        replies = []
+        for name, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            ids = tokenizer(reply, add_special_tokens=False)["input_ids"] + eos
+            if len(ids) > budget:
+                ids = ids[:budget]
+                setattr(report, f"n_{name}_truncated", getattr(report, f"n_{name}_truncated") + 1)
+            replies.append(ids)
+        if replies[0] == replies[1]:
+            report.n_identical_after_truncation += 1
+        encoded.append(EncodedPair(pair.id, list(prompt_ids), replies[0], replies[1]))
+    if report.n_identical_after_truncation:
+        log.warning(
+            "%d pairs have identical replies after truncation (they carry no preference signal); "
+            "raise data.max_length to keep them apart",
+            report.n_identical_after_truncation,
+        )
+    return encoded, report
+
+
+@dataclass
+class DataSpec:
+    """The ``data`` config group: which file and how to read and tokenize it.
+
+    Args:
+        path: Preference file; None means the embedded default set.
+        on_error: ``raise`` or ``skip`` (bad rows to ``rejected_rows.jsonl``).
+        max_length: Longest prompt + reply in tokens.
+        max_prompt_length: Longest prompt in tokens.
+        chat_template: ``auto``, ``always`` or ``never``.
+        limit: Use only the first ``limit`` valid pairs.
+    """
+
+    path: str | None = None
+    on_error: str = "raise"
+    max_length: int = 512
+    max_prompt_length: int = 256
+    chat_template: str = "auto"
+    limit: int | None = None
+
+    def load(self) -> LoadResult:
+        return load_pairs(self.path, self.on_error, self.limit)
+
+    def encode(self, pairs: list[PreferencePair], tokenizer: Any):
+        return encode_pairs(
+            pairs, tokenizer, self.max_length, self.max_prompt_length, self.chat_template
+        )

@@ -1,0 +1,110 @@
+"""The run directory: metrics, traces and rejected rows, all written atomically.
+
+Every run dir holds ``metrics.json`` (flat ``stage.name`` keys), ``config.yaml`` (the resolved
+config), ``trace/<stage>.jsonl`` (one row per step) and, when a stage changed the model,
+``checkpoint/``. Whole files are written to a temporary name and renamed, so a reader (or a crash)
+never sees half a file; JSONL traces are appended one complete line per ``write``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _jsonable(value: Any) -> Any:
+    """Converts tensors, numpy scalars and non-finite floats into plain JSON values."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:
+    """Writes a whole JSONL file atomically."""
+    atomic_write_text(
+        path, "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in rows)
+    )
+
+
+class TraceWriter:
+    """Appends one JSON object per line to ``trace/<name>.jsonl``, flushing each row."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Appends ``row`` as one complete line."""
+        self._handle.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RunDir:
+    """One run's output directory and its flat metrics dictionary.
+
+    Args:
+        path: The directory (Hydra's output dir for the job); created if missing.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics: dict[str, Any] = {}
+
+    def log_metrics(self, prefix: str, values: Mapping[str, Any]) -> None:
+        """Records ``values`` under ``prefix.key`` and rewrites ``metrics.json``."""
+        for key, value in values.items():
+            self.metrics[f"{prefix}.{key}"] = value
+        atomic_write_json(self.path / "metrics.json", self.metrics)
+
+    def trace(self, name: str) -> TraceWriter:
+        """Opens ``trace/<name>.jsonl`` for appending."""
+        return TraceWriter(self.path / "trace" / f"{name}.jsonl")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"

@@ -1,0 +1,229 @@
+"""Sequence log-probabilities: the one place every stage computes log pi(y|x).
+
+The model runs once per padded batch up to its final hidden states; the output layer and the
+log-softmax are then applied at response positions only, in fp32 and in chunks, so a 49k-token
+vocabulary never materialises logits for prompt or padding positions. The hidden states that feed
+the output layer can be returned as well: within a ComPO iteration only the output layer changes,
+so the zeroth-order optimizer reuses them for every perturbation (see :func:`token_logps`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from compo.errors import ModelLoadError
+
+# Configs of architectures whose logits are not simply the output layer of the last hidden state.
+_UNSUPPORTED_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier_scale",
+)
+
+
+@dataclass
+class SequenceScores:
+    """Scores of a batch of (prompt, response) sequences.
+
+    Attributes:
+        sum_logps: Sum of log pi(y_t | x, y_<t) over response tokens, shape (B,), fp32.
+        mean_logps: ``sum_logps / n_tokens`` (the length-normalised score), shape (B,).
+        n_tokens: Response tokens per sequence, shape (B,).
+        hidden: If requested, the final hidden states that predict each response token, all
+            sequences concatenated in order, shape (N, d) with N = n_tokens.sum(), fp32.
+        targets: The response token each row of ``hidden`` predicts, shape (N,).
+        seq_index: Which sequence each row belongs to, shape (N,).
+    """
+
+    sum_logps: Tensor
+    mean_logps: Tensor
+    n_tokens: Tensor
+    hidden: Tensor | None = None
+    targets: Tensor | None = None
+    seq_index: Tensor | None = None
+
+
+def output_layer(model: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
+    """Returns (weight, bias) of the model's output layer, rejecting logit post-processing."""
+    for name in _UNSUPPORTED_LOGIT_TRANSFORMS:
+        if getattr(model.config, name, None) not in (None, 1, 1.0):
+            raise ModelLoadError(
+                f"{type(model).__name__} applies {name} to its logits; compo's scoring assumes "
+                "logits = output_layer(last hidden state)"
+            )
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def token_logps(
+    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, chunk: int = 1024
+) -> Tensor:
+    """log softmax(hidden @ weight.T + bias)[targets] per row, in fp32, ``chunk`` rows at a time.
+
+    Args:
+        hidden: (N, d) hidden states.
+        weight: (V, d) output-layer weight.
+        targets: (N,) token ids.
+        bias: Optional (V,) bias.
+        chunk: Rows per matmul; bounds the (chunk, V) logits buffer.
+
+    Returns:
+        (N,) fp32 log-probabilities.
+    """
+    weight = weight.float()
+    bias = bias.float() if bias is not None else None
+    out = []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = F.linear(hidden[start : start + chunk].float(), weight, bias)
+        rows = targets[start : start + chunk]
+        # gather - logsumexp is log_softmax at one column, without a second (chunk, V) buffer.
+        out.append(logits.gather(-1, rows[:, None]).squeeze(-1) - logits.logsumexp(-1))
+    if not out:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
+
+
+def segment_sum(values: Tensor, seq_index: Tensor, n_seqs: int) -> Tensor:
+    """Sums ``values`` (N,) or (K, N) into (n_seqs,) or (K, n_seqs) buckets by ``seq_index``."""
+    shape = (*values.shape[:-1], n_seqs)
+    index = seq_index.expand_as(values)
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).scatter_add_(
+        -1, index, values
+    )
+
+
+def _pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def score_sequences(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int = 8,
+    padding_side: str = "right",
+    requires_grad: bool = False,
+    return_hidden: bool = False,
+    chunk: int = 1024,
+    desc: str | None = None,
+) -> SequenceScores:
+    """Scores response tokens given their prompts under ``model``.
+
+    Sequences are grouped by length (less padding) and returned in input order.
+
+    Args:
+        model: A causal LM whose logits are ``output_layer(last hidden state)``.
+        prompts: Token ids of each prompt (non-empty).
+        responses: Token ids of each response (non-empty).
+        pad_token_id: Fills padding (masked out; its value does not matter).
+        batch_size: Sequences per forward pass.
+        padding_side: ``right`` or ``left``; both give the same numbers.
+        requires_grad: Keep the autograd graph (training); otherwise runs under ``no_grad``.
+        return_hidden: Also return the hidden states feeding the output layer.
+        chunk: Rows per output-layer matmul.
+        desc: Show a progress bar over batches with this label (None: no bar).
+
+    Returns:
+        The scores, in input order.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError("prompts and responses differ in length")
+    if any(len(p) == 0 for p in prompts) or any(len(r) == 0 for r in responses):
+        raise ValueError("every prompt and response needs at least one token")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    weight, bias = output_layer(model)
+    decoder = model.get_decoder()
+    device = weight.device
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(responses[i])))
+    sums: list[Tensor] = []
+    pieces: list[tuple[Tensor, Tensor, Tensor]] = []
+    with torch.set_grad_enabled(requires_grad):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+            rows = order[start : start + batch_size]
+            seqs = [list(prompts[i]) + list(responses[i]) for i in rows]
+            ids, mask = _pad(seqs, pad_token_id, padding_side)
+            is_response = torch.zeros_like(mask, dtype=torch.bool)
+            for r, i in enumerate(rows):
+                end = ids.shape[1] if padding_side == "left" else len(seqs[r])
+                is_response[r, end - len(responses[i]) : end] = True
+            ids, mask, is_response = ids.to(device), mask.to(device), is_response.to(device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = decoder(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+            ).last_hidden_state
+            # The hidden state at position j predicts the token at j + 1.
+            predicts = is_response[:, 1:]
+            h = hidden[:, :-1][predicts]
+            targets = ids[:, 1:][predicts]
+            local_seq = torch.arange(len(rows), device=device)[:, None].expand_as(predicts)[
+                predicts
+            ]
+            logps = token_logps(h, weight, targets, bias, chunk)
+            sums.append(segment_sum(logps, local_seq, len(rows)))
+            if return_hidden:
+                global_seq = torch.tensor(rows, device=device)[local_seq]
+                pieces.append((h.float(), targets, global_seq))
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    inverse = inverse.to(device)
+    sum_logps = torch.cat(sums)[inverse]
+    n_tokens = torch.tensor([len(r) for r in responses], device=device)
+    scores = SequenceScores(sum_logps, sum_logps / n_tokens, n_tokens)
+    if return_hidden:
+        h = torch.cat([p[0] for p in pieces])
+        targets = torch.cat([p[1] for p in pieces])
+        seq = torch.cat([p[2] for p in pieces])
+        # Back to input order, keeping token order within each sequence (stable sort).
+        perm = torch.sort(seq, stable=True).indices
+        scores.hidden, scores.targets, scores.seq_index = h[perm], targets[perm], seq[perm]
+    return scores
+
+
+def score_pairs(model: torch.nn.Module, pairs: Sequence, pad_token_id: int, **kwargs):
+    """Scores the chosen and the rejected reply of each encoded pair.
+
+    Args:
+        model: The causal LM.
+        pairs: :class:`compo.data.EncodedPair` items.
+        pad_token_id: Padding id.
+        **kwargs: Passed to :func:`score_sequences`.
+
+    Returns:
+        ``(chosen_scores, rejected_scores)``.
+    """
+    prompts = [p.prompt_ids for p in pairs]
+    both = score_sequences(
+        model,
+        prompts + prompts,
+        [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+        pad_token_id,
+        **kwargs,
+    )
+    n = len(pairs)
+    return _take(both, slice(0, n), 0), _take(both, slice(n, 2 * n), n)
+
+
+def _take(scores: SequenceScores, rows: slice, offset: int) -> SequenceScores:
+    out = SequenceScores(scores.sum_logps[rows], scores.mean_logps[rows], scores.n_tokens[rows])
+    if scores.hidden is not None:
+        keep = (scores.seq_index >= rows.start) & (scores.seq_index < rows.stop)
+        out.hidden = scores.hidden[keep]
+        out.targets = scores.targets[keep]
+        out.seq_index = scores.seq_index[keep] - offset
+    return out
