@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny offline models and small preference files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compo.data import PreferencePair, encode_pairs
+from compo.models import TinyModel
+
+EASY_PAIRS = [
+    PreferencePair("p1", "Name three primary colors.", "Red, blue and yellow.", "Bananas are tall."),
+    PreferencePair("p2", "What is 2 + 2?", "2 + 2 = 4.", "It is a fish."),
+    PreferencePair("p3", "Say hello in French.", "Bonjour!", "Potato potato potato."),
+    PreferencePair("p4", "Capital of Italy?", "Rome.", "I do not like questions."),
+]
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny model and its tokenizer (fresh per test: tests may train it)."""
+    return TinyModel(seed=0).load()
+
+
+@pytest.fixture
+def easy_encoded(tiny):
+    """The four easy pairs, encoded with the tiny tokenizer's chat template."""
+    _, tokenizer = tiny
+    encoded, _ = encode_pairs(EASY_PAIRS, tokenizer, max_length=256, max_prompt_length=128)
+    return encoded
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """Writes rows (dicts, or raw strings/bytes as lines) to a JSONL file and returns its path."""
+
+    def _write(rows, name: str = "pairs.jsonl") -> Path:
+        path = tmp_path / name
+        with open(path, "wb") as handle:
+            for row in rows:
+                if isinstance(row, bytes):
+                    handle.write(row + b"\n")
+                elif isinstance(row, str):
+                    handle.write(row.encode() + b"\n")
+                else:
+                    handle.write(json.dumps(row).encode() + b"\n")
+        return path
+
+    return _write
