@@ -1,0 +1,62 @@
+"""The ``compo`` command end to end on the tiny model, as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+GOOD = {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}
+
+
+def _compo(run_dir, *overrides):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "compo", "model=tiny", f"hydra.run.dir={run_dir}", *overrides],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+
+
+def test_run_writes_the_run_dir(tmp_path, write_jsonl):
+    data = write_jsonl([GOOD, {**GOOD, "chosen": "Red.", "id": "r"}])
+    run_dir = tmp_path / "run"
+    proc = _compo(run_dir, f"data.path={data}")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["data.n_pairs"] == 2 and metrics["data.n_rows_rejected"] == 0
+    assert 0.0 <= metrics["eval.before.accuracy"] <= 1.0
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"]["path"] == str(data) and "${" not in (run_dir / "config.yaml").read_text()
+    assert "eval.before.accuracy" in proc.stdout  # the summary table
+
+
+def test_malformed_file_is_one_line_and_exit_2(tmp_path, write_jsonl):
+    data = write_jsonl([GOOD, {"prompt": "q", "chosen": "a"}])
+    proc = _compo(tmp_path / "run", f"data.path={data}")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == [f"compo: error: {data}: row 2: field 'rejected': is missing "
+                      "(data.on_error=skip sets such rows aside)"]
+
+
+def test_skip_mode_reports_rejected_rows(tmp_path, write_jsonl):
+    data = write_jsonl([GOOD, {"prompt": "q", "chosen": "a"}, b"\xff broken"])
+    run_dir = tmp_path / "run"
+    proc = _compo(run_dir, f"data.path={data}", "data.on_error=skip")
+    assert proc.returncode == 0, proc.stderr
+    rejected = [json.loads(line) for line in (run_dir / "rejected_rows.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["field"]) for r in rejected] == [(2, "rejected"), (3, None)]
+    assert json.loads((run_dir / "metrics.json").read_text())["data.n_rows_rejected"] == 2
+
+
+def test_missing_model_and_bad_option_are_one_line_errors(tmp_path):
+    proc = _compo(tmp_path / "a", "model=pretrained", f"model.name_or_path={tmp_path / 'nope'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("compo: error: cannot load model")
+    proc = _compo(tmp_path / "b", "data.on_error=ignore")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.on_error" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
