@@ -20,14 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from compo.errors import CompoError
-from compo.evaluate import preference_metrics
+from compo.evaluate import likelihood_displacement, preference_metrics
+from compo.models import save_checkpoint
 from compo.rundir import RunDir, atomic_write_text, write_jsonl
+from compo.scoring import SequenceScores
+from compo.splitter import Split, record_split
 
 log = logging.getLogger("compo")
 
@@ -48,13 +52,26 @@ def _build(node: DictConfig | None, group: str) -> Any:
 
 
 def _summary_table(metrics: dict[str, Any]) -> str:
-    rows = [(k, v) for k, v in metrics.items() if k.startswith(("eval.", "split.", "data.n_pairs"))]
+    shown_prefixes = ("eval.", "split.", "dpo.", "data.n_pairs")
+    rows = [
+        (k, v)
+        for k, v in metrics.items()
+        if k.startswith(shown_prefixes) and not isinstance(v, dict | list)
+    ]
     width = max((len(k) for k, _ in rows), default=10)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
     for key, value in rows:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"{key:<{width}}  {shown}")
     return "\n".join(lines)
+
+
+def _rows(scores: tuple[SequenceScores, SequenceScores], rows: list[int]):
+    """The (chosen, rejected) scores of the pairs at ``rows``."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return tuple(
+        SequenceScores(s.sum_logps[index], s.mean_logps[index], s.n_tokens[index]) for s in scores
+    )
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -83,20 +100,57 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     encoded, truncation = data.encode(loaded.pairs, tokenizer)
     out.log_metrics("data", truncation.as_metrics())
 
-    evaluator = _build(cfg.eval, "eval")
-    if evaluator is not None:
-        chosen, rejected = evaluator.score(
-            policy, encoded, tokenizer.pad_token_id, desc="eval/before"
-        )
-        out.log_metrics("eval.before", preference_metrics(chosen, rejected))
-
-    # Later stages (splitter, first-order stage, ComPO optimizer) plug in here as they land; their
-    # groups exist already and default to `none`, so nothing is reported that did not run.
-    for group in ("splitter", "dpo", "optimizer", "oracle"):
+    # The zeroth-order stage plugs in here when it lands; its groups exist already and default to
+    # `none`. Checked before any scoring, so a bad choice fails in seconds.
+    for group in ("optimizer", "oracle"):
         if _build(cfg.get(group), group) is not None:
             raise CompoError(
                 f"config group '{group}': this stage is not implemented yet; use {group}=none"
             )
+
+    evaluator = _build(cfg.eval, "eval")
+    before = None  # the policy as loaded is the reference model: its scores serve every stage
+    if evaluator is not None:
+        before = evaluator.score(policy, encoded, tokenizer.pad_token_id, desc="eval/before")
+        out.log_metrics("eval.before", preference_metrics(*before))
+
+    splitter = _build(cfg.splitter, "splitter")
+    if splitter is None:
+        split = Split.all_clean(len(encoded))
+    else:
+        split = splitter.split(
+            policy, loaded.pairs, encoded, tokenizer.pad_token_id, reference=before
+        )
+        record_split(out, loaded.pairs, split)
+
+    trainer = _build(cfg.dpo, "dpo")
+    model_changed = False
+    if trainer is not None and not split.clean:
+        log.warning("dpo: skipped: the splitter left no clean pairs")
+        out.log_metrics("dpo", {"skipped_reason": "no clean pairs"})
+    elif trainer is not None:
+        clean = split.clean
+        metrics = trainer.train(
+            policy,
+            [encoded[i] for i in clean],
+            tokenizer.pad_token_id,
+            out,
+            confidences=[loaded.pairs[i].confidence for i in clean],
+            reference=_rows(before, clean) if before is not None else None,
+        )
+        out.log_metrics("dpo", metrics)
+        model_changed = True
+
+    if model_changed:
+        save_checkpoint(policy, tokenizer, out.checkpoint_dir)
+        log.info("checkpoint saved to %s", out.checkpoint_dir)
+    if model_changed and evaluator is not None:
+        after = evaluator.score(policy, encoded, tokenizer.pad_token_id, desc="eval/after")
+        out.log_metrics("eval.after", preference_metrics(*after))
+        for side, rows in (("clean", split.clean), ("ambiguous", split.ambiguous)):
+            if rows:
+                shift = likelihood_displacement(_rows(before, rows), _rows(after, rows))
+                out.log_metrics(f"eval.displacement.{side}", shift)
 
     out.log_metrics("run", {"seconds": round(time.perf_counter() - started, 3)})
     print(_summary_table(out.metrics))

@@ -1,0 +1,452 @@
+"""First-order stage: DPO and its variants on the clean pairs.
+
+A loss is a small pure function of the policy's and the reference's log-probs of the chosen and
+rejected replies, returning per-pair losses and implicit rewards; :data:`LOSSES` maps each config
+name to one. Reference log-probs are computed once before training (or handed in by the cli, which
+scored the same model for ``eval.before``), so no reference model stays in memory while training.
+
+Each optimizer step appends a row to ``trace/dpo.jsonl`` with the loss, reward margin, accuracy
+and the batch's mean log pi(y+) and log pi(y-), so likelihood displacement shows as it happens.
+``dpo_state/`` holds what resuming needs: the trainable weights, the AdamW state and the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from compo.errors import CompoError
+from compo.rundir import RunDir, atomic_write_json
+from compo.scoring import SequenceScores, score_pairs
+
+log = logging.getLogger(__name__)
+
+LossOutput = tuple[Tensor, Tensor, Tensor]  # per-pair loss, chosen rewards, rejected rewards
+
+
+def _rewards(beta, pc, pr, rc, rr) -> tuple[Tensor, Tensor]:
+    return beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def dpo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> LossOutput:
+    """DPO (Rafailov et al. 2023): ``-log sigmoid(beta h)``, h = (pc - rc) - (pr - rr)."""
+    h = (pc - rc) - (pr - rr)
+    return -F.logsigmoid(beta * h), *_rewards(beta, pc, pr, rc, rr)
+
+
+def cdpo_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float
+) -> LossOutput:
+    """Conservative DPO: ``(1 - eps) l(beta h) + eps l(-beta h)``, l = -log sigmoid."""
+    h = (pc - rc) - (pr - rr)
+    eps = label_smoothing
+    loss = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    return loss, *_rewards(beta, pc, pr, rc, rr)
+
+
+def rdpo_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float
+) -> LossOutput:
+    """Robust DPO (Chowdhury et al. 2024): ``((1-eps) l(beta h) - eps l(-beta h)) / (1 - 2 eps)``.
+
+    ``eps`` is the assumed label-flip rate; the loss is an unbiased estimate of the clean DPO loss.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise CompoError(f"dpo.label_smoothing must be in [0, 0.5) for rdpo, got {label_smoothing}")
+    h = (pc - rc) - (pr - rr)
+    eps = label_smoothing
+    loss = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    return loss, *_rewards(beta, pc, pr, rc, rr)
+
+
+def ipo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> LossOutput:
+    """IPO (Azar et al. 2023): ``(h - 1/(2 beta))^2``; per-token log-probs by default (as TRL)."""
+    h = (pc - rc) - (pr - rr)
+    return (h - 1 / (2 * beta)) ** 2, *_rewards(beta, pc, pr, rc, rr)
+
+
+def simpo_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, gamma: float
+) -> LossOutput:
+    """SimPO (Meng et al. 2024): ``-log sigmoid(beta (pc - pr) - gamma)`` on per-token log-probs.
+
+    Reference-free: ``rc``/``rr`` are ignored; the rewards are ``beta`` times the policy's
+    length-normalised log-probs.
+    """
+    loss = -F.logsigmoid(beta * (pc - pr) - gamma)
+    return loss, beta * pc.detach(), beta * pr.detach()
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A loss function and the log-probs it expects (summed, or mean per token)."""
+
+    fn: Callable[..., LossOutput]
+    per_token: bool
+    needs_reference: bool = True
+
+
+LOSSES: dict[str, Loss] = {
+    "dpo": Loss(dpo_loss, per_token=False),
+    "cdpo": Loss(cdpo_loss, per_token=False),
+    "rdpo": Loss(rdpo_loss, per_token=False),
+    # TRL averages IPO's log-probs per token; summed ones make h ~ tens against a 1/(2 beta) target.
+    "ipo": Loss(ipo_loss, per_token=True),
+    "simpo": Loss(simpo_loss, per_token=True, needs_reference=False),
+}
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (``model.layers`` of Llama-like decoders, ...)."""
+    decoder = model.get_decoder()
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in decoder.children():
+        if isinstance(module, nn.ModuleList) and (n is None or len(module) == n):
+            return module
+    raise CompoError(f"dpo.scope=last_k: no transformer blocks found in {type(model).__name__}")
+
+
+def set_trainable(model: nn.Module, scope: str, last_k: int) -> list[str]:
+    """Freezes everything outside the trainable scope and returns the trainable parameter names.
+
+    Args:
+        model: The policy (output layer already untied from the embeddings).
+        scope: ``all``, or ``last_k``: the last ``last_k`` blocks, the final norm and the output
+            layer (practical on a CPU: backward stops at the first trainable block).
+        last_k: Blocks to train for ``last_k``.
+    """
+    if scope == "all":
+        model.requires_grad_(True)
+    elif scope == "last_k":
+        blocks = transformer_blocks(model)
+        if not 0 <= last_k <= len(blocks):
+            raise CompoError(f"dpo.last_k must be in [0, {len(blocks)}], got {last_k}")
+        model.requires_grad_(False)
+        for block in list(blocks)[len(blocks) - last_k :]:
+            block.requires_grad_(True)
+        model.get_output_embeddings().requires_grad_(True)
+        for name, module in model.get_decoder().named_children():
+            if "norm" in name or name == "ln_f":  # the final norm sits between blocks and head
+                module.requires_grad_(True)
+    else:
+        raise CompoError(f"dpo.scope: {scope!r} is not one of ['all', 'last_k']")
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda progress: 1.0,
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then ``schedule``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return _SCHEDULES[schedule]((step - warmup) / max(1, total - warmup))
+
+
+def _save_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, progress: dict):
+    state_dir.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters())
+    tensors = {n: params[n].detach().contiguous().cpu() for n in names}
+    save_file(tensors, state_dir / ".weights.tmp.safetensors")
+    (state_dir / ".weights.tmp.safetensors").replace(state_dir / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), state_dir / ".optimizer.tmp.pt")
+    (state_dir / ".optimizer.tmp.pt").replace(state_dir / "optimizer.pt")
+    # progress.json last: it is the marker that the two files above belong together.
+    atomic_write_json(state_dir / "progress.json", progress)
+
+
+def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, expect: dict):
+    progress = json.loads((state_dir / "progress.json").read_text())
+    for key, value in expect.items():
+        if progress.get(key) != value:
+            raise CompoError(
+                f"{state_dir}: written for {key}={progress.get(key)!r}, this run has {value!r}; "
+                "use a new run dir or dpo.resume=false"
+            )
+    tensors = load_file(state_dir / "trainable.safetensors")
+    if sorted(tensors) != sorted(names):
+        raise CompoError(f"{state_dir}: its trainable parameters differ from dpo.scope/last_k")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+    return progress["step"]
+
+
+class DPOTrainer:
+    """Trains a policy on preference pairs with one of :data:`LOSSES`.
+
+    Args:
+        loss: A key of :data:`LOSSES`: dpo, cdpo, rdpo, ipo, simpo.
+        beta: Inverse temperature of the implicit reward.
+        label_smoothing: Assumed label-flip rate ``eps`` of cdpo and rdpo.
+        gamma: SimPO's target margin.
+        per_token: Mean instead of summed log-probs; None: the loss's own choice (mean for ipo and
+            simpo, summed for the others).
+        weight_by_confidence: Multiply each pair's loss by its ``confidence``.
+        lr: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Optimizer steps of linear warm-up.
+        schedule: After warm-up: constant, linear (to zero) or cosine.
+        epochs: Passes over the pairs.
+        batch_size: Pairs per forward/backward pass.
+        grad_accum: Passes per optimizer step.
+        max_grad_norm: Gradient clipping (None: off).
+        scope: ``all`` or ``last_k`` trainable parameters.
+        last_k: Transformer blocks trained under ``scope=last_k``.
+        gradient_checkpointing: Recompute activations in backward (less memory, ~30% slower).
+        bf16: bfloat16 autocast (for GPUs; log-probs stay fp32).
+        seed: Seeds the shuffling generator.
+        resume: Continue from ``dpo_state/`` in the run dir when it exists.
+        save_every: Also write ``dpo_state/`` every this many steps (0: only at the end).
+        ref_batch_size: Sequences per pass when computing reference log-probs.
+    """
+
+    def __init__(
+        self,
+        loss: str = "dpo",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        gamma: float = 0.5,
+        per_token: bool | None = None,
+        weight_by_confidence: bool = False,
+        lr: float = 5e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        schedule: str = "constant",
+        epochs: int = 1,
+        batch_size: int = 4,
+        grad_accum: int = 1,
+        max_grad_norm: float | None = 1.0,
+        scope: str = "last_k",
+        last_k: int = 2,
+        gradient_checkpointing: bool = False,
+        bf16: bool = False,
+        seed: int = 0,
+        resume: bool = True,
+        save_every: int = 0,
+        ref_batch_size: int = 8,
+    ) -> None:
+        if loss not in LOSSES:
+            raise CompoError(f"dpo.loss: {loss!r} is not one of {sorted(LOSSES)}")
+        if schedule not in _SCHEDULES:
+            raise CompoError(f"dpo.schedule: {schedule!r} is not one of {sorted(_SCHEDULES)}")
+        for name, value in (
+            ("epochs", epochs),
+            ("batch_size", batch_size),
+            ("grad_accum", grad_accum),
+        ):
+            if value < 1:
+                raise CompoError(f"dpo.{name} must be >= 1, got {value}")
+        self.loss_name, self.loss = loss, LOSSES[loss]
+        hparams = {"beta": beta, "label_smoothing": label_smoothing, "gamma": gamma}
+        wanted = inspect.signature(self.loss.fn).parameters
+        self.hparams = {k: v for k, v in hparams.items() if k in wanted}
+        if label_smoothing and "label_smoothing" not in wanted:
+            log.warning("dpo.label_smoothing=%s is ignored by loss %s", label_smoothing, loss)
+        self.per_token = self.loss.per_token if per_token is None else per_token
+        self.weight_by_confidence = weight_by_confidence
+        self.lr, self.weight_decay = lr, weight_decay
+        self.warmup_steps, self.schedule = warmup_steps, schedule
+        self.epochs, self.batch_size, self.grad_accum = epochs, batch_size, grad_accum
+        self.max_grad_norm = max_grad_norm
+        self.scope, self.last_k = scope, last_k
+        self.gradient_checkpointing, self.bf16 = gradient_checkpointing, bf16
+        self.seed, self.resume, self.save_every = seed, resume, save_every
+        self.ref_batch_size = ref_batch_size
+
+    def _logps(self, scores: SequenceScores) -> Tensor:
+        return scores.mean_logps if self.per_token else scores.sum_logps
+
+    def compute_loss(
+        self,
+        policy: tuple[SequenceScores, SequenceScores],
+        reference: tuple[Tensor, Tensor],
+        weights: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Mean (optionally confidence-weighted) loss of a batch and its step statistics."""
+        pc, pr = self._logps(policy[0]), self._logps(policy[1])
+        losses, chosen_r, rejected_r = self.loss.fn(pc, pr, *reference, **self.hparams)
+        if weights is not None:
+            losses = losses * weights
+        margin = chosen_r - rejected_r
+        stats = {
+            "loss": losses.detach().sum().item(),
+            "reward_margin": margin.sum().item(),
+            "accuracy": (margin > 0).float().sum().item(),
+            "logp_chosen": policy[0].sum_logps.detach().sum().item(),
+            "logp_rejected": policy[1].sum_logps.detach().sum().item(),
+        }
+        return losses.mean(), stats
+
+    def reference_logps(self, model, pairs, pad_token_id) -> tuple[Tensor, Tensor]:
+        """Scores the pairs under ``model`` (the reference: the policy before training)."""
+        if not self.loss.needs_reference:
+            zeros = torch.zeros(len(pairs))
+            return zeros, zeros.clone()
+        chosen, rejected = score_pairs(
+            model, pairs, pad_token_id, batch_size=self.ref_batch_size, desc="dpo/reference"
+        )
+        return self._logps(chosen), self._logps(rejected)
+
+    def train(
+        self,
+        model: nn.Module,
+        pairs: Sequence,
+        pad_token_id: int,
+        out: RunDir,
+        confidences: Sequence[float] | None = None,
+        reference: tuple[SequenceScores, SequenceScores] | None = None,
+    ) -> dict[str, Any]:
+        """Trains ``model`` in place on encoded ``pairs``.
+
+        Args:
+            model: The policy; on entry it is also the reference model.
+            pairs: :class:`compo.data.EncodedPair` items (the clean side).
+            pad_token_id: Padding id.
+            out: The run dir (``trace/dpo.jsonl``, ``dpo_state/``).
+            confidences: Per-pair confidence, needed with ``weight_by_confidence``.
+            reference: (chosen, rejected) scores of ``pairs`` under the starting model, if already
+                computed; otherwise they are computed here, before any update.
+
+        Returns:
+            Flat metrics for ``dpo.*``.
+        """
+        started = time.perf_counter()
+        device = next(model.parameters()).device
+        if reference is not None and self.loss.needs_reference:
+            ref = tuple(self._logps(s).detach().to(device) for s in reference)
+        else:
+            ref = tuple(r.to(device) for r in self.reference_logps(model, pairs, pad_token_id))
+        weights = None
+        if self.weight_by_confidence:
+            if confidences is None:
+                raise ValueError("weight_by_confidence needs confidences")
+            weights = torch.tensor(list(confidences), dtype=torch.float32, device=device)
+
+        names = set_trainable(model, self.scope, self.last_k)
+        params = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in params)
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        per_step = self.batch_size * self.grad_accum
+        steps_per_epoch = math.ceil(len(pairs) / per_step)
+        total = steps_per_epoch * self.epochs
+        identity = {"n_pairs": len(pairs), "total_steps": total, "loss": self.loss_name}
+        state_dir = out.path / "dpo_state"
+        step = 0
+        if self.resume and (state_dir / "progress.json").is_file():
+            step = _load_state(state_dir, model, names, optimizer, identity)
+            log.info("dpo: resuming from %s at step %d of %d", state_dir, step, total)
+        if self.gradient_checkpointing:
+            # Non-reentrant, so blocks after frozen ones still get gradients.
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if self.bf16
+            else contextlib.nullcontext()
+        )
+        log.info(
+            "dpo: %s on %d pairs, %d steps, %d trainable parameters (%s)",
+            self.loss_name, len(pairs), total, n_trainable, self.scope,
+        )  # fmt: skip
+        if step == 0:  # a fresh start: drop the trace of an earlier, abandoned attempt
+            (out.path / "trace" / "dpo.jsonl").unlink(missing_ok=True)
+        start_step, tokens = step, 0
+        train_started = time.perf_counter()
+        model.train()
+        bar = tqdm(total=total, initial=step, desc=f"dpo/{self.loss_name}", leave=False)
+        with out.trace("dpo") as trace:
+            while step < total:
+                epoch, index = divmod(step, steps_per_epoch)
+                # The order depends on (seed, epoch) alone, so a resumed run sees the same batches.
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(len(pairs), generator=gen).tolist()
+                rows = order[index * per_step : (index + 1) * per_step]
+                lr = self.lr * lr_factor(step, total, self.warmup_steps, self.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                sums: dict[str, float] = {}
+                step_tokens = 0
+                for start in range(0, len(rows), self.batch_size):
+                    micro = rows[start : start + self.batch_size]
+                    batch = [pairs[i] for i in micro]
+                    with autocast:
+                        scores = score_pairs(
+                            model, batch, pad_token_id, batch_size=2 * len(batch),
+                            requires_grad=True,
+                        )  # fmt: skip
+                    loss, stats = self.compute_loss(
+                        scores,
+                        (ref[0][micro], ref[1][micro]),
+                        weights[micro] if weights is not None else None,
+                    )
+                    # Scale so the accumulated gradient is that of the mean over the whole step.
+                    (loss * len(micro) / len(rows)).backward()
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    step_tokens += sum(
+                        len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids)
+                        for p in batch
+                    )
+                grad_norm = None
+                if self.max_grad_norm is not None:
+                    grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += step_tokens
+                row = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+                row.update({k: v / len(rows) for k, v in sums.items()})
+                row.update(grad_norm=grad_norm, n_pairs=len(rows), tokens=step_tokens)
+                trace.write(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
+                if self.save_every and step % self.save_every == 0 and step < total:
+                    _save_state(state_dir, model, names, optimizer, {**identity, "step": step})
+        bar.close()
+        model.eval()
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        if step > start_step:
+            _save_state(state_dir, model, names, optimizer, {**identity, "step": step})
+        train_seconds = time.perf_counter() - train_started
+        metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
+        metrics["seconds"] = round(time.perf_counter() - started, 3)
+        return metrics
+
+    def _summary(self, out, identity, start_step, n_trainable, tokens, seconds) -> dict[str, Any]:
+        # From the whole trace, so a resumed run reports its first loss too.
+        trace_path = out.path / "trace" / "dpo.jsonl"
+        rows = [json.loads(line) for line in trace_path.read_text().splitlines() if line.strip()]
+        metrics: dict[str, Any] = {
+            **identity,
+            "steps_run": identity["total_steps"] - start_step,
+            "resumed_from_step": start_step,
+            "n_trainable_params": n_trainable,
+            "train_seconds": round(seconds, 3),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+        }
+        if rows:
+            for key in ("loss", "accuracy", "reward_margin", "logp_chosen", "logp_rejected"):
+                metrics[f"{key}_first"] = rows[0][key]
+                metrics[f"{key}_last"] = rows[-1][key]
+        return metrics
