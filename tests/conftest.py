@@ -11,7 +11,9 @@ from compo.data import PreferencePair, encode_pairs
 from compo.models import TinyModel
 
 EASY_PAIRS = [
-    PreferencePair("p1", "Name three primary colors.", "Red, blue and yellow.", "Bananas are tall."),
+    PreferencePair(
+        "p1", "Name three primary colors.", "Red, blue and yellow.", "Bananas are tall."
+    ),
     PreferencePair("p2", "What is 2 + 2?", "2 + 2 = 4.", "It is a fish."),
     PreferencePair("p3", "Say hello in French.", "Bonjour!", "Potato potato potato."),
     PreferencePair("p4", "Capital of Italy?", "Rome.", "I do not like questions."),

@@ -16,7 +16,10 @@ def _compo(run_dir, *overrides):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "compo", "model=tiny", f"hydra.run.dir={run_dir}", *overrides],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -39,8 +42,10 @@ def test_malformed_file_is_one_line_and_exit_2(tmp_path, write_jsonl):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert errors == [f"compo: error: {data}: row 2: field 'rejected': is missing "
-                      "(data.on_error=skip sets such rows aside)"]
+    assert errors == [
+        f"compo: error: {data}: row 2: field 'rejected': is missing "
+        "(data.on_error=skip sets such rows aside)"
+    ]
 
 
 def test_skip_mode_reports_rejected_rows(tmp_path, write_jsonl):
@@ -48,7 +53,9 @@ def test_skip_mode_reports_rejected_rows(tmp_path, write_jsonl):
     run_dir = tmp_path / "run"
     proc = _compo(run_dir, f"data.path={data}", "data.on_error=skip")
     assert proc.returncode == 0, proc.stderr
-    rejected = [json.loads(line) for line in (run_dir / "rejected_rows.jsonl").read_text().splitlines()]
+    rejected = [
+        json.loads(line) for line in (run_dir / "rejected_rows.jsonl").read_text().splitlines()
+    ]
     assert [(r["row"], r["field"]) for r in rejected] == [(2, "rejected"), (3, None)]
     assert json.loads((run_dir / "metrics.json").read_text())["data.n_rows_rejected"] == 2
 

@@ -27,29 +27,44 @@ def test_string_schema_with_optional_fields(write_jsonl):
 
 
 def test_message_list_schema_shares_prompt_turns(write_jsonl):
-    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-             {"role": "user", "content": "Capital of France?"}]
-    row = {"chosen": [*turns, {"role": "assistant", "content": "Paris."}],
-           "rejected": [*turns, {"role": "assistant", "content": "Lyon."}]}
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    row = {
+        "chosen": [*turns, {"role": "assistant", "content": "Paris."}],
+        "rejected": [*turns, {"role": "assistant", "content": "Lyon."}],
+    }
     pair = load_pairs(write_jsonl([row])).pairs[0]
     assert pair.prompt == turns and (pair.chosen, pair.rejected) == ("Paris.", "Lyon.")
 
 
 def test_ultrafeedback_schema_prompt_string_and_two_message_lists(write_jsonl):
-    row = {"prompt": "Capital of France?", "prompt_id": "abc",
-           "chosen": [{"role": "user", "content": "Capital of France?"},
-                      {"role": "assistant", "content": "Paris."}],
-           "rejected": [{"role": "user", "content": "Capital of France?"},
-                        {"role": "assistant", "content": "Lyon."}],
-           "score_chosen": 9.0, "score_rejected": 2.0}
+    row = {
+        "prompt": "Capital of France?",
+        "prompt_id": "abc",
+        "chosen": [
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Lyon."},
+        ],
+        "score_chosen": 9.0,
+        "score_rejected": 2.0,
+    }
     pair = load_pairs(write_jsonl([row])).pairs[0]
     assert pair.prompt == [{"role": "user", "content": "Capital of France?"}]
     assert pair.metadata["score_chosen"] == 9.0
 
 
 def test_hh_rlhf_raw_transcripts(write_jsonl):
-    row = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?",
-           "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."}
+    row = {
+        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?",
+        "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away.",
+    }
     pair = load_pairs(write_jsonl([row])).pairs[0]
     assert pair.prompt == [{"role": "user", "content": "Hi there"}]
     assert pair.chosen == "Hello! How can I help?"
@@ -72,7 +87,10 @@ BAD_ROWS = [
     ({"chosen": "a", "rejected": "b"}, "field 'prompt': is missing"),
     ({"prompt": "q", "chosen": "   ", "rejected": "b"}, "field 'chosen': is empty"),
     ({"prompt": "q", "chosen": "a", "rejected": 5}, "field 'rejected'"),
-    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "field 'rejected': is identical to chosen"),
+    (
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        "field 'rejected': is identical to chosen",
+    ),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "confidence": 3}, "field 'confidence'"),
     ({"prompt": 12, "chosen": "a", "rejected": "b"}, "field 'prompt': expected a string"),
 ]
@@ -113,7 +131,7 @@ def test_unreadable_and_unknown_files(tmp_path):
     with pytest.raises(DataError, match="unknown file type"):
         load_pairs(tmp_path / "pairs.txt")
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(DataError, match="bad.parquet"):
+    with pytest.raises(DataError, match=r"bad\.parquet"):
         load_pairs(tmp_path / "bad.parquet")
 
 
@@ -141,7 +159,11 @@ def test_truncation_cuts_prompt_left_and_reply_right_and_counts(tiny):
     assert tokenizer.decode(enc.prompt_ids) == "qrstuvwxyz"
     assert tokenizer.decode(enc.chosen_ids) == ("0123456789" * 2)
     assert tokenizer.decode(enc.rejected_ids) == "short<|im_end|>"
-    assert (report.n_prompt_truncated, report.n_chosen_truncated, report.n_rejected_truncated) == (1, 1, 0)
+    assert (report.n_prompt_truncated, report.n_chosen_truncated, report.n_rejected_truncated) == (
+        1,
+        1,
+        0,
+    )
 
 
 def test_identical_after_truncation_is_counted(tiny):

@@ -33,7 +33,9 @@ def test_matches_direct_per_token_computation(tiny):
 def test_left_and_right_padding_and_batch_size_agree(tiny):
     model, tokenizer = tiny
     results = [
-        score_sequences(model, PROMPTS, RESPONSES, tokenizer.pad_token_id, batch_size=b, padding_side=s)
+        score_sequences(
+            model, PROMPTS, RESPONSES, tokenizer.pad_token_id, batch_size=b, padding_side=s
+        )
         for b in (1, 3)
         for s in ("left", "right")
     ]
@@ -66,10 +68,16 @@ def test_chat_template_and_plain_paths_both_score(tiny):
         (enc,), _ = encode_pairs([pair], tokenizer, 128, 64, chat_template=mode)
         chosen, rejected = score_pairs(model, [enc], tokenizer.pad_token_id)
         torch.testing.assert_close(
-            chosen.sum_logps[0].item(), _direct(model, enc.prompt_ids, enc.chosen_ids), atol=1e-4, rtol=0
+            chosen.sum_logps[0].item(),
+            _direct(model, enc.prompt_ids, enc.chosen_ids),
+            atol=1e-4,
+            rtol=0,
         )
         torch.testing.assert_close(
-            rejected.sum_logps[0].item(), _direct(model, enc.prompt_ids, enc.rejected_ids), atol=1e-4, rtol=0
+            rejected.sum_logps[0].item(),
+            _direct(model, enc.prompt_ids, enc.rejected_ids),
+            atol=1e-4,
+            rtol=0,
         )
 
 
