@@ -1,0 +1,85 @@
+"""A persistent verdict cache shared by reruns and sweep jobs (sqlite, safe across processes).
+
+Keys are sha256 digests of (judge model, prompt template, prompt, first response, second
+response); values are a verdict with its confidence and reason. Nothing secret is stored: the key
+material is the text being judged, never credentials. Looking up the swapped pair returns the
+negated verdict, so a comparison is paid for once whichever side is "current".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from compo.models import default_cache_dir
+from oracles.base import Judgement, Verdict
+
+
+def default_verdict_cache() -> Path:
+    """``<compo cache dir>/verdicts.sqlite``."""
+    return default_cache_dir() / "verdicts.sqlite"
+
+
+def cache_key(model: str, template: str, prompt: str, first: str, second: str) -> str:
+    """sha256 of the JSON list of the five strings (unambiguous, unlike plain concatenation)."""
+    blob = json.dumps([model, template, prompt, first, second], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class VerdictCache:
+    """Verdicts keyed by what was judged, in one sqlite file.
+
+    Args:
+        path: The sqlite file; created with its directory. ``None``: the default under
+            :func:`compo.models.default_cache_dir`.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else default_verdict_cache()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # One connection shared by this process's threads (guarded by the lock); sqlite's own
+        # file locking (with a generous timeout) serialises concurrent sweep jobs.
+        self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
+        with self._lock, self._db:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, verdict INTEGER, "
+                "confidence REAL, reason TEXT, created REAL)"
+            )
+
+    def get(self, model: str, template: str, prompt: str, current: str, perturbed: str):
+        """The cached judgement of (current, perturbed), else None."""
+        keys = (
+            cache_key(model, template, prompt, current, perturbed),
+            cache_key(model, template, prompt, perturbed, current),
+        )
+        with self._lock:
+            for sign, key in zip((1, -1), keys, strict=True):
+                row = self._db.execute(
+                    "SELECT verdict, confidence, reason FROM verdicts WHERE key = ?", (key,)
+                ).fetchone()
+                if row is not None:
+                    return Judgement(Verdict(sign * row[0]), row[1], row[2])
+        return None
+
+    def put(self, model: str, template: str, prompt: str, current: str, perturbed: str, judgement):
+        """Stores a judgement of (current, perturbed)."""
+        key = cache_key(model, template, prompt, current, perturbed)
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
+                (key, int(judgement.verdict), judgement.confidence, judgement.reason, time.time()),
+            )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,124 @@
+"""A judge from any Python callable ``text -> score`` (a rule, a classifier, a heuristic).
+
+    compo model=tiny optimizer=compo oracle=scorer oracle.judge.scorer=mypkg.rules.politeness
+
+The callable is named by a dotted import path (``package.module.function``) so the config stays
+plain text; it may also be passed directly when building the judge in Python. The higher score
+wins; scores within ``epsilon`` of each other are a tie.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from compo.errors import CompoError
+from oracles.base import Judgement, OracleError, Verdict
+
+_WORD = re.compile(r"[A-Za-z]+")
+_PLAIN = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'\"-:;()\n")
+
+
+def readable_text(text: str) -> float:
+    """A simple rule: rewards readable, non-repetitive text of moderate length.
+
+    Score in [0, 1]: (share of plain ASCII characters) x (share of distinct words) x (a length
+    factor that saturates at 20 characters). A tiny random model's byte soup scores low, a fluent
+    sentence high; it is a plumbing test, not a measure of quality.
+    """
+    if not text.strip():
+        return 0.0
+    plain = sum(ch in _PLAIN for ch in text) / len(text)
+    words = _WORD.findall(text.lower())
+    distinct = len(set(words)) / len(words) if words else 0.0
+    return plain * (0.5 + 0.5 * distinct) * min(1.0, len(text.strip()) / 20.0)
+
+
+def prompt_overlap(prompt: str, text: str, target_length: int = 200) -> float:
+    """For ``with_prompt: true``: share of the prompt's words echoed, minus a length penalty."""
+    words, ref = set(_WORD.findall(text.lower())), set(_WORD.findall(prompt.lower()))
+    overlap = len(words & ref) / len(ref) if ref else readable_text(text)
+    return overlap - max(0, len(text) - target_length) / max(target_length, 1)
+
+
+def resolve_callable(path: str, where: str) -> Callable[..., Any]:
+    """Imports ``package.module.name`` and returns the callable it names."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise CompoError(f"{where}: {path!r} is not a dotted path like 'package.module.function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CompoError(f"{where}: cannot import module {module_name!r} ({exc})") from exc
+    target = getattr(module, attr, None)
+    if not callable(target):
+        raise CompoError(f"{where}: {module_name!r} has no callable named {attr!r}")
+    return target
+
+
+class ScorerJudge:
+    """Judges two responses by a score function of the response text.
+
+    Args:
+        scorer: Dotted import path of a callable ``text -> float`` (or the callable itself).
+        epsilon: Scores closer than this are a tie.
+        with_prompt: Call ``scorer(prompt, text)`` instead of ``scorer(text)``.
+    """
+
+    name = "scorer"
+
+    def __init__(
+        self,
+        scorer: str | Callable[..., float] = "oracles.scorer.readable_text",
+        epsilon: float = 0.0,
+        with_prompt: bool = False,
+    ) -> None:
+        self.scorer_name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "?")
+        self._scorer = scorer if callable(scorer) else None
+        self.epsilon, self.with_prompt = float(epsilon), with_prompt
+        self._lock = threading.Lock()
+        self.counts = {"calls": 0, "identical": 0, "abstentions": 0}
+
+    def check(self) -> None:
+        """Resolves the scorer (a bad import path fails here, before any model work)."""
+        if self._scorer is None:
+            self._scorer = resolve_callable(self.scorer_name, "oracle.scorer")
+        if self.epsilon < 0:
+            raise CompoError(f"oracle.scorer: epsilon must be >= 0, got {self.epsilon}")
+
+    def _score(self, prompt: str, text: str) -> float:
+        try:
+            value = self._scorer(prompt, text) if self.with_prompt else self._scorer(text)
+            return float(value)
+        except Exception as exc:  # the scorer is user code: report it, never guess a verdict
+            raise OracleError(
+                f"oracle.scorer: {self.scorer_name} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def judge(self, prompt: str, current: str, perturbed: str) -> Judgement:
+        """PERTURBED_BETTER when ``perturbed`` scores more than ``epsilon`` above ``current``."""
+        if current == perturbed:
+            with self._lock:
+                self.counts["identical"] += 1
+            return Judgement(Verdict.TIE, 1.0, "identical responses")
+        self.check()
+        with self._lock:
+            self.counts["calls"] += 1
+        a, b = self._score(prompt, current), self._score(prompt, perturbed)
+        if not (math.isfinite(a) and math.isfinite(b)):
+            with self._lock:
+                self.counts["abstentions"] += 1
+            return Judgement(Verdict.TIE, None, f"non-finite score ({a}, {b}): abstain")
+        if abs(a - b) <= self.epsilon:
+            return Judgement(Verdict.TIE, None, f"scores {a:.4g} vs {b:.4g} within epsilon")
+        verdict = Verdict.PERTURBED_BETTER if b > a else Verdict.CURRENT_BETTER
+        return Judgement(verdict, None, f"scores current {a:.4g}, perturbed {b:.4g}")
+
+    def usage(self) -> dict[str, int]:
+        """Counters for ``metrics.json``."""
+        with self._lock:
+            return dict(self.counts)
