@@ -1,0 +1,205 @@
+"""First-order stage: each loss against its paper's formula, trainable scope, training, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import compo.dpo
+from compo.dpo import LOSSES, DPOTrainer, lr_factor, set_trainable
+from compo.errors import CompoError
+from compo.rundir import RunDir
+from compo.scoring import score_pairs
+
+
+def _l(x: float) -> float:
+    """-log sigmoid(x)."""
+    return math.log1p(math.exp(-x))
+
+
+def _t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _trainer(**kwargs) -> DPOTrainer:
+    defaults = dict(lr=1e-3, batch_size=2, scope="all", max_grad_norm=None)
+    return DPOTrainer(**{**defaults, **kwargs})
+
+
+# --------------------------------------------------------------------------------------------
+# Losses on hand-computed log-probs
+# --------------------------------------------------------------------------------------------
+
+# pc, pr, rc, rr with h = (pc - rc) - (pr - rr) = 1 - (-1) = 2.
+LOGPS = (_t(-5.0), _t(-7.0), _t(-6.0), _t(-6.0))
+
+
+def test_dpo_loss_matches_formula():
+    loss, chosen_r, rejected_r = LOSSES["dpo"].fn(*LOGPS, beta=0.5)
+    assert loss.item() == pytest.approx(_l(0.5 * 2))
+    assert chosen_r.item() == pytest.approx(0.5) and rejected_r.item() == pytest.approx(-0.5)
+
+
+def test_cdpo_loss_matches_formula():
+    loss, *_ = LOSSES["cdpo"].fn(*LOGPS, beta=0.5, label_smoothing=0.2)
+    assert loss.item() == pytest.approx(0.8 * _l(1.0) + 0.2 * _l(-1.0))
+
+
+def test_rdpo_loss_matches_formula_and_is_unbiased():
+    eps = 0.2
+    loss, *_ = LOSSES["rdpo"].fn(*LOGPS, beta=0.5, label_smoothing=eps)
+    assert loss.item() == pytest.approx((0.8 * _l(1.0) - 0.2 * _l(-1.0)) / (1 - 2 * eps))
+    # Chowdhury et al.'s point: averaged over a label flipped with probability eps, it is the
+    # clean DPO loss.
+    pc, pr, rc, rr = LOGPS
+    flipped, *_ = LOSSES["rdpo"].fn(pr, pc, rr, rc, beta=0.5, label_smoothing=eps)
+    assert ((1 - eps) * loss + eps * flipped).item() == pytest.approx(_l(1.0))
+    with pytest.raises(CompoError, match="label_smoothing"):
+        LOSSES["rdpo"].fn(*LOGPS, beta=0.5, label_smoothing=0.5)
+
+
+def test_ipo_loss_matches_formula():
+    loss, *_ = LOSSES["ipo"].fn(*LOGPS, beta=0.25)
+    assert loss.item() == pytest.approx((2 - 1 / (2 * 0.25)) ** 2)
+    assert LOSSES["ipo"].per_token  # as TRL: IPO on length-averaged log-probs
+
+
+def test_simpo_loss_matches_formula_and_ignores_the_reference():
+    pc, pr = _t(-1.0), _t(-1.5)  # already length-normalised
+    loss, chosen_r, _ = LOSSES["simpo"].fn(pc, pr, _t(3.0), _t(-9.0), beta=2.0, gamma=0.5)
+    assert loss.item() == pytest.approx(_l(2.0 * 0.5 - 0.5))
+    assert chosen_r.item() == pytest.approx(-2.0)
+    assert LOSSES["simpo"].per_token and not LOSSES["simpo"].needs_reference
+
+
+@pytest.mark.parametrize("name", ["dpo", "cdpo", "rdpo"])
+def test_loss_is_ln2_per_pair_at_initialisation(tiny, easy_encoded, name):
+    model, tokenizer = tiny
+    trainer = DPOTrainer(loss=name, label_smoothing=0.1 if name != "dpo" else 0.0)
+    ref = trainer.reference_logps(model, easy_encoded, tokenizer.pad_token_id)
+    policy = score_pairs(model, easy_encoded, tokenizer.pad_token_id, requires_grad=True)
+    pc, pr = trainer._logps(policy[0]), trainer._logps(policy[1])
+    losses, *_ = trainer.loss.fn(pc, pr, *ref, **trainer.hparams)
+    assert losses.shape == (len(easy_encoded),)
+    torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)), atol=1e-5, rtol=0)
+
+
+def test_unknown_loss_and_bad_options_are_user_errors():
+    with pytest.raises(CompoError, match=r"dpo\.loss"):
+        DPOTrainer(loss="kto")
+    with pytest.raises(CompoError, match=r"dpo\.schedule"):
+        DPOTrainer(schedule="exponential")
+    with pytest.raises(CompoError, match=r"dpo\.batch_size"):
+        DPOTrainer(batch_size=0)
+
+
+def test_lr_warmup_then_schedule():
+    assert [lr_factor(s, 10, 3, "constant") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(3, 10, 3, "linear") == 1.0 and lr_factor(9, 10, 3, "linear") < 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def test_last_k_scope_trains_only_the_top(tiny, easy_encoded, tmp_path):
+    model, tokenizer = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _trainer(scope="last_k", last_k=1, epochs=2)
+    trainer.train(model, easy_encoded, tokenizer.pad_token_id, RunDir(tmp_path))
+    inside = ("model.layers.1.", "model.norm.", "lm_head.")
+    for name, param in model.named_parameters():
+        if name.startswith(inside):
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(param, before[name]), f"{name} changed outside the scope"
+    assert not any(p.requires_grad for p in model.model.layers[0].parameters())
+
+
+def test_scope_names(tiny):
+    model, _ = tiny
+    assert len(set_trainable(model, "all", 0)) == len(list(model.parameters()))
+    assert set_trainable(model, "last_k", 0) == ["model.norm.weight", "lm_head.weight"]
+    with pytest.raises(CompoError, match="last_k"):
+        set_trainable(model, "last_k", 3)
+
+
+def test_training_raises_preference_accuracy(tiny, easy_encoded, tmp_path):
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    chosen, rejected = score_pairs(model, easy_encoded, pad)
+    acc_before = (chosen.sum_logps > rejected.sum_logps).float().mean().item()
+    assert acc_before < 1.0  # otherwise the test shows nothing
+    out = RunDir(tmp_path)
+    metrics = _trainer(epochs=6, beta=0.5).train(model, easy_encoded, pad, out)
+    chosen, rejected = score_pairs(model, easy_encoded, pad)
+    assert (chosen.sum_logps > rejected.sum_logps).float().mean().item() == 1.0
+    assert metrics["loss_last"] < metrics["loss_first"] == pytest.approx(math.log(2), abs=1e-4)
+    rows = [json.loads(x) for x in (tmp_path / "trace" / "dpo.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["total_steps"] == 12
+    assert {"loss", "reward_margin", "accuracy", "logp_chosen", "logp_rejected", "lr"} <= set(
+        rows[0]
+    )
+
+
+@pytest.mark.parametrize("name", ["ipo", "cdpo", "rdpo", "simpo"])
+def test_every_loss_trains(tiny, easy_encoded, tmp_path, name):
+    model, tokenizer = tiny
+    trainer = _trainer(loss=name, epochs=3, label_smoothing=0.1 if "dpo" in name else 0.0)
+    metrics = trainer.train(model, easy_encoded, tokenizer.pad_token_id, RunDir(tmp_path))
+    assert metrics["reward_margin_last"] > metrics["reward_margin_first"]
+
+
+def test_confidence_weighting_zero_weight_pair_contributes_nothing(tiny, easy_encoded, tmp_path):
+    model, tokenizer = tiny
+    one_pair = easy_encoded[:1]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _trainer(weight_by_confidence=True, batch_size=1)
+    trainer.train(model, one_pair, tokenizer.pad_token_id, RunDir(tmp_path), confidences=[0.0])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_same_seed_same_result_and_resume_matches_uninterrupted(
+    tiny, easy_encoded, tmp_path, monkeypatch
+):
+    from compo.models import TinyModel
+
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    _trainer(epochs=2, seed=3).train(model, easy_encoded, pad, RunDir(tmp_path / "a"))
+    twin, _ = TinyModel(seed=0).load()
+    _trainer(epochs=2, seed=3).train(twin, easy_encoded, pad, RunDir(tmp_path / "b"))
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+    # Killed after step 2 of 4 (state saved every step), then resumed from dpo_state/.
+    real = compo.dpo.lr_factor
+
+    def dies_at_step_2(step, *args):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, *args)
+
+    interrupted, _ = TinyModel(seed=0).load()
+    monkeypatch.setattr(compo.dpo, "lr_factor", dies_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(epochs=2, seed=3, save_every=1).train(
+            interrupted, easy_encoded, pad, RunDir(tmp_path / "c")
+        )
+    monkeypatch.setattr(compo.dpo, "lr_factor", real)
+    resumed, _ = TinyModel(seed=0).load()
+    metrics = _trainer(epochs=2, seed=3).train(resumed, easy_encoded, pad, RunDir(tmp_path / "c"))
+    assert metrics["resumed_from_step"] == 2 and metrics["steps_run"] == 2
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
+
+    # Done already: resuming runs nothing; a different setup is refused in one line.
+    again, _ = TinyModel(seed=0).load()
+    metrics = _trainer(epochs=2, seed=3).train(again, easy_encoded, pad, RunDir(tmp_path / "c"))
+    assert metrics["steps_run"] == 0
+    with pytest.raises(CompoError, match="total_steps"):
+        _trainer(epochs=3).train(again, easy_encoded, pad, RunDir(tmp_path / "c"))
