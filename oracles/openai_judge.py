@@ -1,0 +1,365 @@
+"""A pairwise LLM judge behind any OpenAI-compatible endpoint (GPT-4, vLLM, compo-judge-server).
+
+    export OPENAI_API_KEY=...   # the config names the variable, never the key
+    compo optimizer=compo oracle=openai_judge                                  # api.openai.com
+    compo-judge-server --model tiny --port 8000 &
+    OPENAI_API_KEY=local compo model=tiny optimizer=compo oracle=openai_judge \\
+        oracle.judge.base_url=http://127.0.0.1:8000/v1
+
+Each comparison is asked in both orders; only a consistent pair of answers is a verdict (an LLM
+judge favours one position), anything else is a tie with a reason. Transient failures (429, 5xx,
+timeouts, dropped connections) are retried with exponential backoff and jitter; a request and
+token budget stops the run with a clear message when spent, and verdicts are cached on disk so
+reruns and sweep jobs do not pay twice. The API key is read from the environment at call time and
+appears in no config, log, cache, trace or exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import threading
+import time
+
+import openai
+from joblib import Parallel, delayed
+
+from compo.errors import CompoError
+from oracles.base import Judgement, OracleError, Verdict
+from oracles.cache import VerdictCache
+
+log = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = (
+    "You are an impartial judge. You compare two assistant responses to the same user prompt and "
+    "decide which one is more helpful, correct, honest and harmless. The order in which the "
+    "responses appear and their length alone must not influence you. Reply with exactly one of "
+    "A, B or TIE, and nothing else."
+)
+USER_TEMPLATE = (
+    "[User prompt]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}\n\n"
+    "Which response is better? Reply with exactly one of: A, B, TIE."
+)
+TEMPLATE_ID = "compo-pairwise-v1\n" + SYSTEM_PROMPT + "\n" + USER_TEMPLATE
+_ANSWER = re.compile(r"^(A|B|TIE)$")
+_TRANSIENT = (
+    openai.RateLimitError,
+    openai.InternalServerError,
+    openai.APITimeoutError,
+    openai.APIConnectionError,
+)
+
+
+class JudgeError(OracleError, CompoError):
+    """The judge cannot go on (bad key, unreachable endpoint, budget spent): one line, exit 2."""
+
+
+class BudgetExhausted(JudgeError):
+    """The request or token budget is spent; the run stops rather than guess verdicts."""
+
+
+def parse_answer(text: str | None) -> str | None:
+    """``A``, ``B`` or ``TIE`` from a reply like ``"B"``, ``"[[A]]"`` or ``"tie."``; else None."""
+    if not text:
+        return None
+    cleaned = text.strip().strip("[]()*\"'`.:! \n").upper()
+    return cleaned if _ANSWER.match(cleaned) else None
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc)
+    if "refused" in text.lower():
+        return "connection refused"
+    return (text.strip().splitlines() or [type(exc).__name__])[0]
+
+
+class OpenAIJudge:
+    """Pairwise judge over the ``openai`` client.
+
+    Args:
+        model: Judge model name on the endpoint.
+        base_url: Endpoint such as ``http://127.0.0.1:8000/v1``; None: the official API.
+        api_key_env: Name of the environment variable holding the key (None: no key needed).
+        timeout: Seconds per request.
+        max_retries: Retries of one request after a transient failure.
+        backoff_base: First backoff delay in seconds (doubles per retry, with jitter).
+        backoff_max: Longest backoff delay.
+        max_concurrency: Requests in flight at once (joblib threads).
+        max_requests: Budget of HTTP requests (retries included) for this judge object.
+        max_tokens: Budget of tokens (prompt + completion, as the server reports them).
+        max_consecutive_failures: Requests that may fail in a row before the run stops.
+        reply_tokens: ``max_tokens`` of each reply (the answer is one word).
+        cache: Use the persistent verdict cache.
+        cache_path: sqlite file; None: ``<compo cache dir>/verdicts.sqlite``.
+        seed: Seeds the backoff jitter.
+    """
+
+    name = "openai_judge"
+
+    def __init__(
+        self,
+        model: str = "gpt-4o",
+        base_url: str | None = None,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout: float = 30.0,
+        max_retries: int = 4,
+        backoff_base: float = 0.5,
+        backoff_max: float = 20.0,
+        max_concurrency: int = 4,
+        max_requests: int = 2000,
+        max_tokens: int = 1_000_000,
+        max_consecutive_failures: int = 10,
+        reply_tokens: int = 4,
+        cache: bool = True,
+        cache_path: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
+        self.timeout, self.max_retries = float(timeout), int(max_retries)
+        self.backoff_base, self.backoff_max = float(backoff_base), float(backoff_max)
+        self.max_concurrency, self.max_requests, self.max_tokens = (
+            max_concurrency,
+            max_requests,
+            max_tokens,
+        )
+        self.max_consecutive_failures, self.reply_tokens = max_consecutive_failures, reply_tokens
+        self.use_cache, self.cache_path = cache, cache_path
+        self._cache: VerdictCache | None = None
+        self._client: openai.OpenAI | None = None
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._consecutive_failures = 0
+        self.counts = dict.fromkeys(
+            (
+                "calls",
+                "identical",
+                "requests",
+                "prompt_tokens",
+                "completion_tokens",
+                "tokens",
+                "cache_hits",
+                "abstentions",
+                "invalid_replies",
+                "inconsistent",
+                "retries",
+                "failed_requests",
+            ),
+            0,
+        )
+        self.request_seconds = 0.0
+
+    @property
+    def where(self) -> str:
+        return self.base_url or "https://api.openai.com/v1"
+
+    def _key(self) -> str:
+        if self.api_key_env is None:
+            return "not-needed"
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise JudgeError(
+                f"oracle.openai_judge: environment variable {self.api_key_env} is not set"
+            )
+        return key
+
+    def _redact(self, text: str) -> str:
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return text.replace(key, "***") if key else text
+
+    def client(self) -> openai.OpenAI:
+        """The ``openai`` client (built once; its own retries are off: ours count and back off)."""
+        if self._client is None:
+            self._client = openai.OpenAI(
+                api_key=self._key(), base_url=self.base_url, timeout=self.timeout, max_retries=0
+            )
+        return self._client
+
+    def cache(self) -> VerdictCache | None:
+        if self.use_cache and self._cache is None:
+            self._cache = VerdictCache(self.cache_path)
+        return self._cache
+
+    def check(self) -> None:
+        """Fails fast on a missing key or an unreachable endpoint (one cheap ``/models`` call)."""
+        client = self.client()
+        try:
+            listed = [m.id for m in client.models.list(timeout=min(self.timeout, 10.0))]
+        except openai.AuthenticationError as exc:
+            raise JudgeError(
+                f"oracle.openai_judge: {self.where} rejected the key in {self.api_key_env} "
+                f"(HTTP {exc.status_code})"
+            ) from None
+        except openai.APITimeoutError:
+            raise JudgeError(
+                f"oracle.openai_judge: {self.where} did not answer (timed out)"
+            ) from None
+        except openai.APIConnectionError as exc:
+            reason = self._redact(_root_cause(exc))
+            raise JudgeError(f"oracle.openai_judge: cannot reach {self.where} ({reason})") from None
+        except openai.APIStatusError as exc:
+            if exc.status_code != 404:  # some servers have no /models; chat may still work
+                raise JudgeError(
+                    f"oracle.openai_judge: {self.where}/models answered HTTP {exc.status_code}"
+                ) from None
+            return
+        if listed and self.model not in listed:
+            log.warning("judge model %r not listed by %s: %s", self.model, self.where, listed)
+        self.cache()
+
+    def _spend(self) -> None:
+        with self._lock:
+            c = self.counts
+            if c["requests"] >= self.max_requests or c["tokens"] >= self.max_tokens:
+                raise BudgetExhausted(
+                    f"oracle.openai_judge: budget spent ({c['requests']}/{self.max_requests} "
+                    f"requests, {c['tokens']}/{self.max_tokens} tokens); raise "
+                    "oracle.judge.max_requests or oracle.judge.max_tokens "
+                    "(verdicts so far are cached)"
+                )
+            c["requests"] += 1
+
+    def _failed(self, reason: str) -> None:
+        with self._lock:
+            self.counts["failed_requests"] += 1
+            self._consecutive_failures += 1
+            stop = self._consecutive_failures >= self.max_consecutive_failures
+        log.warning("judge request failed: %s", reason)
+        if stop:
+            raise JudgeError(
+                f"oracle.openai_judge: {self.max_consecutive_failures} requests to {self.where} "
+                f"failed in a row (last: {reason})"
+            )
+
+    def ask(self, prompt: str, a: str, b: str) -> tuple[str | None, str]:
+        """One judge request, retried on transient failures: (``A``/``B``/``TIE`` or None, why)."""
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": USER_TEMPLATE.format(prompt=prompt, a=a, b=b)},
+        ]
+        reason = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                with self._lock:
+                    self.counts["retries"] += 1
+                    delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+                    delay *= 0.5 + self._rng.random()  # jitter: sweep jobs do not retry in step
+                time.sleep(delay)
+            self._spend()
+            started = time.perf_counter()
+            try:
+                reply = self.client().chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    temperature=0.0,
+                    max_tokens=self.reply_tokens,
+                    timeout=self.timeout,
+                )
+            except _TRANSIENT as exc:
+                code = getattr(exc, "status_code", None)
+                reason = f"HTTP {code}" if code else type(exc).__name__
+                log.info("judge request: %s (attempt %d)", reason, attempt + 1)
+                continue
+            except openai.AuthenticationError as exc:
+                raise JudgeError(
+                    f"oracle.openai_judge: {self.where} rejected the key in {self.api_key_env} "
+                    f"(HTTP {exc.status_code})"
+                ) from None
+            except openai.APIStatusError as exc:  # other 4xx: asking again will not help
+                reason = f"HTTP {exc.status_code}: {self._redact(str(exc))[:200]}"
+                break
+            except openai.APIError as exc:  # e.g. an unparsable body
+                reason = f"malformed response: {type(exc).__name__}"
+                break
+            finally:
+                with self._lock:
+                    self.request_seconds += time.perf_counter() - started
+            with self._lock:
+                self._consecutive_failures = 0
+            return self._read(reply)
+        self._failed(reason)
+        return None, reason
+
+    def _read(self, reply) -> tuple[str | None, str]:
+        usage = getattr(reply, "usage", None)
+        with self._lock:
+            if usage is not None:
+                self.counts["prompt_tokens"] += usage.prompt_tokens or 0
+                self.counts["completion_tokens"] += usage.completion_tokens or 0
+                self.counts["tokens"] += usage.total_tokens or 0
+        try:
+            text = reply.choices[0].message.content
+        except (AttributeError, IndexError, TypeError):
+            text = None
+        answer = parse_answer(text)
+        if answer is None:
+            with self._lock:
+                self.counts["invalid_replies"] += 1
+            return None, f"invalid reply {str(text)[:40]!r}"
+        return answer, answer
+
+    def _combine(self, first: tuple, second: tuple) -> Judgement:
+        """first: A=current, B=perturbed; second: A=perturbed, B=current."""
+        (x, why_x), (y, why_y) = first, second
+        if x is None or y is None:
+            with self._lock:
+                self.counts["abstentions"] += 1
+            return Judgement(Verdict.TIE, None, f"abstain: {why_x if x is None else why_y}")
+        if (x, y) == ("B", "A"):
+            return Judgement(Verdict.PERTURBED_BETTER, 1.0, "perturbed preferred in both orders")
+        if (x, y) == ("A", "B"):
+            return Judgement(Verdict.CURRENT_BETTER, 1.0, "current preferred in both orders")
+        if (x, y) == ("TIE", "TIE"):
+            return Judgement(Verdict.TIE, 1.0, "tie in both orders")
+        with self._lock:
+            self.counts["inconsistent"] += 1
+        return Judgement(Verdict.TIE, 0.0, f"inconsistent across orders ({x}, {y}): tie")
+
+    def judge(self, prompt: str, current: str, perturbed: str) -> Judgement:
+        """PERTURBED_BETTER only when the judge prefers ``perturbed`` in both orders."""
+        return self.judge_batch([(prompt, current, perturbed)])[0]
+
+    def judge_batch(self, items: list[tuple[str, str, str]]) -> list[Judgement]:
+        """Judges (prompt, current, perturbed) triples, ``max_concurrency`` requests at once."""
+        out: list[Judgement | None] = [None] * len(items)
+        todo = []
+        cache = self.cache()
+        for i, (prompt, current, perturbed) in enumerate(items):
+            if current == perturbed:
+                out[i] = Judgement(Verdict.TIE, 1.0, "identical responses")
+                with self._lock:
+                    self.counts["identical"] += 1
+                continue
+            hit = cache.get(self.model, TEMPLATE_ID, prompt, current, perturbed) if cache else None
+            if hit is not None:
+                out[i] = hit
+                with self._lock:
+                    self.counts["cache_hits"] += 1
+            else:
+                todo.append(i)
+        if todo:
+            self.client()  # a missing key fails here, before any thread starts
+            tasks = []
+            for i in todo:
+                prompt, current, perturbed = items[i]
+                tasks += [(prompt, current, perturbed), (prompt, perturbed, current)]
+            answers = Parallel(n_jobs=min(self.max_concurrency, len(tasks)), prefer="threads")(
+                delayed(self.ask)(*task) for task in tasks
+            )
+            for j, i in enumerate(todo):
+                judgement = self._combine(answers[2 * j], answers[2 * j + 1])
+                out[i] = judgement
+                # Failures are not cached (a rerun should ask again); real answers are.
+                if cache and not judgement.reason.startswith("abstain"):
+                    cache.put(self.model, TEMPLATE_ID, *items[i], judgement)
+            with self._lock:
+                self.counts["calls"] += len(todo)
+        return out  # type: ignore[return-value]
+
+    def usage(self) -> dict[str, float]:
+        """Counters for ``metrics.json`` (requests include retries; seconds are wall time)."""
+        with self._lock:
+            return {**self.counts, "request_seconds": round(self.request_seconds, 3)}
