@@ -151,7 +151,7 @@ class RewardModelJudge:
         if not (math.isfinite(a) and math.isfinite(b)):
             with self._lock:
                 self.counts["abstentions"] += 1
-            return Judgement(Verdict.TIE, None, f"non-finite reward ({a}, {b}): abstain")
+            return Judgement(Verdict.TIE, None, f"abstain: non-finite reward ({a}, {b})")
         if abs(a - b) <= self.epsilon:
             return Judgement(Verdict.TIE, None, f"rewards {a:.4g} vs {b:.4g} within epsilon")
         verdict = Verdict.PERTURBED_BETTER if b > a else Verdict.CURRENT_BETTER
