@@ -271,8 +271,10 @@ class OpenAIJudge:
             except openai.APIStatusError as exc:  # other 4xx: asking again will not help
                 reason = f"HTTP {exc.status_code}: {self._redact(str(exc))[:200]}"
                 break
-            except openai.APIError as exc:  # e.g. an unparsable body
+            except (openai.APIError, ValueError) as exc:  # e.g. a body that is not JSON
                 reason = f"malformed response: {type(exc).__name__}"
+                with self._lock:
+                    self.counts["invalid_replies"] += 1
                 break
             finally:
                 with self._lock:
@@ -333,7 +335,11 @@ class OpenAIJudge:
                 with self._lock:
                     self.counts["identical"] += 1
                 continue
-            hit = cache.get(self.model, TEMPLATE_ID, prompt, current, perturbed) if cache else None
+            hit = (
+                None
+                if cache is None
+                else cache.get(self.model, TEMPLATE_ID, prompt, current, perturbed)
+            )
             if hit is not None:
                 out[i] = hit
                 with self._lock:
@@ -353,7 +359,7 @@ class OpenAIJudge:
                 judgement = self._combine(answers[2 * j], answers[2 * j + 1])
                 out[i] = judgement
                 # Failures are not cached (a rerun should ask again); real answers are.
-                if cache and not judgement.reason.startswith("abstain"):
+                if cache is not None and not judgement.reason.startswith("abstain"):
                     cache.put(self.model, TEMPLATE_ID, *items[i], judgement)
             with self._lock:
                 self.counts["calls"] += len(todo)

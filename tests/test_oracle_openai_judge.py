@@ -1,0 +1,198 @@
+"""openai_judge through the real ``openai`` client over HTTP against compo-judge-server."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from compo.cli import CONFIG_DIR
+from compo.errors import CompoError
+from compo.rundir import RunDir, atomic_write_text
+from oracles.base import Verdict
+from oracles.judge_server import JudgeServer, RuleBackend
+from oracles.openai_judge import BudgetExhausted, OpenAIJudge, parse_answer
+
+KEY = "sk-test-0123456789-SECRET"
+GOOD = "Red, blue and yellow are the primary colors."
+BAD = "\x01\x02 zz zz zz zz"
+PROMPT = "Name three primary colors."
+
+
+class AlwaysA:
+    """A judge with total position bias."""
+
+    name = "always-a"
+
+    def chat(self, messages, max_tokens):
+        return "A", 10, 1
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def _serve(backend=None, **kwargs):
+        srv = JudgeServer(backend or RuleBackend(), api_key=KEY, **kwargs).start()
+        servers.append(srv)
+        return srv
+
+    yield _serve
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def judge_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPO_TEST_KEY", KEY)
+
+    def _judge(server, **kwargs):
+        args = dict(
+            model=server.model_name,
+            base_url=server.url,
+            api_key_env="COMPO_TEST_KEY",
+            cache_path=str(tmp_path / "verdicts.sqlite"),
+            backoff_base=0.01,
+            timeout=2.0,
+        )
+        args.update(kwargs)
+        return OpenAIJudge(**args)
+
+    return _judge
+
+
+def test_parse_answer_is_strict():
+    assert [parse_answer(t) for t in ("A", " b ", "[[A]]", "tie.", "**B**")] == [
+        "A",
+        "B",
+        "A",
+        "TIE",
+        "B",
+    ]
+    assert parse_answer("A is better") is None
+    assert parse_answer("") is None and parse_answer(None) is None
+
+
+def test_consistent_answers_give_a_verdict(serve, judge_for):
+    judge = judge_for(serve())
+    assert judge.judge(PROMPT, GOOD, BAD).verdict == Verdict.CURRENT_BETTER
+    assert judge.judge(PROMPT, BAD, GOOD).verdict == Verdict.PERTURBED_BETTER
+    usage = judge.usage()
+    assert usage["requests"] == 2 and usage["tokens"] > 0 and usage["cache_hits"] == 1
+
+
+def test_position_bias_is_a_tie(serve, judge_for):
+    judge = judge_for(serve(AlwaysA()), cache=False)
+    result = judge.judge(PROMPT, GOOD, BAD)
+    assert result.verdict == Verdict.TIE and "inconsistent" in result.reason
+    assert judge.usage()["inconsistent"] == 1
+
+
+def test_retries_429_500_and_timeouts(serve, judge_for):
+    server = serve(faults=["429", "500", "delay", "ok"], delay_seconds=1.5)
+    judge = judge_for(server, timeout=0.5, cache=False, max_concurrency=1)
+    assert judge.judge(PROMPT, GOOD, BAD).verdict == Verdict.CURRENT_BETTER
+    usage = judge.usage()
+    assert usage["retries"] == 3 and usage["requests"] == 5 and usage["failed_requests"] == 0
+    assert server.served == {"429": 1, "500": 1, "delay": 1, "ok": 2}
+
+
+def test_malformed_replies_abstain_and_are_counted(serve, judge_for):
+    judge = judge_for(serve(faults=["malformed", "badjson"]), cache=False, max_concurrency=1)
+    result = judge.judge(PROMPT, GOOD, BAD)
+    assert result.verdict == Verdict.TIE and result.reason.startswith("abstain")
+    usage = judge.usage()
+    assert usage["invalid_replies"] >= 1 and usage["abstentions"] == 1
+    # Abstentions are not cached: asking again (server healthy now) gives the real verdict.
+    judge.use_cache = True
+    assert judge.judge(PROMPT, GOOD, BAD).verdict == Verdict.CURRENT_BETTER
+
+
+def test_retries_exhausted_abstain_then_stop(serve, judge_for):
+    server = serve(faults=["500"], repeat_faults=True)
+    judge = judge_for(server, max_retries=1, cache=False, max_consecutive_failures=4)
+    first = judge.judge(PROMPT, GOOD, BAD)
+    assert first.verdict == Verdict.TIE and "HTTP 500" in first.reason
+    with pytest.raises(CompoError, match="failed in a row"):
+        judge.judge(PROMPT, GOOD + "!", BAD)
+
+
+def test_budget_stops_the_run_with_a_clear_message(serve, judge_for):
+    judge = judge_for(serve(), max_requests=3, cache=False, max_concurrency=1)
+    judge.judge(PROMPT, GOOD, BAD)
+    with pytest.raises(BudgetExhausted, match=r"budget spent .*3/3 requests"):
+        judge.judge(PROMPT, GOOD + "!", BAD)
+    tokens = judge_for(serve(), max_tokens=10, cache=False, max_concurrency=1)
+    with pytest.raises(CompoError, match="tokens"):
+        tokens.judge(PROMPT, GOOD, BAD)
+
+
+def test_cache_is_shared_across_judges_and_orders(serve, judge_for):
+    server = serve()
+    judge_for(server).judge(PROMPT, GOOD, BAD)
+    again = judge_for(server)  # a rerun or another sweep job
+    assert again.judge(PROMPT, GOOD, BAD).verdict == Verdict.CURRENT_BETTER
+    assert again.judge(PROMPT, BAD, GOOD).verdict == Verdict.PERTURBED_BETTER
+    assert again.usage()["requests"] == 0 and again.usage()["cache_hits"] == 2
+    other_model = judge_for(server, model="another-judge")
+    other_model.judge(PROMPT, GOOD, BAD)
+    assert other_model.usage()["requests"] == 2  # the judge model is part of the key
+
+
+def test_missing_key_and_unreachable_endpoint_fail_fast(monkeypatch, serve, judge_for):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    with pytest.raises(CompoError, match="environment variable NO_SUCH_KEY_VAR is not set"):
+        OpenAIJudge(api_key_env="NO_SUCH_KEY_VAR").check()
+    monkeypatch.setenv("COMPO_TEST_KEY", KEY)
+    down = OpenAIJudge(base_url="http://127.0.0.1:9/v1", api_key_env="COMPO_TEST_KEY")
+    with pytest.raises(
+        CompoError, match=r"cannot reach http://127.0.0.1:9/v1 \(connection refused\)"
+    ):
+        down.check()
+    monkeypatch.setenv("WRONG_KEY", "sk-wrong")
+    wrong = judge_for(serve(), api_key_env="WRONG_KEY")
+    with pytest.raises(CompoError, match="rejected the key in WRONG_KEY") as info:
+        wrong.check()
+    assert "sk-wrong" not in str(info.value)
+
+
+def test_key_never_reaches_config_logs_trace_or_cache(serve, judge_for, tmp_path, caplog):
+    """Everything a run writes, grepped for the key."""
+    from compo.data import EncodedPair
+    from compo.models import TinyModel
+    from compo.zo.directions import GaussianSphere
+    from compo.zo.scope import Scope
+    from oracles.generative import GenerativeOracle
+
+    caplog.set_level(logging.DEBUG)
+    run = RunDir(tmp_path / "run")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", "oracle=openai_judge"])
+    atomic_write_text(run.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    assert "api_key_env: OPENAI_API_KEY" in (run.path / "config.yaml").read_text()
+
+    server = serve(faults=["500", "malformed"])
+    judge = judge_for(server, cache_path=str(run.path / "verdicts.sqlite"))
+    judge.check()
+    model, tokenizer = TinyModel().load()
+    oracle = GenerativeOracle(judge, max_new_tokens=8)
+    oracle.bind(tokenizer, run)
+    scope = Scope(model)
+    pair = EncodedPair("p1", tokenizer(PROMPT)["input_ids"], [1], [2])
+    oracle.begin(model, scope, [pair], tokenizer.pad_token_id)
+    oracle.compare(GaussianSphere().sample(0, 0, [0, 1], scope.shapes).scaled(50.0))
+    run.log_metrics("oracle", oracle.usage())
+    oracle._trace.close()
+    judge.cache().close()
+
+    assert (run.path / "trace" / "oracle.jsonl").is_file()
+    for path in run.path.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+    assert KEY not in caplog.text
+    rows = sqlite3.connect(run.path / "verdicts.sqlite").execute("SELECT * FROM verdicts")
+    assert all(KEY not in str(row) for row in rows)
