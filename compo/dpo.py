@@ -147,6 +147,76 @@ def set_trainable(model: nn.Module, scope: str, last_k: int) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+class _View:
+    """What :func:`compo.scoring.score_sequences` needs of a model, with another decoder."""
+
+    def __init__(self, model: nn.Module, decoder: Callable[..., Any]) -> None:
+        self.config, self._model, self._decoder = model.config, model, decoder
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self._model.get_output_embeddings()
+
+    def get_decoder(self) -> Callable[..., Any]:
+        return self._decoder
+
+
+class FrozenTrunkCache:
+    """Memoises the input of the first trainable block, so a step runs only the top of the model.
+
+    Under ``scope=last_k`` the blocks below are frozen, so their output is a pure function of the
+    token ids: computed once (during the reference pass) it serves every step, and a step runs only
+    the last k blocks, the norm and the head (several times faster on a CPU with SmolLM2's 30
+    blocks and k = 2). States are keyed by the token ids of the unpadded sequence and kept in the
+    hidden dtype: about ``tokens x hidden_size x 4`` bytes.
+
+    Args:
+        model: The policy; its decoder must take ``inputs_embeds`` as the first block's input.
+        last_k: Trainable blocks.
+    """
+
+    def __init__(self, model: nn.Module, last_k: int) -> None:
+        self.model, self.decoder = model, model.get_decoder()
+        self.blocks = transformer_blocks(model)
+        self.attr = next(n for n, m in self.decoder.named_children() if m is self.blocks)
+        self.top = nn.ModuleList(list(self.blocks)[len(self.blocks) - last_k :])
+        self.states: dict[tuple[int, ...], Tensor] = {}
+
+    def filling(self) -> _View:
+        """A view scoring with the full model while recording the trunk's output per sequence."""
+        return _View(self.model, self._fill)
+
+    def cached(self) -> _View:
+        """A view running the top blocks on recorded states (every sequence must be recorded)."""
+        return _View(self.model, self._run_top)
+
+    def _fill(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
+        seen: list[Tensor] = []
+
+        def grab(module, args, kwargs):
+            seen.append(args[0] if args else kwargs["hidden_states"])
+
+        handle = self.top[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            handle.remove()
+        for row, keep in enumerate(attention_mask.bool()):
+            key = tuple(input_ids[row][keep].tolist())
+            self.states[key] = seen[0][row][keep].detach().clone()
+        return out
+
+    def _run_top(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
+        first = next(iter(self.states.values()))
+        hidden = first.new_zeros((*input_ids.shape, first.shape[-1]))
+        for row, keep in enumerate(attention_mask.bool()):
+            hidden[row][keep] = self.states[tuple(input_ids[row][keep].tolist())]
+        setattr(self.decoder, self.attr, self.top)
+        try:
+            return self.decoder(inputs_embeds=hidden, attention_mask=attention_mask, **kwargs)
+        finally:
+            setattr(self.decoder, self.attr, self.blocks)
+
+
 _SCHEDULES: dict[str, Callable[[float], float]] = {
     "constant": lambda progress: 1.0,
     "linear": lambda progress: 1.0 - progress,
@@ -219,6 +289,8 @@ class DPOTrainer:
         resume: Continue from ``dpo_state/`` in the run dir when it exists.
         save_every: Also write ``dpo_state/`` every this many steps (0: only at the end).
         ref_batch_size: Sequences per pass when computing reference log-probs.
+        cache_trunk: Under ``scope=last_k``, run the frozen blocks once (see
+            :class:`FrozenTrunkCache`) instead of at every step.
     """
 
     def __init__(
@@ -245,6 +317,7 @@ class DPOTrainer:
         resume: bool = True,
         save_every: int = 0,
         ref_batch_size: int = 8,
+        cache_trunk: bool = True,
     ) -> None:
         if loss not in LOSSES:
             raise CompoError(f"dpo.loss: {loss!r} is not one of {sorted(LOSSES)}")
@@ -272,7 +345,7 @@ class DPOTrainer:
         self.scope, self.last_k = scope, last_k
         self.gradient_checkpointing, self.bf16 = gradient_checkpointing, bf16
         self.seed, self.resume, self.save_every = seed, resume, save_every
-        self.ref_batch_size = ref_batch_size
+        self.ref_batch_size, self.cache_trunk = ref_batch_size, cache_trunk
 
     def _logps(self, scores: SequenceScores) -> Tensor:
         return scores.mean_logps if self.per_token else scores.sum_logps
@@ -299,14 +372,56 @@ class DPOTrainer:
         return losses.mean(), stats
 
     def reference_logps(self, model, pairs, pad_token_id) -> tuple[Tensor, Tensor]:
-        """Scores the pairs under ``model`` (the reference: the policy before training)."""
-        if not self.loss.needs_reference:
-            zeros = torch.zeros(len(pairs))
-            return zeros, zeros.clone()
-        chosen, rejected = score_pairs(
-            model, pairs, pad_token_id, batch_size=self.ref_batch_size, desc="dpo/reference"
-        )
-        return self._logps(chosen), self._logps(rejected)
+        """Reference log-probs of ``pairs`` (zeros for reference-free losses)."""
+        ref, _ = self.prepare(model, pairs, pad_token_id)
+        return ref
+
+    def prepare(self, model, pairs, pad_token_id, reference=None) -> tuple[tuple, Any]:
+        """Reference log-probs of ``pairs`` and the model (or cached view) to train with.
+
+        Args:
+            model: The policy before any update (it is the reference).
+            pairs: Encoded pairs.
+            pad_token_id: Padding id.
+            reference: (chosen, rejected) scores already computed under ``model``, if any.
+
+        Returns:
+            ``((ref_chosen, ref_rejected), scorer)``.
+        """
+        blocks = len(transformer_blocks(model)) if self.scope == "last_k" else 0
+        cache = None
+        if self.cache_trunk and 0 < self.last_k < blocks:
+            cache = FrozenTrunkCache(model, self.last_k)
+            reference = score_pairs(
+                cache.filling(),
+                pairs,
+                pad_token_id,
+                batch_size=self.ref_batch_size,
+                desc="dpo/reference",
+            )
+        elif reference is None and self.loss.needs_reference:
+            reference = score_pairs(
+                model, pairs, pad_token_id, batch_size=self.ref_batch_size, desc="dpo/reference"
+            )
+        device = next(model.parameters()).device
+        if self.loss.needs_reference:
+            ref = tuple(self._logps(s).detach().to(device) for s in reference)
+        else:
+            ref = (torch.zeros(len(pairs), device=device), torch.zeros(len(pairs), device=device))
+        if cache is None:
+            return ref, model
+        # The cached path assumes a Llama-like decoder; check it reproduces the full model.
+        probe = list(range(min(2, len(pairs))))
+        got = score_pairs(cache.cached(), [pairs[i] for i in probe], pad_token_id)
+        want = [s.sum_logps[probe].to(device) for s in reference]
+        if all(
+            torch.allclose(g.sum_logps, w, rtol=1e-4, atol=1e-3)
+            for g, w in zip(got, want, strict=True)
+        ):
+            return ref, cache.cached()
+        log.warning("dpo: the frozen-trunk cache does not reproduce %s; running the full model",
+                    type(model).__name__)  # fmt: skip
+        return ref, model
 
     def train(
         self,
@@ -333,17 +448,14 @@ class DPOTrainer:
         """
         started = time.perf_counter()
         device = next(model.parameters()).device
-        if reference is not None and self.loss.needs_reference:
-            ref = tuple(self._logps(s).detach().to(device) for s in reference)
-        else:
-            ref = tuple(r.to(device) for r in self.reference_logps(model, pairs, pad_token_id))
+        names = set_trainable(model, self.scope, self.last_k)
+        ref, scorer = self.prepare(model, pairs, pad_token_id, reference)
         weights = None
         if self.weight_by_confidence:
             if confidences is None:
                 raise ValueError("weight_by_confidence needs confidences")
             weights = torch.tensor(list(confidences), dtype=torch.float32, device=device)
 
-        names = set_trainable(model, self.scope, self.last_k)
         params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
@@ -391,7 +503,7 @@ class DPOTrainer:
                     batch = [pairs[i] for i in micro]
                     with autocast:
                         scores = score_pairs(
-                            model, batch, pad_token_id, batch_size=2 * len(batch),
+                            scorer, batch, pad_token_id, batch_size=2 * len(batch),
                             requires_grad=True,
                         )  # fmt: skip
                     loss, stats = self.compute_loss(

@@ -203,3 +203,27 @@ def test_same_seed_same_result_and_resume_matches_uninterrupted(
     assert metrics["steps_run"] == 0
     with pytest.raises(CompoError, match="total_steps"):
         _trainer(epochs=3).train(again, easy_encoded, pad, RunDir(tmp_path / "c"))
+
+
+def test_frozen_trunk_cache_gives_the_same_training(tiny, easy_encoded, tmp_path):
+    from compo.dpo import FrozenTrunkCache
+    from compo.models import TinyModel
+
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    trainer = _trainer(scope="last_k", last_k=1, epochs=2)
+    _, scorer = trainer.prepare(model, easy_encoded, pad)
+    assert scorer is not model  # the cached view, not a fallback
+    cache = FrozenTrunkCache(model, 1)
+    full = score_pairs(cache.filling(), easy_encoded, pad)
+    cached = score_pairs(cache.cached(), easy_encoded, pad, batch_size=3)
+    for f, c in zip(full, cached, strict=True):
+        torch.testing.assert_close(c.sum_logps, f.sum_logps, rtol=0, atol=1e-4)
+
+    trainer.train(model, easy_encoded, pad, RunDir(tmp_path / "cached"))
+    plain, _ = TinyModel(seed=0).load()
+    _trainer(scope="last_k", last_k=1, epochs=2, cache_trunk=False).train(
+        plain, easy_encoded, pad, RunDir(tmp_path / "plain")
+    )
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
