@@ -1,0 +1,163 @@
+"""GenerativeOracle: judges become ComPO oracles; weights untouched; ties from identical outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compo.data import encode_pairs
+from compo.rundir import RunDir
+from compo.zo.directions import DirectionBatch, GaussianSphere, LowRank
+from compo.zo.scope import Scope
+from oracles.base import OracleError, ParameterOracle, Verdict
+from oracles.generative import GenerativeOracle, judge_prompt
+from oracles.scorer import ScorerJudge
+from tests.conftest import EASY_PAIRS
+
+
+class CountingJudge(ScorerJudge):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def judge(self, prompt, current, perturbed):
+        self.seen.append((prompt, current, perturbed))
+        return super().judge(prompt, current, perturbed)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Step-by-step decoding of a tiny model: one thread avoids oversubscribing shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def setup(tiny):
+    model, tokenizer = tiny
+    encoded, _ = encode_pairs(EASY_PAIRS, tokenizer, 256, 128)
+    return model, tokenizer, encoded[:2], Scope(model)
+
+
+def _oracle(tokenizer, judge=None, **kwargs):
+    oracle = GenerativeOracle(judge or CountingJudge(), max_new_tokens=12, **kwargs)
+    oracle.bind(tokenizer)
+    return oracle
+
+
+def test_is_a_parameter_oracle_and_needs_a_tokenizer(setup):
+    model, _, pairs, scope = setup
+    oracle = GenerativeOracle(ScorerJudge())
+    assert isinstance(oracle, ParameterOracle)
+    with pytest.raises(OracleError, match="bind"):
+        oracle.begin(model, scope, pairs, 0)
+
+
+def test_current_response_matches_hf_generate(setup):
+    model, tokenizer, pairs, scope = setup
+    oracle = _oracle(tokenizer)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    ids = torch.tensor([pairs[0].prompt_ids])
+    ref = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+        do_sample=False, pad_token_id=tokenizer.pad_token_id,
+    )[0, ids.shape[1]:].tolist()  # fmt: skip
+    assert oracle.current[0] == ref
+    assert oracle.prompts[0] == "Name three primary colors."
+
+
+def test_zero_perturbation_ties_without_asking_the_judge(setup):
+    model, tokenizer, pairs, scope = setup
+    judge = CountingJudge()
+    oracle = _oracle(tokenizer, judge)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    dirs = GaussianSphere().sample(0, 0, [0, 1, 2], scope.shapes)
+    assert oracle.compare(dirs.scaled(0.0)) == [Verdict.TIE] * 3
+    assert judge.seen == []
+    usage = oracle.usage()
+    assert usage["identical_ties"] == 6 and usage["queries"] == 3 and usage["judge_calls"] == 0
+
+
+def test_perturbed_responses_equal_generation_with_added_weights(setup):
+    """The cached-prefill path equals generating from a model whose head holds W + delta."""
+    model, tokenizer, pairs, scope = setup
+    oracle = _oracle(tokenizer)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    for sampler in (GaussianSphere(), LowRank(rank=2)):
+        dirs = sampler.sample(0, 0, [0, 1], scope.shapes).scaled(20.0)
+        fast = oracle._responses(dirs, 0)
+        for i in range(2):
+            head = model.lm_head.weight
+            saved = head.detach().clone()
+            with torch.no_grad():
+                head.add_(dirs.dense(i)[0])
+            ids = torch.tensor([pairs[0].prompt_ids])
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            )[0, ids.shape[1]:].tolist()  # fmt: skip
+            with torch.no_grad():
+                head.copy_(saved)
+            assert fast[i] == out[: len(fast[i])]
+
+
+def test_weights_are_untouched_and_large_perturbations_are_judged(setup, tmp_path):
+    model, tokenizer, pairs, scope = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    judge = CountingJudge()
+    oracle = _oracle(tokenizer, judge)
+    run = RunDir(tmp_path)
+    oracle.bind(tokenizer, run)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    verdicts = oracle.compare(
+        GaussianSphere().sample(0, 0, [0, 1, 2, 3], scope.shapes).scaled(50.0)
+    )
+    assert len(verdicts) == 4 and all(isinstance(v, Verdict) for v in verdicts)
+    assert judge.seen and oracle.usage()["judge_calls"] == len(judge.seen)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    oracle._trace.close()
+    assert len((tmp_path / "trace" / "oracle.jsonl").read_text().splitlines()) == 4
+    usage = oracle.usage()
+    assert usage["seconds_per_query"] > 0 and "judge.calls" in usage
+
+
+def test_extra_modules_restore_weights_bit_exactly(setup):
+    model, tokenizer, pairs, _ = setup
+    scope = Scope(model, ["model.layers.1.mlp"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    oracle = _oracle(tokenizer)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    verdicts = oracle.compare(GaussianSphere().sample(0, 0, [0, 1], scope.shapes).scaled(30.0))
+    assert len(verdicts) == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sampling_uses_common_random_numbers(setup):
+    model, tokenizer, pairs, scope = setup
+    oracle = _oracle(tokenizer, do_sample=True, seed=3)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    assert oracle.compare(DirectionBatch.from_tensors([torch.zeros_like(scope.head.master)])) == [
+        Verdict.TIE
+    ]
+    assert oracle.usage()["identical_ties"] == 2
+
+
+def test_runs_inside_compo(setup, tmp_path):
+    from compo.zo import ComPO
+
+    model, tokenizer, pairs, _ = setup
+    oracle = _oracle(tokenizer)
+    oracle.bind(tokenizer, RunDir(tmp_path))
+    optimizer = ComPO(num_directions=8, radius=20.0, threshold=0.0, max_iterations=2,
+                      perturbation_batch=4, progress=False)  # fmt: skip
+    summary = optimizer.run(model, tokenizer, pairs, oracle, RunDir(tmp_path))
+    assert summary["n_iterations"] == 2
+    assert oracle.usage()["queries"] >= 16
+
+
+def test_judge_prompt_strips_chatml():
+    text = "<|im_start|>system\nBe nice<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    assert judge_prompt(text + "<|im_start|>assistant\n") == "Hi"
+    assert judge_prompt("plain prompt ") == "plain prompt"
