@@ -15,12 +15,13 @@ import threading
 import time
 from pathlib import Path
 
-from compo.models import default_cache_dir
 from oracles.base import Judgement, Verdict
 
 
 def default_verdict_cache() -> Path:
     """``<compo cache dir>/verdicts.sqlite``."""
+    from compo.models import default_cache_dir  # lazy: the HTTP judge needs no torch
+
     return default_cache_dir() / "verdicts.sqlite"
 
 

@@ -30,7 +30,6 @@ from typing import Any, TextIO
 from urllib.parse import parse_qs, urlparse
 
 from compo.errors import CompoError
-from compo.models import default_cache_dir
 from oracles.base import Judgement, OracleError, Verdict
 
 ANSWERS = ("1", "2", "tie", "skip")
@@ -44,7 +43,11 @@ class LabelQueue:
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else default_cache_dir() / "labels.sqlite"
+        if path is None:
+            from compo.models import default_cache_dir  # lazy: compo-label starts without torch
+
+            path = default_cache_dir() / "labels.sqlite"
+        self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
