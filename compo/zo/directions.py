@@ -44,8 +44,10 @@ class DensePiece:
         return hidden @ self.data[i].T
 
     def add_to(self, buf: Tensor, weights: Tensor) -> None:
-        """buf += sum_i weights_i z_i."""
-        buf.add_(torch.tensordot(weights, self.data, dims=1))
+        """buf += sum_i weights_i z_i (one at a time: no second block-sized temporary)."""
+        for w, z in zip(weights.tolist(), self.data, strict=True):
+            if w != 0:
+                buf.add_(z, alpha=w)
 
     def dense(self, i: int) -> Tensor:
         return self.data[i]

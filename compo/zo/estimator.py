@@ -144,6 +144,7 @@ class MonteCarlo:
                 dirs.accumulate(sum_z, torch.ones_like(y, device=sum_yz[0].device))
             votes.extend(int(v) for v in verdicts)
             bar.update(len(verdicts))
+            del dirs  # free this batch before the next one is drawn (peak memory)
         bar.close()
         if sum_z is not None:
             mean_y = sum(votes) / len(votes)
