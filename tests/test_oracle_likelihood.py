@@ -100,3 +100,19 @@ def test_oracle_protocol_and_compare(tiny, easy_encoded):
     assert set(verdicts) <= {Verdict.PERTURBED_BETTER, Verdict.CURRENT_BETTER}
     expected = [aggregate(v, "any") for v in pair_verdicts(oracle.last_deltas)]
     assert verdicts == expected
+
+
+@pytest.mark.slow
+def test_fast_deltas_match_full_forward_on_smollm2():
+    from compo.data import PreferencePair, encode_pairs
+    from compo.models import EmbeddedSmolLM2
+
+    model, tokenizer = EmbeddedSmolLM2().load()
+    pair = PreferencePair("p", "Name three primary colors.", "Red, blue and yellow.", "Colors.")
+    pairs, _ = encode_pairs([pair], tokenizer)
+    scope, head = Scope(model), HeadEvaluator()
+    base = head.begin(model, scope, pairs, tokenizer.pad_token_id)
+    for sampler in (GaussianSphere(), LowRank(rank=1)):
+        batch = sampler.sample(0, 0, [0], scope.shapes).scaled(0.05)
+        full = _full_forward(model, scope, pairs, tokenizer.pad_token_id, batch.dense(0)) - base
+        assert torch.allclose(head.deltas(batch)[0], full, atol=1e-4)

@@ -41,10 +41,13 @@ class Estimate:
     n_tie: int
     m: int
     seconds: float
+    implied_frac: float | None = None
 
     @property
     def frac(self) -> float:
-        """|{i: y_i = -1}| / m."""
+        """|{i: y_i = -1}| / m, or the predicted fraction for the expected estimator."""
+        if self.implied_frac is not None:
+            return self.implied_frac
         return self.n_better / self.m if self.m else 0.0
 
 
@@ -170,7 +173,4 @@ class Expected:
 
     def estimate_from_limit(self, limit: Limit) -> Estimate:
         frac = 0.0 if math.isnan(limit.frac) else limit.frac
-        # Votes are implied, not observed: report frac through n_better / m with m = 10^6.
-        scale = 1_000_000
-        better = round(frac * scale)
-        return Estimate(limit.direction, better, scale - better, 0, scale, 0.0)
+        return Estimate(limit.direction, 0, 0, 0, 0, 0.0, implied_frac=frac)
