@@ -109,9 +109,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             )
 
     evaluator = _build(cfg.eval, "eval")
+    trainer = _build(cfg.dpo, "dpo")
     before = None  # the policy as loaded is the reference model: its scores serve every stage
     if evaluator is not None:
-        before = evaluator.score(policy, encoded, tokenizer.pad_token_id, desc="eval/before")
+        # The trainer may record its frozen blocks' output on the way (one forward pass less).
+        scorer = trainer.trunk_recorder(policy) if trainer is not None else policy
+        before = evaluator.score(scorer, encoded, tokenizer.pad_token_id, desc="eval/before")
         out.log_metrics("eval.before", preference_metrics(*before))
 
     splitter = _build(cfg.splitter, "splitter")
@@ -123,7 +126,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
         record_split(out, loaded.pairs, split)
 
-    trainer = _build(cfg.dpo, "dpo")
     model_changed = False
     if trainer is not None and not split.clean:
         log.warning("dpo: skipped: the splitter left no clean pairs")

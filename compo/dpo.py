@@ -181,6 +181,14 @@ class FrozenTrunkCache:
         self.top = nn.ModuleList(list(self.blocks)[len(self.blocks) - last_k :])
         self.states: dict[tuple[int, ...], Tensor] = {}
 
+    def covers(self, pairs: Sequence) -> bool:
+        """Whether every sequence of ``pairs`` has been recorded."""
+        return all(
+            tuple(p.prompt_ids + reply) in self.states
+            for p in pairs
+            for reply in (p.chosen_ids, p.rejected_ids)
+        )
+
     def filling(self) -> _View:
         """A view scoring with the full model while recording the trunk's output per sequence."""
         return _View(self.model, self._fill)
@@ -346,6 +354,7 @@ class DPOTrainer:
         self.gradient_checkpointing, self.bf16 = gradient_checkpointing, bf16
         self.seed, self.resume, self.save_every = seed, resume, save_every
         self.ref_batch_size, self.cache_trunk = ref_batch_size, cache_trunk
+        self._cache: FrozenTrunkCache | None = None
 
     def _logps(self, scores: SequenceScores) -> Tensor:
         return scores.mean_logps if self.per_token else scores.sum_logps
@@ -371,6 +380,21 @@ class DPOTrainer:
         }
         return losses.mean(), stats
 
+    def _uses_cache(self, model: nn.Module) -> bool:
+        blocks = len(transformer_blocks(model)) if self.scope == "last_k" else 0
+        return self.cache_trunk and 0 < self.last_k < blocks
+
+    def trunk_recorder(self, model: nn.Module) -> Any:
+        """``model``, or a view of it recording the frozen blocks' output while it scores.
+
+        Scoring the pairs with it before training (the cli's ``eval.before``) saves
+        :meth:`prepare` a full forward pass over them.
+        """
+        if not self._uses_cache(model):
+            return model
+        self._cache = FrozenTrunkCache(model, self.last_k)
+        return self._cache.filling()
+
     def reference_logps(self, model, pairs, pad_token_id) -> tuple[Tensor, Tensor]:
         """Reference log-probs of ``pairs`` (zeros for reference-free losses)."""
         ref, _ = self.prepare(model, pairs, pad_token_id)
@@ -388,9 +412,11 @@ class DPOTrainer:
         Returns:
             ``((ref_chosen, ref_rejected), scorer)``.
         """
-        blocks = len(transformer_blocks(model)) if self.scope == "last_k" else 0
-        cache = None
-        if self.cache_trunk and 0 < self.last_k < blocks:
+        cache = self._cache if self._cache is not None and self._cache.model is model else None
+        if cache is not None and cache.covers(pairs):
+            # Recorded while the cli scored eval.before: the reference costs only the top blocks.
+            reference = score_pairs(cache.cached(), pairs, pad_token_id, desc="dpo/reference")
+        elif self._uses_cache(model):
             cache = FrozenTrunkCache(model, self.last_k)
             reference = score_pairs(
                 cache.filling(),
@@ -470,7 +496,9 @@ class DPOTrainer:
             log.info("dpo: resuming from %s at step %d of %d", state_dir, step, total)
         if self.gradient_checkpointing:
             # Non-reentrant, so blocks after frozen ones still get gradients.
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            # (transformers 5 renamed the method; 4.x has only the old name.)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16)
             if self.bf16
@@ -537,9 +565,11 @@ class DPOTrainer:
         bar.close()
         model.eval()
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            disable = getattr(model, "activation_checkpointing_disable", None)
+            (disable or model.gradient_checkpointing_disable)()
         if step > start_step:
             _save_state(state_dir, model, names, optimizer, {**identity, "step": step})
+        self._cache = None  # frees the recorded states
         train_seconds = time.perf_counter() - train_started
         metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
         metrics["seconds"] = round(time.perf_counter() - started, 3)

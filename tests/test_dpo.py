@@ -227,3 +227,16 @@ def test_frozen_trunk_cache_gives_the_same_training(tiny, easy_encoded, tmp_path
     )
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trunk_recorded_while_scoring_is_reused(tiny, easy_encoded):
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    trainer = _trainer(scope="last_k", last_k=1)
+    set_trainable(model, "last_k", 1)
+    before = score_pairs(trainer.trunk_recorder(model), easy_encoded, pad)
+    recorded = trainer._cache
+    assert recorded.covers(easy_encoded[1:3])
+    (ref_chosen, _), scorer = trainer.prepare(model, easy_encoded[1:3], pad, reference=None)
+    assert trainer._cache is recorded and scorer is not model
+    torch.testing.assert_close(ref_chosen, before[0].sum_logps[1:3], rtol=0, atol=1e-4)

@@ -142,3 +142,24 @@ def test_cli_skips_dpo_when_no_pair_is_clean(easy_file, tmp_path):
     assert metrics["dpo.skipped_reason"] == "no clean pairs"
     assert (tmp_path / "split" / "clean.jsonl").read_text() == ""
     assert not (tmp_path / "checkpoint").exists() and "eval.after.accuracy" not in metrics
+
+
+@pytest.mark.slow
+def test_real_model_split_and_dpo(easy_file, tmp_path):
+    """Split + DPO on the real default model (SmolLM2-135M): last 2 blocks + head, 2 epochs."""
+    from transformers import AutoModelForCausalLM
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[f"data.path={easy_file}", "splitter=likelihood_margin", "dpo=dpo",
+                       "dpo.lr=1e-5", "dpo.epochs=2", "data.max_length=128"],
+        )  # fmt: skip
+    metrics = run(cfg, tmp_path)
+    assert metrics["split.n_clean"] + metrics["split.n_ambiguous"] == 8
+    assert metrics["dpo.n_pairs"] == metrics["split.n_clean"] > 0
+    after = metrics["eval.displacement.clean.delta_logp_chosen"]
+    assert after > metrics["eval.displacement.clean.delta_logp_rejected"]
+    assert metrics["eval.after.margin_mean"] > metrics["eval.before.margin_mean"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
+    assert reloaded.config.tie_word_embeddings is False
