@@ -153,7 +153,8 @@ def test_real_model_split_and_dpo(easy_file, tmp_path):
         cfg = compose(
             "config",
             overrides=[f"data.path={easy_file}", "splitter=likelihood_margin", "dpo=dpo",
-                       "dpo.lr=1e-5", "dpo.epochs=2", "data.max_length=128"],
+                       "dpo.lr=1e-5", "dpo.epochs=2", "data.max_length=160",
+                       "data.max_prompt_length=96"],
         )  # fmt: skip
     metrics = run(cfg, tmp_path)
     assert metrics["split.n_clean"] + metrics["split.n_ambiguous"] == 8
