@@ -1,9 +1,8 @@
 """First-order stage: DPO and its variants on the clean pairs.
 
-A loss is a small pure function of the policy's and the reference's log-probs of the chosen and
-rejected replies, returning per-pair losses and implicit rewards; :data:`LOSSES` maps each config
-name to one. Reference log-probs are computed once before training (or handed in by the cli, which
-scored the same model for ``eval.before``), so no reference model stays in memory while training.
+The loss is one of :data:`compo.losses.LOSSES`, chosen by ``dpo.loss``. Reference log-probs are
+computed once before training (or handed in by the cli, which scored the same model for
+``eval.before``), so no reference model stays in memory while training.
 
 Each optimizer step appends a row to ``trace/dpo.jsonl`` with the loss, reward margin, accuracy
 and the batch's mean log pi(y+) and log pi(y-), so likelihood displacement shows as it happens.
@@ -19,210 +18,21 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from compo.errors import CompoError
+from compo.losses import LOSSES
 from compo.rundir import RunDir, atomic_write_json
 from compo.scoring import SequenceScores, score_pairs
+from compo.trunk import FrozenTrunkCache, set_trainable, transformer_blocks
 
 log = logging.getLogger(__name__)
-
-LossOutput = tuple[Tensor, Tensor, Tensor]  # per-pair loss, chosen rewards, rejected rewards
-
-
-def _rewards(beta, pc, pr, rc, rr) -> tuple[Tensor, Tensor]:
-    return beta * (pc - rc).detach(), beta * (pr - rr).detach()
-
-
-def dpo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> LossOutput:
-    """DPO (Rafailov et al. 2023): ``-log sigmoid(beta h)``, h = (pc - rc) - (pr - rr)."""
-    h = (pc - rc) - (pr - rr)
-    return -F.logsigmoid(beta * h), *_rewards(beta, pc, pr, rc, rr)
-
-
-def cdpo_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float
-) -> LossOutput:
-    """Conservative DPO: ``(1 - eps) l(beta h) + eps l(-beta h)``, l = -log sigmoid."""
-    h = (pc - rc) - (pr - rr)
-    eps = label_smoothing
-    loss = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    return loss, *_rewards(beta, pc, pr, rc, rr)
-
-
-def rdpo_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float
-) -> LossOutput:
-    """Robust DPO (Chowdhury et al. 2024): ``((1-eps) l(beta h) - eps l(-beta h)) / (1 - 2 eps)``.
-
-    ``eps`` is the assumed label-flip rate; the loss is an unbiased estimate of the clean DPO loss.
-    """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise CompoError(f"dpo.label_smoothing must be in [0, 0.5) for rdpo, got {label_smoothing}")
-    h = (pc - rc) - (pr - rr)
-    eps = label_smoothing
-    loss = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    return loss, *_rewards(beta, pc, pr, rc, rr)
-
-
-def ipo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> LossOutput:
-    """IPO (Azar et al. 2023): ``(h - 1/(2 beta))^2``; per-token log-probs by default (as TRL)."""
-    h = (pc - rc) - (pr - rr)
-    return (h - 1 / (2 * beta)) ** 2, *_rewards(beta, pc, pr, rc, rr)
-
-
-def simpo_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, gamma: float
-) -> LossOutput:
-    """SimPO (Meng et al. 2024): ``-log sigmoid(beta (pc - pr) - gamma)`` on per-token log-probs.
-
-    Reference-free: ``rc``/``rr`` are ignored; the rewards are ``beta`` times the policy's
-    length-normalised log-probs.
-    """
-    loss = -F.logsigmoid(beta * (pc - pr) - gamma)
-    return loss, beta * pc.detach(), beta * pr.detach()
-
-
-@dataclass(frozen=True)
-class Loss:
-    """A loss function and the log-probs it expects (summed, or mean per token)."""
-
-    fn: Callable[..., LossOutput]
-    per_token: bool
-    needs_reference: bool = True
-
-
-LOSSES: dict[str, Loss] = {
-    "dpo": Loss(dpo_loss, per_token=False),
-    "cdpo": Loss(cdpo_loss, per_token=False),
-    "rdpo": Loss(rdpo_loss, per_token=False),
-    # TRL averages IPO's log-probs per token; summed ones make h ~ tens against a 1/(2 beta) target.
-    "ipo": Loss(ipo_loss, per_token=True),
-    "simpo": Loss(simpo_loss, per_token=True, needs_reference=False),
-}
-
-
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer blocks (``model.layers`` of Llama-like decoders, ...)."""
-    decoder = model.get_decoder()
-    n = getattr(model.config, "num_hidden_layers", None)
-    for module in decoder.children():
-        if isinstance(module, nn.ModuleList) and (n is None or len(module) == n):
-            return module
-    raise CompoError(f"dpo.scope=last_k: no transformer blocks found in {type(model).__name__}")
-
-
-def set_trainable(model: nn.Module, scope: str, last_k: int) -> list[str]:
-    """Freezes everything outside the trainable scope and returns the trainable parameter names.
-
-    Args:
-        model: The policy (output layer already untied from the embeddings).
-        scope: ``all``, or ``last_k``: the last ``last_k`` blocks, the final norm and the output
-            layer (practical on a CPU: backward stops at the first trainable block).
-        last_k: Blocks to train for ``last_k``.
-    """
-    if scope == "all":
-        model.requires_grad_(True)
-    elif scope == "last_k":
-        blocks = transformer_blocks(model)
-        if not 0 <= last_k <= len(blocks):
-            raise CompoError(f"dpo.last_k must be in [0, {len(blocks)}], got {last_k}")
-        model.requires_grad_(False)
-        for block in list(blocks)[len(blocks) - last_k :]:
-            block.requires_grad_(True)
-        model.get_output_embeddings().requires_grad_(True)
-        for name, module in model.get_decoder().named_children():
-            if "norm" in name or name == "ln_f":  # the final norm sits between blocks and head
-                module.requires_grad_(True)
-    else:
-        raise CompoError(f"dpo.scope: {scope!r} is not one of ['all', 'last_k']")
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-class _View:
-    """What :func:`compo.scoring.score_sequences` needs of a model, with another decoder."""
-
-    def __init__(self, model: nn.Module, decoder: Callable[..., Any]) -> None:
-        self.config, self._model, self._decoder = model.config, model, decoder
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self._model.get_output_embeddings()
-
-    def get_decoder(self) -> Callable[..., Any]:
-        return self._decoder
-
-
-class FrozenTrunkCache:
-    """Memoises the input of the first trainable block, so a step runs only the top of the model.
-
-    Under ``scope=last_k`` the blocks below are frozen, so their output is a pure function of the
-    token ids: computed once (during the reference pass) it serves every step, and a step runs only
-    the last k blocks, the norm and the head (several times faster on a CPU with SmolLM2's 30
-    blocks and k = 2). States are keyed by the token ids of the unpadded sequence and kept in the
-    hidden dtype: about ``tokens x hidden_size x 4`` bytes.
-
-    Args:
-        model: The policy; its decoder must take ``inputs_embeds`` as the first block's input.
-        last_k: Trainable blocks.
-    """
-
-    def __init__(self, model: nn.Module, last_k: int) -> None:
-        self.model, self.decoder = model, model.get_decoder()
-        self.blocks = transformer_blocks(model)
-        self.attr = next(n for n, m in self.decoder.named_children() if m is self.blocks)
-        self.top = nn.ModuleList(list(self.blocks)[len(self.blocks) - last_k :])
-        self.states: dict[tuple[int, ...], Tensor] = {}
-
-    def covers(self, pairs: Sequence) -> bool:
-        """Whether every sequence of ``pairs`` has been recorded."""
-        return all(
-            tuple(p.prompt_ids + reply) in self.states
-            for p in pairs
-            for reply in (p.chosen_ids, p.rejected_ids)
-        )
-
-    def filling(self) -> _View:
-        """A view scoring with the full model while recording the trunk's output per sequence."""
-        return _View(self.model, self._fill)
-
-    def cached(self) -> _View:
-        """A view running the top blocks on recorded states (every sequence must be recorded)."""
-        return _View(self.model, self._run_top)
-
-    def _fill(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
-        seen: list[Tensor] = []
-
-        def grab(module, args, kwargs):
-            seen.append(args[0] if args else kwargs["hidden_states"])
-
-        handle = self.top[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        finally:
-            handle.remove()
-        for row, keep in enumerate(attention_mask.bool()):
-            key = tuple(input_ids[row][keep].tolist())
-            self.states[key] = seen[0][row][keep].detach().clone()
-        return out
-
-    def _run_top(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
-        first = next(iter(self.states.values()))
-        hidden = first.new_zeros((*input_ids.shape, first.shape[-1]))
-        for row, keep in enumerate(attention_mask.bool()):
-            hidden[row][keep] = self.states[tuple(input_ids[row][keep].tolist())]
-        setattr(self.decoder, self.attr, self.top)
-        try:
-            return self.decoder(inputs_embeds=hidden, attention_mask=attention_mask, **kwargs)
-        finally:
-            setattr(self.decoder, self.attr, self.blocks)
 
 
 _SCHEDULES: dict[str, Callable[[float], float]] = {

@@ -5,7 +5,7 @@
     python experiments/bench_dpo.py --model tiny --steps 2        # seconds, for a smoke test
 
 A step is what ``compo.dpo.DPOTrainer`` does per batch after its reference pass (which, under
-``scope=last_k``, also caches the frozen blocks' output: ``compo.dpo.FrozenTrunkCache``): score
+``scope=last_k``, also caches the frozen blocks' output: ``compo.trunk.FrozenTrunkCache``): score
 chosen and rejected replies with the autograd graph (``compo.scoring.score_pairs``), the loss,
 backward, clipping and AdamW. The pairs are random token ids of fixed lengths (throughput does not
 depend on the text). Tokens/s counts every token of both sequences of each pair (the prompt
@@ -25,9 +25,10 @@ import time
 import torch
 
 from compo.data import EncodedPair
-from compo.dpo import DPOTrainer, set_trainable
+from compo.dpo import DPOTrainer
 from compo.models import EmbeddedSmolLM2, TinyModel
 from compo.scoring import score_pairs
+from compo.trunk import set_trainable
 
 
 def _rss_mb() -> float:

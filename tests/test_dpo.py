@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import compo.dpo
-from compo.dpo import LOSSES, DPOTrainer, lr_factor, set_trainable
+from compo.dpo import DPOTrainer, lr_factor
 from compo.errors import CompoError
+from compo.losses import LOSSES
 from compo.rundir import RunDir
 from compo.scoring import score_pairs
+from compo.trunk import set_trainable
 
 
 def _l(x: float) -> float:
@@ -206,8 +208,8 @@ def test_same_seed_same_result_and_resume_matches_uninterrupted(
 
 
 def test_frozen_trunk_cache_gives_the_same_training(tiny, easy_encoded, tmp_path):
-    from compo.dpo import FrozenTrunkCache
     from compo.models import TinyModel
+    from compo.trunk import FrozenTrunkCache
 
     model, tokenizer = tiny
     pad = tokenizer.pad_token_id
