@@ -26,12 +26,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from compo.data import load_pairs
 from compo.errors import CompoError
 from compo.evaluate import likelihood_displacement, preference_metrics
 from compo.models import save_checkpoint
 from compo.rundir import RunDir, atomic_write_text, write_jsonl
 from compo.scoring import SequenceScores
 from compo.splitter import Split, record_split
+from oracles.base import OracleError
 
 log = logging.getLogger("compo")
 
@@ -52,7 +54,7 @@ def _build(node: DictConfig | None, group: str) -> Any:
 
 
 def _summary_table(metrics: dict[str, Any]) -> str:
-    shown_prefixes = ("eval.", "split.", "dpo.", "data.n_pairs")
+    shown_prefixes = ("eval.", "split.", "dpo.", "compo.", "data.n_pairs")
     rows = [
         (k, v)
         for k, v in metrics.items()
@@ -72,6 +74,35 @@ def _rows(scores: tuple[SequenceScores, SequenceScores], rows: list[int]):
     return tuple(
         SequenceScores(s.sum_logps[index], s.mean_logps[index], s.n_tokens[index]) for s in scores
     )
+
+
+def _prepare_oracle(oracle: Any, tokenizer: Any, out: RunDir) -> None:
+    """Calls an oracle's optional hooks: ``bind`` (tokenizer, run dir) and ``check`` (fail fast)."""
+    if hasattr(oracle, "bind"):
+        oracle.bind(tokenizer, out)
+    if hasattr(oracle, "check"):
+        oracle.check()
+
+
+def _run_optimizer(optimizer, oracle, policy, tokenizer, data, encoded, split, out) -> bool:
+    """Runs ComPO on the ambiguous split or ``optimizer.pairs_path``; True if weights changed."""
+    if optimizer.pairs_path:
+        loaded = load_pairs(optimizer.pairs_path, data.on_error)
+        if loaded.rejected:
+            rows = [r.to_dict() for r in loaded.rejected]
+            write_jsonl(out.path / "rejected_rows.optimizer.jsonl", rows)
+        out.log_metrics("compo", {"n_rows_rejected": len(loaded.rejected)})
+        pairs = data.encode(loaded.pairs, tokenizer)[0]
+    else:
+        pairs = [encoded[i] for i in split.ambiguous]
+    if not pairs:
+        log.warning("compo: skipped: the splitter left no ambiguous pairs")
+        out.log_metrics("compo", {"skipped_reason": "no ambiguous pairs"})
+        return False
+    summary = optimizer.run(policy, tokenizer, pairs, oracle, out)
+    if hasattr(oracle, "usage"):
+        out.log_metrics("oracle", oracle.usage())
+    return bool(summary["changed"])
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -100,16 +131,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     encoded, truncation = data.encode(loaded.pairs, tokenizer)
     out.log_metrics("data", truncation.as_metrics())
 
-    # The zeroth-order stage plugs in here when it lands; its groups exist already and default to
-    # `none`. Checked before any scoring, so a bad choice fails in seconds.
-    for group in ("optimizer", "oracle"):
-        if _build(cfg.get(group), group) is not None:
-            raise CompoError(
-                f"config group '{group}': this stage is not implemented yet; use {group}=none"
-            )
-
+    # Every stage is built, and the oracle checked (API key, endpoint, reward model path), before
+    # any expensive work, so a bad choice fails in seconds.
     evaluator = _build(cfg.eval, "eval")
     trainer = _build(cfg.dpo, "dpo")
+    optimizer = _build(cfg.optimizer, "optimizer")
+    oracle = _build(cfg.oracle, "oracle")
+    if optimizer is not None and oracle is None:
+        raise CompoError(
+            "optimizer: ComPO needs a comparison oracle; choose e.g. oracle=likelihood"
+        )
+    if optimizer is not None:
+        _prepare_oracle(oracle, tokenizer, out)
     before = None  # the policy as loaded is the reference model: its scores serve every stage
     if evaluator is not None:
         # The trainer may record its frozen blocks' output on the way (one forward pass less).
@@ -143,6 +176,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         out.log_metrics("dpo", metrics)
         model_changed = True
 
+    if optimizer is not None:
+        model_changed |= _run_optimizer(
+            optimizer, oracle, policy, tokenizer, data, encoded, split, out
+        )
+
     if model_changed:
         save_checkpoint(policy, tokenizer, out.checkpoint_dir)
         log.info("checkpoint saved to %s", out.checkpoint_dir)
@@ -165,7 +203,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = run(cfg, run_dir)
-    except CompoError as exc:
+    except (CompoError, OracleError) as exc:
         log.error("%s", exc)
         print(f"compo: error: {exc}", file=sys.stderr)
         sys.exit(2)
