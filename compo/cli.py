@@ -4,15 +4,21 @@
     compo model=tiny                        # tiny random model, seconds on a CPU
     compo model=tiny data.path=pairs.jsonl  # your own file
     compo model=pretrained model.name_or_path=/path/to/hf/model
+    torchrun --nproc_per_node=2 -m compo model=tiny optimizer=compo_tiny oracle=likelihood
 
 This is the only module that sees a config object: it instantiates each group's ``_target_`` with
 plain arguments and runs the stages top to bottom. A stage is off when its group is ``none``.
 User mistakes (bad file, missing model, bad option) end in one ``compo: error: ...`` line and
 exit status 2.
+
+Under torchrun every rank runs the whole pipeline (ComPO's perturbations are split across ranks,
+see :mod:`compo.distributed`) in rank 0's run dir; only rank 0 writes it. Rerunning a command
+in the same run dir resumes: DPO from ``dpo_state/``, ComPO from ``compo_state/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -26,6 +32,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from compo import distributed
 from compo.data import load_pairs
 from compo.errors import CompoError
 from compo.evaluate import likelihood_displacement, preference_metrics
@@ -88,7 +95,7 @@ def _run_optimizer(optimizer, oracle, policy, tokenizer, data, encoded, split, o
     """Runs ComPO on the ambiguous split or ``optimizer.pairs_path``; True if weights changed."""
     if optimizer.pairs_path:
         loaded = load_pairs(optimizer.pairs_path, data.on_error)
-        if loaded.rejected:
+        if loaded.rejected and distributed.is_main():
             rows = [r.to_dict() for r in loaded.rejected]
             write_jsonl(out.path / "rejected_rows.optimizer.jsonl", rows)
         out.log_metrics("compo", {"n_rows_rejected": len(loaded.rejected)})
@@ -116,12 +123,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         The metrics also written to ``metrics.json``.
     """
     started = time.perf_counter()
-    out = RunDir(run_dir)
-    atomic_write_text(out.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    main_rank = distributed.is_main()
+    # Other ranks compute the same things and write nothing; they read resume state only.
+    out = RunDir(run_dir) if main_rank else distributed.ReadOnlyRunDir(run_dir)
+    if main_rank:
+        atomic_write_text(out.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     data = _build(cfg.data, "data")
     loaded = data.load()
-    if loaded.rejected:
+    if loaded.rejected and main_rank:
         write_jsonl(out.path / "rejected_rows.jsonl", [r.to_dict() for r in loaded.rejected])
     out.log_metrics("data", {"n_pairs": len(loaded.pairs), "n_rows_rejected": len(loaded.rejected)})
 
@@ -157,7 +167,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         split = splitter.split(
             policy, loaded.pairs, encoded, tokenizer.pad_token_id, reference=before
         )
-        record_split(out, loaded.pairs, split)
+        if main_rank:
+            record_split(out, loaded.pairs, split)
 
     model_changed = False
     if trainer is not None and not split.clean:
@@ -180,6 +191,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         model_changed |= _run_optimizer(
             optimizer, oracle, policy, tokenizer, data, encoded, split, out
         )
+    if not main_rank:  # the checkpoint and eval.after are rank 0's alone: no collectives follow
+        return out.metrics
 
     if model_changed:
         save_checkpoint(policy, tokenizer, out.checkpoint_dir)
@@ -201,6 +214,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # ${now:...} in hydra.run.dir can differ between ranks started a second apart: rank 0's wins.
+    own_dir, run_dir = run_dir, distributed.broadcast_object(run_dir)
+    if own_dir != run_dir:
+        with contextlib.suppress(OSError):
+            own_dir.rmdir()  # empty: other ranks run with hydra.output_subdir=null, no log file
     try:
         metrics = run(cfg, run_dir)
     except (CompoError, OracleError) as exc:
@@ -211,9 +229,22 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return metrics.get("eval.after.accuracy", metrics.get("eval.before.accuracy"))
 
 
+def _quiet_hydra_args(argv: list[str]) -> list[str]:
+    """Hydra overrides for ranks other than 0: no ``.hydra/`` copy, no log file in the run dir."""
+    extra = ["hydra.output_subdir=null"]
+    if not any(a.startswith(("hydra/job_logging=", "hydra.job_logging")) for a in argv):
+        extra.append("hydra/job_logging=none")  # Python's default: warnings and errors only
+    return [*argv, *extra]
+
+
 def main() -> None:
-    """Console-script entry point."""
-    _hydra_main()
+    """Console-script entry point (also under torchrun: see :mod:`compo.distributed`)."""
+    try:
+        if distributed.init_from_env() and not distributed.is_main():
+            sys.argv = [sys.argv[0], *_quiet_hydra_args(sys.argv[1:])]
+        _hydra_main()
+    finally:
+        distributed.finalize()
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ computed once before training (or handed in by the cli, which scored the same mo
 
 Each optimizer step appends a row to ``trace/dpo.jsonl`` with the loss, reward margin, accuracy
 and the batch's mean log pi(y+) and log pi(y-), so likelihood displacement shows as it happens.
-``dpo_state/`` holds what resuming needs: the trainable weights, the AdamW state and the step.
+``dpo_state/`` holds what resuming needs: the trainable weights (safetensors), the AdamW state
+and the step, committed with sha256 hashes (:mod:`compo.state`); a corrupt file is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -22,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from compo import distributed, state
 from compo.errors import CompoError
 from compo.losses import LOSSES
-from compo.rundir import RunDir, atomic_write_json
+from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
 from compo.trunk import FrozenTrunkCache, set_trainable, transformer_blocks
 
@@ -50,33 +54,34 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def _save_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, progress: dict):
-    state_dir.mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():  # every rank holds the same state; one writes it
+        return
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().contiguous().cpu() for n in names}
-    save_file(tensors, state_dir / ".weights.tmp.safetensors")
-    (state_dir / ".weights.tmp.safetensors").replace(state_dir / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), state_dir / ".optimizer.tmp.pt")
-    (state_dir / ".optimizer.tmp.pt").replace(state_dir / "optimizer.pt")
-    # progress.json last: it is the marker that the two files above belong together.
-    atomic_write_json(state_dir / "progress.json", progress)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    payloads = {
+        "trainable": ("safetensors", safetensors_save(tensors)),
+        "optimizer": ("pt", buffer.getvalue()),
+    }
+    state.commit(state_dir, progress["step"], payloads, progress)
 
 
 def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, expect: dict):
-    progress = json.loads((state_dir / "progress.json").read_text())
-    for key, value in expect.items():
-        if progress.get(key) != value:
-            raise CompoError(
-                f"{state_dir}: written for {key}={progress.get(key)!r}, this run has {value!r}; "
-                "use a new run dir or dpo.resume=false"
-            )
-    tensors = load_file(state_dir / "trainable.safetensors")
+    """Restores a verified ``dpo_state/`` and returns its step; None when there is none."""
+    loaded = state.load(state_dir)
+    if loaded is None:
+        return None
+    progress, blobs = loaded
+    state.check_identity(state_dir, progress, expect, "dpo.resume")
+    tensors = safetensors_load(blobs["trainable"])
     if sorted(tensors) != sorted(names):
         raise CompoError(f"{state_dir}: its trainable parameters differ from dpo.scope/last_k")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+    optimizer.load_state_dict(torch.load(io.BytesIO(blobs["optimizer"]), weights_only=True))
     return progress["step"]
 
 
@@ -301,9 +306,15 @@ class DPOTrainer:
         identity = {"n_pairs": len(pairs), "total_steps": total, "loss": self.loss_name}
         state_dir = out.path / "dpo_state"
         step = 0
-        if self.resume and (state_dir / "progress.json").is_file():
-            step = _load_state(state_dir, model, names, optimizer, identity)
-            log.info("dpo: resuming from %s at step %d of %d", state_dir, step, total)
+        if self.resume:
+            # Verified before use: a truncated or altered file is a CompoError, never loaded.
+            step = _load_state(state_dir, model, names, optimizer, identity) or 0
+            if step:
+                log.info("dpo: resuming from %s at step %d of %d", state_dir, step, total)
+        if distributed.is_main():  # rows after the last commit (or all, on a fresh start) rerun
+            state.truncate_trace(out.path / "trace" / "dpo.jsonl", lambda r: r["step"] <= step)
+        # Rank 0 overwrites dpo_state/ from its first step on: every rank must have read it.
+        distributed.barrier()
         if self.gradient_checkpointing:
             # Non-reentrant, so blocks after frozen ones still get gradients.
             # (transformers 5 renamed the method; 4.x has only the old name.)
@@ -318,12 +329,16 @@ class DPOTrainer:
             "dpo: %s on %d pairs, %d steps, %d trainable parameters (%s)",
             self.loss_name, len(pairs), total, n_trainable, self.scope,
         )  # fmt: skip
-        if step == 0:  # a fresh start: drop the trace of an earlier, abandoned attempt
-            (out.path / "trace" / "dpo.jsonl").unlink(missing_ok=True)
         start_step, tokens = step, 0
         train_started = time.perf_counter()
         model.train()
-        bar = tqdm(total=total, initial=step, desc=f"dpo/{self.loss_name}", leave=False)
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc=f"dpo/{self.loss_name}",
+            leave=False,
+            disable=not distributed.is_main(),
+        )
         with out.trace("dpo") as trace:
             while step < total:
                 epoch, index = divmod(step, steps_per_epoch)
@@ -388,7 +403,10 @@ class DPOTrainer:
     def _summary(self, out, identity, start_step, n_trainable, tokens, seconds) -> dict[str, Any]:
         # From the whole trace, so a resumed run reports its first loss too.
         trace_path = out.path / "trace" / "dpo.jsonl"
-        rows = [json.loads(line) for line in trace_path.read_text().splitlines() if line.strip()]
+        rows = []
+        if distributed.is_main():  # other ranks write no trace (and rank 0 may be writing it)
+            lines = trace_path.read_text().splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
         metrics: dict[str, Any] = {
             **identity,
             "steps_run": identity["total_steps"] - start_step,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from compo import distributed
 from compo.zo.directions import DirectionSampler, GaussianSphere
 from compo.zo.head import HeadEvaluator
 from compo.zo.scope import Scope
@@ -133,10 +134,15 @@ class MonteCarlo:
         sum_z = [torch.zeros_like(t) for t in sum_yz] if self.centred else None
         draws = self.m // 2 if self.antithetic else self.m
         per_batch = max(1, self.batch // 2) if self.antithetic else self.batch
+        # Under torchrun each rank draws a contiguous share of the indices; direction i is the
+        # same tensor on any rank (seeded by (seed, iteration, i)), so the reduced sums equal a
+        # single process's up to the order of fp32 additions, and the vote counts exactly.
+        share = distributed.partition(draws, distributed.rank(), distributed.world_size())
         votes: list[int] = []
-        bar = tqdm(total=self.m, desc=f"compo it {iteration}", disable=not progress, leave=False)
-        for start in range(0, draws, per_batch):
-            indices = list(range(start, min(draws, start + per_batch)))
+        total = len(share) * (2 if self.antithetic else 1)
+        bar = tqdm(total=total, desc=f"compo it {iteration}", disable=not progress, leave=False)
+        for start in range(share.start, share.stop, per_batch):
+            indices = list(range(start, min(share.stop, start + per_batch)))
             dirs = self.sampler.sample(seed, iteration, indices, scope.shapes, support)
             if self.antithetic:
                 dirs = dirs.antithetic()
@@ -149,16 +155,22 @@ class MonteCarlo:
             bar.update(len(verdicts))
             del dirs  # free this batch before the next one is drawn (peak memory)
         bar.close()
+        kinds = (Verdict.PERTURBED_BETTER, Verdict.CURRENT_BETTER, Verdict.TIE)
+        counts = torch.tensor([*(votes.count(v) for v in kinds), sum(votes)], dtype=torch.int64)
+        n_better, n_worse, n_tie, vote_sum = distributed.all_reduce_sum(counts).tolist()
+        for acc in [*sum_yz, *(sum_z or [])]:
+            distributed.all_reduce_sum(acc)
+        m = n_better + n_worse + n_tie
         if sum_z is not None:
-            mean_y = sum(votes) / len(votes)
+            mean_y = vote_sum / m
             for acc, z in zip(sum_yz, sum_z, strict=True):
                 acc.sub_(z, alpha=mean_y)
         return Estimate(
             sum_yz,
-            n_better=votes.count(Verdict.PERTURBED_BETTER),
-            n_worse=votes.count(Verdict.CURRENT_BETTER),
-            n_tie=votes.count(Verdict.TIE),
-            m=len(votes),
+            n_better=n_better,
+            n_worse=n_worse,
+            n_tie=n_tie,
+            m=m,
             seconds=time.perf_counter() - started,
         )
 

@@ -5,6 +5,10 @@ ask the oracle y_i = C(theta, theta + r z_i), form g = sum_i y_i z_i / ||.|| in 
 small entries, and with frac = |{y_i = -1}| / m take theta <- theta - gamma frac g if frac > lambda
 (optionally only if the oracle prefers the result). Each iteration writes one row of
 ``trace/compo.jsonl``; the summary goes to ``metrics.json`` under ``compo.``.
+
+After each iteration the fp32 master weights are committed to ``compo_state/``
+(:mod:`compo.zo.resume`); rerunning the same command continues from there. Under torchrun the m
+perturbations are split across ranks (:mod:`compo.distributed`); only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from compo import distributed, state
 from compo.errors import CompoError
 from compo.rundir import RunDir
 from compo.zo.directions import DirectionBatch, DirectionSampler, GaussianSphere
 from compo.zo.estimator import Expected, MonteCarlo, cosine, limit_direction, norm
 from compo.zo.head import HeadEvaluator
+from compo.zo.resume import CompoState, fingerprint
 from compo.zo.scope import Scope
 from compo.zo.update import clip, normalise
 from oracles.base import ParameterOracle, Verdict
@@ -63,6 +69,8 @@ class ComPO:
         pairs_path: Run on this preference file instead of the splitter's ambiguous split (the
             cli loads it; kept here so the config holds it).
         progress: Show progress bars.
+        resume: Continue from ``compo_state/`` in the run dir when it exists.
+        save_every: Commit ``compo_state/`` every this many iterations (0: only at the end).
     """
 
     def __init__(
@@ -87,6 +95,8 @@ class ComPO:
         seed: int = 0,
         pairs_path: str | None = None,
         progress: bool = True,
+        resume: bool = True,
+        save_every: int = 1,
     ) -> None:
         if estimator not in ESTIMATORS:
             raise CompoError(f"optimizer.estimator: {estimator!r} is not one of {ESTIMATORS}")
@@ -104,6 +114,15 @@ class ComPO:
         self.batch_size, self.epochs, self.max_iterations = batch_size, epochs, max_iterations
         self.trace_limit, self.seed = trace_limit, seed
         self.pairs_path, self.progress = pairs_path, progress
+        self.resume, self.save_every = resume, save_every
+
+    def settings(self) -> dict[str, Any]:
+        """What the iterations' results depend on (for the resume fingerprint)."""
+        ignored = {"epochs", "max_iterations", "progress", "pairs_path", "resume", "save_every"}
+        out = {k: v for k, v in vars(self).items() if k not in ignored | {"sampler", "monte_carlo"}}
+        out["sampler"] = [type(self.sampler).__name__, vars(self.sampler)]
+        out["monte_carlo"] = {k: v for k, v in vars(self.monte_carlo).items() if k != "sampler"}
+        return out
 
     def batches(self, pairs: Sequence) -> list[list]:
         out = []
@@ -134,26 +153,59 @@ class ComPO:
         own_head = HeadEvaluator()
         pad = tokenizer.pad_token_id
         batches = self.batches(pairs)
-        rows = []
+        keeper = CompoState(
+            run_dir.path / "compo_state", fingerprint(self.settings(), scope, pairs)
+        )
+        start = keeper.load(scope) if self.resume else 0
+        if start > len(batches):
+            raise CompoError(
+                f"{keeper.dir}: holds {start} iterations, this run asks for {len(batches)}; "
+                "use a new run dir or optimizer.resume=false"
+            )
+        # Rank 0 commits compo_state/ after its first iteration: every rank must have read it.
+        distributed.barrier()
+        rows = self._truncate_traces(run_dir, start) if distributed.is_main() else []
+        if hasattr(oracle, "iteration"):
+            # An oracle counting iterations (GenerativeOracle seeds its sampling noise with it)
+            # must count from where the committed state ends.
+            oracle.iteration = start - 1
         log.info(
-            "ComPO: %d iterations, %d perturbed parameters (%s)",
+            "ComPO: %d iterations%s, %d perturbed parameters (%s)",
             len(batches),
+            f" (resuming after {start})" if start else "",
             scope.numel,
             ", ".join(scope.names),
         )
+        progress = self.progress and distributed.is_main()
         with run_dir.trace("compo") as trace, torch.no_grad():
-            bar = tqdm(batches, desc="compo", disable=not self.progress)
-            for t, batch in enumerate(bar):
-                row = self._iteration(t, batch, policy, scope, oracle, own_head, pad)
+            todo = range(start, len(batches))
+            bar = tqdm(todo, desc="compo", disable=not progress, initial=start, total=len(batches))
+            for t in bar:
+                row = self._iteration(t, batches[t], policy, scope, oracle, own_head, pad, progress)
+                # The row first, then the commit: a row past the commit is dropped on resume.
                 trace.write(row)
                 rows.append(row)
+                done = t + 1
+                due = done == len(batches) or (self.save_every and done % self.save_every == 0)
+                if due and distributed.is_main():
+                    keeper.save(scope, done, batches, self.seed)
                 bar.set_postfix(frac=f"{row['frac']:.2f}", applied=row["applied"])
         scope.write_back()
         summary = _summary(rows, time.perf_counter() - started)
+        summary.update(resumed_from_iteration=start, iterations_run=len(batches) - start)
         run_dir.log_metrics("compo", summary)
         return summary
 
-    def _iteration(self, t, batch, policy, scope, oracle, own_head, pad) -> dict[str, Any]:
+    @staticmethod
+    def _truncate_traces(run_dir: RunDir, start: int) -> list[dict[str, Any]]:
+        """Keeps the trace rows of the ``start`` committed iterations; returns ComPO's."""
+        oracle_trace = run_dir.path / "trace" / "oracle.jsonl"
+        state.truncate_trace(oracle_trace, lambda r: r.get("iteration", -1) < start)
+        return state.truncate_trace(
+            run_dir.path / "trace" / "compo.jsonl", lambda r: r["iteration"] < start
+        )
+
+    def _iteration(self, t, batch, policy, scope, oracle, own_head, pad, progress):
         started = time.perf_counter()
         base = oracle.begin(policy, scope, batch, pad)
         head = getattr(oracle, "head", None)
@@ -168,9 +220,7 @@ class ComPO:
             est = Expected().estimate_from_limit(limit)
         else:
             support = head.support(self.sampler.top_k) if _needs_support(self.sampler) else None
-            est = self.monte_carlo.estimate(
-                oracle, scope, self.seed, t, support, progress=self.progress
-            )
+            est = self.monte_carlo.estimate(oracle, scope, self.seed, t, support, progress=progress)
         g, raw_norm = normalise(est.vector)
         frac = est.frac
         row: dict[str, Any] = {

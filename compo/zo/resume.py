@@ -1,0 +1,106 @@
+"""ComPO's resume state: ``compo_state/`` in the run dir, committed after every iteration.
+
+``weights-<t>.safetensors`` holds the fp32 master copies of the perturbed tensors after t
+iterations; ``progress.json`` (written last, the commit marker, see :mod:`compo.state`) holds t,
+the data position, the seed, a fingerprint of everything the iterations depend on and the file's
+sha256. A rerun of the same command loads it, skips the t committed iterations and continues;
+directions are regenerated from (seed, t, i), so nothing else is needed to continue exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from compo import state
+from compo.errors import CompoError
+from compo.zo.scope import Scope
+
+
+def _tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(settings: dict[str, Any], scope: Scope, pairs: Sequence) -> str:
+    """sha256 of what the iterations depend on: settings, pairs, perturbed names and start weights.
+
+    The starting weights are included so a state is never continued on top of a different model
+    (another DPO result, another seed). ``epochs`` and ``max_iterations`` are left out by the
+    caller: they only extend or cut the list of batches, so a longer rerun continues.
+    """
+    pair_ids = [
+        (p.pair_id, list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids)) for p in pairs
+    ]
+    blob = json.dumps(
+        {
+            "settings": settings,
+            "pairs": hashlib.sha256(json.dumps(pair_ids).encode()).hexdigest(),
+            "blocks": [(n, list(s)) for n, s in zip(scope.names, scope.shapes, strict=True)],
+            "start": _tensor_digest(scope.masters()),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class CompoState:
+    """Loads and commits ``compo_state/``.
+
+    Args:
+        state_dir: The directory (``<run dir>/compo_state``).
+        fingerprint: From :func:`fingerprint`, computed before any iteration.
+    """
+
+    def __init__(self, state_dir: Path, fingerprint: str) -> None:
+        self.dir, self.fingerprint = state_dir, fingerprint
+
+    def load(self, scope: Scope) -> int:
+        """Restores the committed master weights into ``scope``; returns iterations done (0: none).
+
+        Raises:
+            CompoError: The state is corrupt (see :func:`compo.state.load`) or was written by a
+                different setup.
+        """
+        loaded = state.load(self.dir)
+        if loaded is None:
+            return 0
+        progress, blobs = loaded
+        state.check_identity(
+            self.dir, progress, {"fingerprint": self.fingerprint}, "optimizer.resume"
+        )
+        tensors = safetensors_load(blobs["weights"])
+        if sorted(tensors) != sorted(scope.names):
+            raise CompoError(
+                f"{self.dir}: holds {sorted(tensors)}, this run perturbs {scope.names}"
+            )
+        with torch.no_grad():
+            for block in scope.blocks:
+                block.master.copy_(tensors[block.name])
+        scope.write_back()
+        return int(progress["iteration"])
+
+    def save(self, scope: Scope, done: int, batches: Sequence[Sequence], seed: int) -> None:
+        """Commits the master weights after ``done`` iterations (of ``len(batches)``)."""
+        tensors = {b.name: b.master.detach().float().contiguous().cpu() for b in scope.blocks}
+        progress = {
+            "iteration": done,
+            "n_iterations": len(batches),
+            "pairs_done": sum(len(b) for b in batches[:done]),
+            "next_pair_ids": [p.pair_id for p in batches[done]] if done < len(batches) else [],
+            "seed": seed,
+            "fingerprint": self.fingerprint,
+        }
+        state.commit(
+            self.dir, done, {"weights": ("safetensors", safetensors_save(tensors))}, progress
+        )
