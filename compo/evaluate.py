@@ -3,12 +3,17 @@
 Likelihood displacement (Razin et al. 2024) is what ComPO is meant to avoid on ambiguous pairs:
 training on a pair lowers log pi(y+|x) along with log pi(y-|x), and probability mass drifts to
 other outputs. It is measured here as the change of both log-probabilities between two models.
+
+Win rates compare held-out responses of a policy with the baseline's (the starting model) under a
+scorer; the length-controlled win rate removes the part explained by length differences.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from compo.scoring import SequenceScores, score_pairs
 
@@ -74,3 +79,77 @@ class PreferenceEval:
     def score(self, model: Any, pairs: Sequence, pad_token_id: int, desc: str = "eval"):
         """Returns (chosen, rejected) scores of ``pairs`` under ``model``."""
         return score_pairs(model, pairs, pad_token_id, batch_size=self.batch_size, desc=desc)
+
+
+# --------------------------------------------------------------------------------------------
+# Win rates against a baseline (held-out generation judged by a scorer)
+# --------------------------------------------------------------------------------------------
+
+
+def _outcomes(policy: Sequence[float], baseline: Sequence[float], tie_eps: float) -> list[float]:
+    if len(policy) != len(baseline) or not policy:
+        raise ValueError("need the same, non-zero number of policy and baseline scores")
+    return [
+        0.5 if abs(p - b) <= tie_eps else float(p > b)
+        for p, b in zip(policy, baseline, strict=True)
+    ]
+
+
+def win_rate(policy: Sequence[float], baseline: Sequence[float], tie_eps: float = 0.0) -> float:
+    """Fraction of prompts where the policy's response scores higher; a tie counts one half.
+
+    Args:
+        policy: Score of the policy's response per prompt (higher is better).
+        baseline: Score of the baseline's response to the same prompts.
+        tie_eps: Scores closer than this are a tie.
+    """
+    outcomes = _outcomes(policy, baseline, tie_eps)
+    return sum(outcomes) / len(outcomes)
+
+
+def length_controlled_win_rate(
+    policy: Sequence[float],
+    baseline: Sequence[float],
+    policy_lengths: Sequence[float],
+    baseline_lengths: Sequence[float],
+    tie_eps: float = 0.0,
+    ridge: float = 1e-2,
+    iterations: int = 50,
+) -> float:
+    """The win rate with the effect of length removed, as in AlpacaEval-LC (Dubois et al. 2024).
+
+    Fits P(win_i) = sigmoid(a + b * tanh(d_i / s)) by ridge-penalised logistic regression (Newton's
+    method; ties are soft targets of 1/2), with d_i the policy's minus the baseline's response
+    length and s the standard deviation of d (1 if it is 0). The length-controlled win rate is the
+    prediction at zero length difference, sigmoid(a). The small ridge keeps a finite answer when
+    wins are perfectly separated by length; with no length difference at all it reduces to the
+    (slightly shrunk) plain win rate.
+
+    Args:
+        policy: Scores of the policy's responses.
+        baseline: Scores of the baseline's responses.
+        policy_lengths: Lengths of the policy's responses (e.g. words).
+        baseline_lengths: Lengths of the baseline's responses.
+        tie_eps: Scores closer than this are a tie.
+        ridge: L2 penalty on (a, b).
+        iterations: Newton steps.
+    """
+    y = torch.tensor(_outcomes(policy, baseline, tie_eps), dtype=torch.float64)
+    d = torch.tensor(policy_lengths, dtype=torch.float64) - torch.tensor(
+        baseline_lengths, dtype=torch.float64
+    )
+    if d.numel() != y.numel():
+        raise ValueError("need one length per score")
+    scale = d.std(correction=0).item() if d.numel() > 1 else 0.0
+    x = torch.stack([torch.ones_like(d), torch.tanh(d / (scale if scale > 0 else 1.0))], dim=1)
+    w = torch.zeros(2, dtype=torch.float64)
+    penalty = ridge * torch.eye(2, dtype=torch.float64)
+    for _ in range(iterations):
+        p = torch.sigmoid(x @ w)
+        grad = x.T @ (p - y) + penalty @ w
+        hess = x.T @ (x * (p * (1 - p))[:, None]) + penalty
+        step = torch.linalg.solve(hess, grad)
+        w = w - step
+        if step.abs().max().item() < 1e-10:
+            break
+    return torch.sigmoid(w[0]).item()
