@@ -1,0 +1,272 @@
+"""Resume after a crash: SIGKILL the pipeline at a seeded point, rerun, same weights; corrupt
+state is refused in one line and never loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compo import state
+from compo.dpo import DPOTrainer
+from compo.errors import CompoError
+from compo.models import TinyModel
+from compo.rundir import RunDir
+
+QUESTIONS = [
+    ("Name a color.", "Blue."),
+    ("What is 2+2?", "4."),
+    ("Capital of Italy?", "Rome."),
+    ("Name a fruit.", "Apple."),
+    ("Opposite of hot?", "Cold."),
+    ("Name a planet.", "Mars."),
+]
+# The tiny model splits these 6 clean / 6 ambiguous: 18 DPO steps, then 12 ComPO iterations,
+# each committing its state (dpo.save_every=1, optimizer.save_every=1 by default).
+DPO_STEPS, COMPO_ITERATIONS = 18, 12
+PIPELINE = [
+    "model=tiny",
+    "splitter=likelihood_margin",
+    "splitter.delta=10",
+    "dpo=dpo",
+    "dpo.lr=1e-3",
+    "dpo.batch_size=1",
+    "dpo.epochs=3",
+    "dpo.save_every=1",
+    "optimizer=compo_tiny",
+    "optimizer.num_directions=256",
+    "optimizer.epochs=2",
+    "optimizer.max_iterations=null",
+    "optimizer.progress=false",
+    "oracle=likelihood",
+]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    refusal = "I refuse to answer that question, it is boring and far too long for me."
+    with open(path, "w") as handle:
+        for i, (question, answer) in enumerate(QUESTIONS):
+            for pid, rejected in ((f"clear{i}", refusal), (f"amb{i}", answer + "!")):
+                row = {"id": pid, "prompt": question, "chosen": answer, "rejected": rejected}
+                handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def _cmd(run_dir: Path, pairs: Path, *extra: str, base: list[str] = PIPELINE) -> list[str]:
+    return [
+        sys.executable, "-m", "compo", *base, f"data.path={pairs}",
+        f"hydra.run.dir={run_dir}", *extra,
+    ]  # fmt: skip
+
+
+def _run(run_dir: Path, pairs: Path, *extra: str, base: list[str] = PIPELINE):
+    return subprocess.run(
+        _cmd(run_dir, pairs, *extra, base=base),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
+
+
+def _compo_only(run_dir: Path, pairs: Path, *extra: str):
+    """ComPO alone on the whole file (no split, no DPO, no evaluation): a few seconds."""
+    base = ["model=tiny", "eval=none", "optimizer=compo_tiny", "oracle=likelihood",
+            f"optimizer.pairs_path={pairs}", "optimizer.progress=false"]  # fmt: skip
+    return _run(run_dir, pairs, *extra, base=base)
+
+
+def _rows(run_dir: Path, stage: str) -> list[dict]:
+    path = run_dir / "trace" / f"{stage}.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoint" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, pairs_file) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = _run(run_dir, pairs_file)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["dpo.steps_run"] == DPO_STEPS
+    assert metrics["compo.n_iterations"] == COMPO_ITERATIONS and metrics["compo.n_applied"] > 0
+    return run_dir
+
+
+def _kill_point(seed: int) -> tuple[str, int]:
+    """A seeded random point: after k trace rows of the DPO stage or of the ComPO stage."""
+    rng = random.Random(seed)
+    stage = ("dpo", "compo")[seed % 2]
+    return stage, rng.randint(1, (DPO_STEPS if stage == "dpo" else COMPO_ITERATIONS) - 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_then_rerun_ends_with_the_uninterrupted_weights(
+    tmp_path, pairs_file, uninterrupted, seed
+):
+    stage, k = _kill_point(seed)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(run_dir, pairs_file), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(_rows(run_dir, stage)) < k and proc.poll() is None:
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.002)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)  # no handler, no cleanup: whatever was on disk stays
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "checkpoint").exists()
+
+    resumed = _run(run_dir, pairs_file)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if stage == "dpo":
+        assert 0 < metrics["dpo.resumed_from_step"] < DPO_STEPS
+        assert metrics["compo.resumed_from_iteration"] == 0
+    else:
+        assert metrics["dpo.steps_run"] == 0  # DPO was complete: restored, not redone
+        assert 0 < metrics["compo.resumed_from_iteration"] < COMPO_ITERATIONS
+    # One trace row per step and per iteration: none lost, none duplicated.
+    assert [r["step"] for r in _rows(run_dir, "dpo")] == list(range(1, DPO_STEPS + 1))
+    iterations = [r["iteration"] for r in _rows(run_dir, "compo")]
+    assert iterations == list(range(COMPO_ITERATIONS))
+    want, got = _weights(uninterrupted), _weights(run_dir)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    votes = [
+        (r["n_better"], r["n_worse"], r["n_tie"], r["applied"]) for r in _rows(run_dir, "compo")
+    ]
+    assert votes == [
+        (r["n_better"], r["n_worse"], r["n_tie"], r["applied"])
+        for r in _rows(uninterrupted, "compo")
+    ]
+
+
+def test_a_completed_run_rerun_does_no_training_and_keeps_its_weights(
+    tmp_path, pairs_file, uninterrupted
+):
+    run_dir = tmp_path / "run"
+    # A copy of the finished run dir (state and traces) stands in for "the same command again".
+    shutil.copytree(uninterrupted, run_dir)
+    proc = _run(run_dir, pairs_file)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["dpo.steps_run"] == 0 and metrics["compo.iterations_run"] == 0
+    assert metrics["compo.n_iterations"] == COMPO_ITERATIONS  # the summary covers the whole run
+    for name, value in _weights(uninterrupted).items():
+        assert torch.equal(value, _weights(run_dir)[name]), name
+
+
+@pytest.fixture(scope="module")
+def _finished_compo(tmp_path_factory, pairs_file) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    proc = _compo_only(run_dir, pairs_file, "optimizer.max_iterations=2")
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+@pytest.fixture
+def finished_compo(tmp_path, _finished_compo) -> Path:
+    """A private copy of a finished 2-iteration ComPO run dir."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(_finished_compo, run_dir)
+    return run_dir
+
+
+def _state_file(state_dir: Path, name: str) -> Path:
+    progress = json.loads((state_dir / "progress.json").read_text())
+    return state_dir / progress["files"][name]["file"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
+def test_corrupt_compo_state_is_refused_in_one_line(tmp_path, pairs_file, finished_compo, damage):
+    weights = _state_file(finished_compo / "compo_state", "weights")
+    blob = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob[-5] ^= 0xFF  # same size, a tensor value changed: only the hash notices
+    weights.write_bytes(bytes(blob))
+    proc = _compo_only(finished_compo, pairs_file, "optimizer.max_iterations=2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and weights.name in lines[0] and "corrupt" in lines[0], proc.stderr
+
+
+def test_compo_state_of_another_setup_is_refused(tmp_path, pairs_file, finished_compo):
+    changed = ["optimizer.max_iterations=2", "optimizer.radius=0.01"]
+    proc = _compo_only(finished_compo, pairs_file, *changed)
+    assert proc.returncode == 2 and "optimizer.resume=false" in proc.stderr, proc.stderr
+    proc = _compo_only(finished_compo, pairs_file, *changed, "optimizer.resume=false")
+    assert proc.returncode == 0, proc.stderr
+    assert len(_rows(finished_compo, "compo")) == 2  # a fresh start replaced the old trace
+
+
+def test_more_iterations_continue_a_finished_run(tmp_path, pairs_file, finished_compo):
+    proc = _compo_only(finished_compo, pairs_file, "optimizer.max_iterations=4")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((finished_compo / "metrics.json").read_text())
+    assert metrics["compo.resumed_from_iteration"] == 2 and metrics["compo.iterations_run"] == 2
+    assert [r["iteration"] for r in _rows(finished_compo, "compo")] == [0, 1, 2, 3]
+
+
+def test_corrupt_dpo_state_is_refused(tiny, easy_encoded, tmp_path):
+    model, tokenizer = tiny
+    out = RunDir(tmp_path)
+    DPOTrainer(lr=1e-3, batch_size=2, save_every=1).train(
+        model, easy_encoded, tokenizer.pad_token_id, out
+    )
+    trainable = _state_file(tmp_path / "dpo_state", "trainable")
+    trainable.write_bytes(trainable.read_bytes()[:-100])
+    fresh, _ = TinyModel(seed=0).load()
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    with pytest.raises(CompoError, match=f"{trainable.name}: corrupt checkpoint"):
+        DPOTrainer(lr=1e-3, batch_size=2).train(fresh, easy_encoded, tokenizer.pad_token_id, out)
+    assert all(torch.equal(p, before[n]) for n, p in fresh.named_parameters())  # nothing loaded
+
+
+def test_a_commit_interrupted_before_its_marker_leaves_the_previous_state(tmp_path, monkeypatch):
+    state.commit(tmp_path, 1, {"w": ("bin", b"first")}, {"step": 1})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # dies after writing w-2.bin, before progress.json
+
+    monkeypatch.setattr(state, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        state.commit(tmp_path, 2, {"w": ("bin", b"second")}, {"step": 2})
+    progress, blobs = state.load(tmp_path)
+    assert progress["step"] == 1 and blobs == {"w": b"first"}
+    monkeypatch.undo()
+    state.commit(tmp_path, 3, {"w": ("bin", b"third")}, {"step": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["progress.json", "w-00000003.bin"]
+
+
+def test_a_torn_trace_line_is_dropped_on_resume(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"iteration": 0}\n{"iteration": 1}\n{"iteration": 2}\n{"itera')
+    rows = state.truncate_trace(trace, lambda r: r["iteration"] < 2)
+    assert rows == [{"iteration": 0}, {"iteration": 1}]
+    assert trace.read_text() == '{"iteration": 0}\n{"iteration": 1}\n'
