@@ -1,0 +1,1 @@
+"""The controlled noisy-feedback benchmark: generation, hidden utility, simulated users, eval."""

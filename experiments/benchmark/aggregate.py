@@ -1,0 +1,178 @@
+"""Step 5 of the benchmark: multirun dirs -> a markdown table and PNG plots.
+
+    python experiments/benchmark/aggregate.py multirun/<date>/<time> --out experiments/results/
+
+Every job dir below the given paths with a ``metrics.json`` and a ``config.yaml`` counts; its arm,
+noise rate and seed come from the resolved config (``bench.arm``, ``bench.noise``, ``seed``), its
+numbers from ``metrics.json`` and, when present, ``heldout_metrics.json``. Per arm x noise rate the
+table gives mean ± std (sample std; "n/a" when a metric is missing) over seeds; the number of seeds
+is in the table. Writes ``results.md``, ``runs.csv`` (one row per job) and ``*.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+# (column title, metric key); the order of the table.
+COLUMNS = [
+    ("win rate", "heldout.win_rate"),
+    ("LC win rate", "heldout.lc_win_rate"),
+    ("mean words", "heldout.mean_words"),
+    ("held-out acc", "heldout.accuracy"),
+    ("amb. Δlogπ(y+)", "ambiguous.delta_logp_chosen"),
+    ("amb. Δlogπ(y-)", "ambiguous.delta_logp_rejected"),
+    ("amb. both down", "ambiguous.frac_both_down"),
+    ("n clean", "split.n_clean"),
+    ("n amb.", "split.n_ambiguous"),
+    ("train acc after", "eval.after.accuracy"),
+    ("minutes", "run.minutes"),
+]
+ARM_ORDER = ["dpo_all", "dpo_clean", "dpo_compo", "simpo_clean", "simpo_compo"]
+
+
+def _config_value(text: str, dotted: str):
+    """A value of the resolved ``config.yaml`` (read with OmegaConf when available)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(OmegaConf.create(text), dotted)
+
+
+def collect(paths: list[Path]) -> list[dict]:
+    """One record per job dir: arm, noise, seed and every metric."""
+    records = []
+    for root in paths:
+        for metrics_path in sorted(root.rglob("metrics.json")):
+            job = metrics_path.parent
+            config = job / "config.yaml"
+            if not config.is_file():
+                continue
+            text = config.read_text(encoding="utf-8")
+            arm = _config_value(text, "bench.arm")
+            if arm is None:
+                continue
+            record = {
+                "job": str(job),
+                "arm": arm,
+                "noise": _config_value(text, "bench.noise"),
+                "seed": _config_value(text, "seed"),
+            }
+            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+            heldout = job / "heldout_metrics.json"
+            if heldout.is_file():
+                metrics |= json.loads(heldout.read_text(encoding="utf-8"))
+            if "run.seconds" in metrics:
+                metrics["run.minutes"] = metrics["run.seconds"] / 60
+            record |= {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            records.append(record)
+    return records
+
+
+def summarise(values: list[float]) -> tuple[float, float] | None:
+    """(mean, sample std; 0 for one value), or None without values."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def groups(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    """Records by (arm, noise), arms in the benchmark's order, then noise ascending."""
+    out: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        out.setdefault((r["arm"], r["noise"]), []).append(r)
+    rank = {a: i for i, a in enumerate(ARM_ORDER)}
+    return dict(sorted(out.items(), key=lambda kv: (rank.get(kv[0][0], 99), kv[0][0], kv[0][1])))
+
+
+def table(records: list[dict]) -> str:
+    """The markdown table: mean ± std over seeds per arm x noise rate."""
+    head = ["arm", "ε", "seeds", *(title for title, _ in COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (arm, noise), rows in groups(records).items():
+        cells = [arm, f"{noise}", str(len(rows))]
+        for _, key in COLUMNS:
+            stat = summarise([r.get(key) for r in rows])
+            cells.append("n/a" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], out: Path) -> list[Path]:
+    """Bar charts (mean, std error bars) per metric family; one PNG each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {
+        "win_rates.png": [("win rate", "heldout.win_rate"), ("LC win rate", "heldout.lc_win_rate")],
+        "displacement.png": [
+            ("Δ log π(y+)", "ambiguous.delta_logp_chosen"),
+            ("Δ log π(y-)", "ambiguous.delta_logp_rejected"),
+        ],
+        "accuracy_length.png": [
+            ("held-out accuracy", "heldout.accuracy"),
+            ("mean words", "heldout.mean_words"),
+        ],
+    }
+    grouped = groups(records)
+    arms = list(dict.fromkeys(arm for arm, _ in grouped))
+    noises = sorted({noise for _, noise in grouped})
+    written = []
+    for name, panels in figures.items():
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6))
+        for ax, (title, key) in zip(axes, panels, strict=True):
+            width = 0.8 / max(1, len(noises))
+            for j, noise in enumerate(noises):
+                stats = [summarise([r.get(key) for r in grouped.get((a, noise), [])]) for a in arms]
+                xs = [i + j * width for i in range(len(arms))]
+                ys = [s[0] if s else float("nan") for s in stats]
+                es = [s[1] if s else 0.0 for s in stats]
+                ax.bar(xs, ys, width, yerr=es, capsize=3, label=f"ε = {noise}")
+            ax.set_xticks([i + width * (len(noises) - 1) / 2 for i in range(len(arms))])
+            ax.set_xticklabels(arms, rotation=25, ha="right", fontsize=8)
+            ax.set_title(title)
+            if "win" in key:
+                ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.axhline(0.0, color="black", lw=0.5)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("paths", type=Path, nargs="+", help="multirun dirs (or run dirs)")
+    p.add_argument("--out", type=Path, default=Path("experiments/results"))
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    records = collect(args.paths)
+    if not records:
+        print("aggregate: error: no job dir with metrics.json and bench.arm found", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = table(records)
+    (args.out / "results.md").write_text(md, encoding="utf-8")
+    keys = sorted({k for r in records for k in r})
+    with open(args.out / "runs.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(records)
+    if not args.no_plots:
+        plot(records, args.out)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The noisy-feedback benchmark: utility rules, simulated users, determinism, the aggregator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compo.data import load_pairs
+
+# The benchmark scripts live in experiments/ (not an installed package): import from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.benchmark import aggregate, simulate
+from experiments.benchmark.utility import (
+    HiddenUtility,
+    is_complete,
+    overlength,
+    repetition,
+)
+
+
+def hashed_encoder(texts):
+    """A deterministic stand-in for MiniLM: bag of hashed words, L2-normalised."""
+    out = torch.zeros(len(texts), 64)
+    for row, text in enumerate(texts):
+        for word in text.lower().split():
+            out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % 64] += 1.0
+    return torch.nn.functional.normalize(out, dim=-1)
+
+
+PROMPTS = [
+    ("What is the capital of France?", ["Paris is the capital.", "France capital", "I like cats."]),
+    ("Name a color.", ["Blue is a color.", "a color a color a color a color a color", "Red."]),
+    ("Say hi.", ["Hi!", "Hello there, how are you doing today", "Hi hi."]),
+]
+
+
+def rows(split="train"):
+    utility = HiddenUtility(encoder=hashed_encoder)
+    return [
+        {
+            "prompt_id": f"q{i}",
+            "prompt": prompt,
+            "split": split,
+            "responses": responses,
+            "utility": utility([prompt] * len(responses), responses),
+        }
+        for i, (prompt, responses) in enumerate(PROMPTS)
+    ]
+
+
+def test_utility_rule_terms():
+    assert is_complete("Done.") == 1.0 and is_complete('He said "yes."') == 1.0
+    assert is_complete("and then the") == 0.0
+    assert repetition("a b c a b c a b c a b c") > 0.5
+    assert repetition("one two three four five six") == 0.0
+    assert overlength("word " * 60) == 0.0 and overlength("word " * 90) == pytest.approx(0.5)
+    u = HiddenUtility(encoder=hashed_encoder)
+    prompt = "What is the capital of France?"
+    good, cut = u([prompt, prompt], ["The capital of France is Paris.", "The capital of France is"])
+    assert good > cut  # same relevance ballpark, the second is unfinished
+
+
+def test_users_follow_utility_without_noise_or_bias():
+    rng = random.Random(0)
+    clicks = [simulate.simulate_user([0.1, 0.9, 0.5], [2, 0, 1], 0.0, 0.0, rng) for _ in range(20)]
+    assert all(c == [2] for c in clicks)  # response 1 (best) is shown at position 2
+
+
+def test_benchmark_is_deterministic_and_noise_is_measured():
+    a = simulate.build(rows(), users=6, eps=0.3, eta=1.0, seed=7, correction="none")
+    b = simulate.build(rows(), users=6, eps=0.3, eta=1.0, seed=7, correction="none")
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    c = simulate.build(rows(), users=6, eps=0.3, eta=1.0, seed=8, correction="none")
+    assert json.dumps(a[0]) != json.dumps(c[0])
+    _, pairs, stats = a
+    assert pairs and 0.0 <= stats["label_noise"] <= 1.0
+    assert stats["label_noise"] == pytest.approx(
+        sum(not p["label_correct"] for p in pairs) / len(pairs), abs=1e-4
+    )
+    for p in pairs:
+        assert p["label_correct"] == (p["true_margin"] > 0)
+    # Noise-free users without position bias produce only correct labels.
+    _, clean, stats = simulate.build(rows(), users=6, eps=0.0, eta=0.0, seed=7, correction="none")
+    assert clean and stats["label_noise"] == 0.0
+
+
+def test_written_files_load_as_pairs(tmp_path):
+    _, pairs, _ = simulate.build(rows(), users=6, eps=0.2, eta=1.0, seed=0, correction="ipw")
+    simulate.write_jsonl(pairs, tmp_path / "pairs.jsonl")
+    simulate.write_jsonl(simulate.heldout_pairs(rows("heldout")), tmp_path / "heldout.jsonl")
+    loaded = load_pairs(tmp_path / "pairs.jsonl").pairs
+    assert len(loaded) == len(pairs) and all(0.5 < p.confidence <= 1 for p in loaded)
+    assert "true_margin" in loaded[0].metadata
+    held = load_pairs(tmp_path / "heldout.jsonl").pairs
+    assert all(p.metadata["true_margin"] > 0 for p in held)
+
+
+def fake_job(path, arm, noise, seed, win, with_heldout=True):
+    path.mkdir(parents=True)
+    config = f"seed: {seed}\nbench:\n  arm: {arm}\n  noise: {noise}\n"
+    (path / "config.yaml").write_text(config)
+    metrics = {"split.n_ambiguous": 10, "run.seconds": 120.0, "eval.after.accuracy": 0.5}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    if with_heldout:
+        held = {"heldout.win_rate": win, "ambiguous.delta_logp_chosen": -1.0}
+        (path / "heldout_metrics.json").write_text(json.dumps(held))
+
+
+def test_aggregator_on_fake_run_dirs(tmp_path):
+    multirun = tmp_path / "multirun"
+    fake_job(multirun / "0", "dpo_all", 0.1, 0, 0.4)
+    fake_job(multirun / "1", "dpo_all", 0.1, 1, 0.6)
+    fake_job(multirun / "2", "dpo_compo", 0.1, 0, 0.7, with_heldout=False)
+    (multirun / "3").mkdir()  # a crashed job without files is ignored
+    out = tmp_path / "results"
+    assert aggregate.main([str(multirun), "--out", str(out)]) == 0
+    md = (out / "results.md").read_text()
+    lines = md.splitlines()
+    dpo_all = next(line for line in lines if line.startswith("| dpo_all"))
+    assert "| 0.1 | 2 | 0.500 ± 0.141 |" in dpo_all  # mean and sample std of 0.4 and 0.6
+    assert "2.000 ± 0.000" in dpo_all  # minutes
+    dpo_compo = next(line for line in lines if line.startswith("| dpo_compo"))
+    assert "| 1 | n/a |" in dpo_compo
+    assert (out / "win_rates.png").stat().st_size > 0
+    assert len((out / "runs.csv").read_text().splitlines()) == 4
+    assert aggregate.main([str(tmp_path / "empty"), "--out", str(out)]) == 2
