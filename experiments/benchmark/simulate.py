@@ -23,6 +23,9 @@ arguments give byte-identical files. Commands (repository root, seconds)::
 
     python experiments/benchmark/simulate.py --eps 0.1 --out-dir experiments/benchmark/data
     python experiments/benchmark/simulate.py --eps 0.3 --out-dir experiments/benchmark/data
+    # the click log itself, then the same pairs through the compo-clicks command
+    python experiments/benchmark/simulate.py --eps 0.1 --impressions /tmp/i.jsonl --out /tmp/a.jsonl
+    compo-clicks /tmp/i.jsonl --out /tmp/b.jsonl   # the pairs of /tmp/a.jsonl without ground truth
 """
 
 from __future__ import annotations
@@ -134,7 +137,9 @@ def build(rows: list[dict], users: int, eps: float, eta: float, seed: int, corre
     """(impressions, annotated training pairs, stats) for the training prompts of ``rows``."""
     train = [p for p in rows if p["split"] == "train"]
     shown = impressions(train, users, eps, eta, seed)
-    result = clicks_to_pairs(enumerate(shown, start=1), f"clicks_eps{eps}", correction=correction)
+    result = clicks_to_pairs(
+        enumerate(shown, start=1), f"bench-eps{eps}.jsonl", correction=correction
+    )
     pairs = annotate(result.pairs, train)
     wrong = sum(not p["label_correct"] for p in pairs)
     stats = dict(result.stats, label_noise=round(wrong / max(1, len(pairs)), 4))
@@ -157,11 +162,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--correction", choices=("none", "ipw"), default="none")
     p.add_argument("--out", type=Path, default=None, help="pairs file (default: out-dir/...)")
+    p.add_argument("--impressions", type=Path, default=None, help="also write the click log here")
     args = p.parse_args(argv)
     rows = read_jsonl(args.responses)
     shown, pairs, stats = build(rows, args.users, args.eps, args.eta, args.seed, args.correction)
     out = args.out or args.out_dir / f"pairs_eps{args.eps}.jsonl"
-    write_jsonl(shown, args.out_dir / f"impressions_eps{args.eps}.jsonl")
+    if args.impressions:  # ~0.8 MB per noise rate: written on request, not committed
+        write_jsonl(shown, args.impressions)
     write_jsonl(pairs, out)
     write_jsonl(
         heldout_pairs([r for r in rows if r["split"] == "heldout"]),
