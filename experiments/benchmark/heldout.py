@@ -60,7 +60,7 @@ def run_dirs(paths: list[Path]) -> list[Path]:
     return out
 
 
-def evaluate(model, tokenizer, rows, pairs_path, utility, max_new_tokens, batch_rows):
+def evaluate(model, tokenizer, rows, pairs_path, utility, max_new_tokens, batch_rows, max_pairs):
     """The held-out metrics of one model and its answers."""
     prompts = [r["prompt"] for r in rows]
     answers = [a[0][0] for a in generate(model, tokenizer, prompts, 1, max_new_tokens, False, 0)]
@@ -68,7 +68,7 @@ def evaluate(model, tokenizer, rows, pairs_path, utility, max_new_tokens, batch_
     base_u = [r["greedy_utility"] for r in rows]
     n_words = [len(words(a)) for a in answers]
     base_words = [len(words(r["greedy"])) for r in rows]
-    pairs = load_pairs(pairs_path).pairs
+    pairs = load_pairs(pairs_path, limit=max_pairs).pairs
     encoded, _ = encode_pairs(pairs, tokenizer)
     scores = score_pairs(model, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
     pref = preference_metrics(*scores)
@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--responses", type=Path, default=DATA / "responses.jsonl")
     p.add_argument("--pairs", type=Path, default=DATA / "heldout_pairs.jsonl")
     p.add_argument("--prompts", type=int, default=40)
+    p.add_argument("--max-pairs", type=int, default=120, help="first N held-out pairs")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-rows", type=int, default=16)
     p.add_argument("--delta", type=float, default=3.0, help="ambiguity radius (paper: 3)")
@@ -161,7 +162,14 @@ def main(argv=None) -> int:
         loader = EmbeddedSmolLM2() if checkpoint is None else PretrainedModel(str(checkpoint))
         model, tokenizer = loader.load()
         metrics, generations = evaluate(
-            model, tokenizer, rows, args.pairs, utility, args.max_new_tokens, args.batch_rows
+            model,
+            tokenizer,
+            rows,
+            args.pairs,
+            utility,
+            args.max_new_tokens,
+            args.batch_rows,
+            args.max_pairs,
         )
         if checkpoint is not None:
             metrics |= ambiguous_displacement(
