@@ -5,8 +5,8 @@ For each run dir with a ``checkpoint/`` (or the starting model with ``--base``):
 * greedy answers (at most ``--max-new-tokens`` tokens, batched, left padding) to the first
   ``--prompts`` held-out prompts of ``responses.jsonl``, scored with the hidden utility U;
 * ``heldout.win_rate``: fraction of prompts where U(answer) > U(starting model's greedy answer)
-  (ties one half); ``heldout.lc_win_rate``: the same at zero length difference
-  (:func:`compo.evaluate.length_controlled_win_rate`, lengths in words);
+  (ties, |difference| <= 1e-4, one half); ``heldout.lc_win_rate``: the same at zero length
+  difference (:func:`compo.evaluate.length_controlled_win_rate`, lengths in words);
   ``heldout.mean_words`` (verbosity) next to ``heldout.base_mean_words``; mean utilities;
 * ``heldout.accuracy`` / ``heldout.accuracy_per_token``: preference accuracy on the noise-free
   held-out pairs (``heldout_pairs.jsonl``, labelled by U), summed / per-token log-probs;
@@ -44,6 +44,9 @@ from experiments.benchmark.simulate import DATA, read_jsonl
 from experiments.benchmark.utility import HiddenUtility, words
 
 log = logging.getLogger("benchmark.heldout")
+# Utilities closer than this are a tie: the encoder's batch padding moves identical answers' scores
+# by ~1e-6, which must not decide a comparison.
+TIE_EPS = 1e-4
 
 
 def run_dirs(paths: list[Path]) -> list[Path]:
@@ -74,8 +77,10 @@ def evaluate(model, tokenizer, rows, pairs_path, utility, max_new_tokens, batch_
     pref = preference_metrics(*scores)
     metrics = {
         "heldout.n_prompts": len(rows),
-        "heldout.win_rate": win_rate(u, base_u),
-        "heldout.lc_win_rate": length_controlled_win_rate(u, base_u, n_words, base_words),
+        "heldout.win_rate": win_rate(u, base_u, TIE_EPS),
+        "heldout.lc_win_rate": length_controlled_win_rate(
+            u, base_u, n_words, base_words, tie_eps=TIE_EPS
+        ),
         "heldout.mean_words": sum(n_words) / len(n_words),
         "heldout.base_mean_words": sum(base_words) / len(base_words),
         "heldout.mean_utility": sum(u) / len(u),
