@@ -5,8 +5,9 @@
 Every job dir below the given paths with a ``metrics.json`` and a ``config.yaml`` counts; its arm,
 noise rate and seed come from the resolved config (``bench.arm``, ``bench.noise``, ``seed``), its
 numbers from ``metrics.json`` and, when present, ``heldout_metrics.json``. Per arm x noise rate the
-table gives mean ± std (sample std; "n/a" when a metric is missing) over seeds; the number of seeds
-is in the table. Writes ``results.md``, ``runs.csv`` (one row per job) and ``*.png`` to ``--out``.
+table gives mean ± std (sample std; the mean alone for one seed; "n/a" when a metric is missing)
+over seeds; the number of seeds is in the table. Writes ``results.md``, ``runs.csv`` (one row
+per job) and ``*.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,20 @@ COLUMNS = [
     ("held-out acc", "heldout.accuracy"),
     ("amb. Δlogπ(y+)", "ambiguous.delta_logp_chosen"),
     ("amb. Δlogπ(y-)", "ambiguous.delta_logp_rejected"),
-    ("amb. both down", "ambiguous.frac_both_down"),
     ("n clean", "split.n_clean"),
     ("n amb.", "split.n_ambiguous"),
     ("train acc after", "eval.after.accuracy"),
     ("minutes", "run.minutes"),
+]
+# The paper's Table 3: log-probabilities on the ambiguous pairs before and after training.
+DISPLACEMENT_COLUMNS = [
+    ("n pairs", "ambiguous.n_pairs"),
+    ("logπ(y+) before", "ambiguous.before.logp_chosen"),
+    ("logπ(y+) after", "ambiguous.after.logp_chosen"),
+    ("logπ(y-) before", "ambiguous.before.logp_rejected"),
+    ("logπ(y-) after", "ambiguous.after.logp_rejected"),
+    ("frac y+ down", "ambiguous.frac_chosen_down"),
+    ("frac both down", "ambiguous.frac_both_down"),
 ]
 ARM_ORDER = ["dpo_all", "dpo_clean", "dpo_compo", "simpo_clean", "simpo_compo"]
 
@@ -90,15 +100,21 @@ def groups(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
     return dict(sorted(out.items(), key=lambda kv: (rank.get(kv[0][0], 99), kv[0][0], kv[0][1])))
 
 
-def table(records: list[dict]) -> str:
-    """The markdown table: mean ± std over seeds per arm x noise rate."""
-    head = ["arm", "ε", "seeds", *(title for title, _ in COLUMNS)]
+def table(records: list[dict], columns=COLUMNS) -> str:
+    """A markdown table of ``columns``: mean ± std over seeds per arm x noise rate."""
+    head = ["arm", "ε", "seeds", *(title for title, _ in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (arm, noise), rows in groups(records).items():
         cells = [arm, f"{noise}", str(len(rows))]
-        for _, key in COLUMNS:
-            stat = summarise([r.get(key) for r in rows])
-            cells.append("n/a" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}")
+        for _, key in columns:
+            values = [r.get(key) for r in rows]
+            stat = summarise(values)
+            if stat is None:
+                cells.append("n/a")
+            elif sum(v is not None for v in values) == 1:  # one seed: no spread to report
+                cells.append(f"{stat[0]:.3f}")
+            else:
+                cells.append(f"{stat[0]:.3f} ± {stat[1]:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -161,7 +177,8 @@ def main(argv=None) -> int:
         print("aggregate: error: no job dir with metrics.json and bench.arm found", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    md = table(records)
+    md = table(records) + "\nLikelihood displacement on the ambiguous training pairs:\n\n"
+    md += table(records, DISPLACEMENT_COLUMNS)
     (args.out / "results.md").write_text(md, encoding="utf-8")
     keys = sorted({k for r in records for k in r})
     with open(args.out / "runs.csv", "w", newline="", encoding="utf-8") as handle:
