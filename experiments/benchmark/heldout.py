@@ -152,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-rows", type=int, default=16)
     p.add_argument("--delta", type=float, default=3.0, help="ambiguity radius (paper: 3)")
+    p.add_argument("--reverse", action="store_true", help="last run dir first (a 2nd worker)")
     p.add_argument("--force", action="store_true", help="recompute existing heldout_metrics.json")
     args = p.parse_args(argv)
     from compo.models import EmbeddedSmolLM2, PretrainedModel
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
     rows = [r for r in read_jsonl(args.responses) if r["split"] == "heldout"][: args.prompts]
     utility = HiddenUtility()
     targets = [(args.out or Path("experiments/results/base"), None)] if args.base else []
-    targets += [(d, d / "checkpoint") for d in run_dirs(args.paths)]
+    found = run_dirs(args.paths)
+    targets += [(d, d / "checkpoint") for d in (found[::-1] if args.reverse else found)]
     for out_dir, checkpoint in targets:
         if (out_dir / "heldout_metrics.json").exists() and not args.force:
             log.info("%s: already evaluated", out_dir)
