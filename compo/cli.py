@@ -60,13 +60,30 @@ def _build(node: DictConfig | None, group: str) -> Any:
         raise CompoError(f"config group '{group}': {str(exc).strip().splitlines()[-1]}") from None
 
 
+# The headline numbers of a run; everything else is in metrics.json.
+SUMMARY_KEYS = (
+    "data.n_pairs",
+    "split.n_clean",
+    "split.n_ambiguous",
+    "dpo.loss_first",
+    "dpo.loss_last",
+    "compo.n_iterations",
+    "compo.n_applied",
+    "compo.skipped_reason",
+    "oracle.queries",
+    "eval.before.accuracy",
+    "eval.after.accuracy",
+    "eval.displacement.clean.delta_logp_chosen",
+    "eval.displacement.clean.delta_logp_rejected",
+    "eval.displacement.ambiguous.delta_logp_chosen",
+    "eval.displacement.ambiguous.delta_logp_rejected",
+    "eval.displacement.ambiguous.frac_both_down",
+    "run.seconds",
+)
+
+
 def _summary_table(metrics: dict[str, Any]) -> str:
-    shown_prefixes = ("eval.", "split.", "dpo.", "compo.", "data.n_pairs")
-    rows = [
-        (k, v)
-        for k, v in metrics.items()
-        if k.startswith(shown_prefixes) and not isinstance(v, dict | list)
-    ]
+    rows = [(k, metrics[k]) for k in SUMMARY_KEYS if k in metrics]
     width = max((len(k) for k, _ in rows), default=10)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
     for key, value in rows:
