@@ -84,8 +84,16 @@ def _run(run_dir: Path, pairs: Path, *extra: str, base: list[str] = PIPELINE):
 
 def _compo_only(run_dir: Path, pairs: Path, *extra: str):
     """ComPO alone on the whole file (no split, no DPO, no evaluation): a few seconds."""
-    base = ["model=tiny", "eval=none", "optimizer=compo_tiny", "oracle=likelihood",
-            f"optimizer.pairs_path={pairs}", "optimizer.progress=false"]  # fmt: skip
+    base = [
+        "model=tiny",
+        "eval=none",
+        "splitter=none",
+        "dpo=none",
+        "optimizer=compo_tiny",
+        "oracle=likelihood",
+        f"optimizer.pairs_path={pairs}",
+        "optimizer.progress=false",
+    ]
     return _run(run_dir, pairs, *extra, base=base)
 
 

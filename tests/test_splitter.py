@@ -111,7 +111,7 @@ def _cfg(data_path, *overrides):
         return compose(
             "config",
             overrides=["model=tiny", f"data.path={data_path}", "splitter=likelihood_margin",
-                       "dpo=dpo", "dpo.lr=1e-3", *overrides],
+                       "dpo=dpo", "dpo.lr=1e-3", "optimizer=none", *overrides],
         )  # fmt: skip
 
 
