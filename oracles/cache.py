@@ -25,6 +25,20 @@ def default_verdict_cache() -> Path:
     return default_cache_dir() / "verdicts.sqlite"
 
 
+def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """Opens (creating) a sqlite file shared by threads and processes, with ``schema`` applied.
+
+    One connection serves this process's threads (callers guard it with a lock); WAL and sqlite's
+    file locking, with a generous timeout, serialise concurrent sweep jobs and survive a kill.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=60, check_same_thread=False)
+    with db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(schema)
+    return db
+
+
 def cache_key(model: str, template: str, prompt: str, first: str, second: str) -> str:
     """sha256 of the JSON list of the five strings (unambiguous, unlike plain concatenation)."""
     blob = json.dumps([model, template, prompt, first, second], ensure_ascii=False)
@@ -41,17 +55,12 @@ class VerdictCache:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else default_verdict_cache()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # One connection shared by this process's threads (guarded by the lock); sqlite's own
-        # file locking (with a generous timeout) serialises concurrent sweep jobs.
-        self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
-        with self._lock, self._db:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, verdict INTEGER, "
-                "confidence REAL, reason TEXT, created REAL)"
-            )
+        self._db = open_sqlite(
+            self.path,
+            "CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, verdict INTEGER, "
+            "confidence REAL, reason TEXT, created REAL)",
+        )
 
     def get(self, model: str, template: str, prompt: str, current: str, perturbed: str):
         """The cached judgement of (current, perturbed), else None."""

@@ -20,7 +20,6 @@ import html
 import json
 import random
 import secrets
-import sqlite3
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from urllib.parse import parse_qs, urlparse
 
 from compo.errors import CompoError
 from oracles.base import Judgement, OracleError, Verdict
+from oracles.cache import open_sqlite
 
 ANSWERS = ("1", "2", "tie", "skip")
 
@@ -48,15 +48,12 @@ class LabelQueue:
 
             path = default_cache_dir() / "labels.sqlite"
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
-        with self._lock, self._db:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, prompt TEXT, first TEXT, "
-                "second TEXT, swapped INTEGER, label TEXT, created REAL, labelled REAL)"
-            )
+        self._db = open_sqlite(
+            self.path,
+            "CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, prompt TEXT, first TEXT, "
+            "second TEXT, swapped INTEGER, label TEXT, created REAL, labelled REAL)",
+        )
 
     def add(self, prompt: str, current: str, perturbed: str, swapped: bool) -> str:
         """Queues a comparison (kept as is if already queued) and returns its id."""
