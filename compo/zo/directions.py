@@ -170,6 +170,16 @@ def _normalised(pieces: list[Piece], indices: Sequence[int]) -> DirectionBatch:
     return DirectionBatch(pieces, 1.0 / norm, list(indices))
 
 
+def _dense(fill, seed, iteration, indices, shapes, device) -> DirectionBatch:
+    """Dense directions, each drawn by ``fill(row_of_block, generator)`` from its own generator."""
+    blocks = [torch.empty(len(indices), *s, device=device) for s in shapes]
+    for row, index in enumerate(indices):
+        gen = local_generator(seed, iteration, index, device)
+        for block in blocks:
+            fill(block[row], gen)
+    return _normalised([DensePiece(b) for b in blocks], indices)
+
+
 class GaussianSphere:
     """Gaussian directions normalised to the unit sphere (the paper's choice).
 
@@ -183,12 +193,10 @@ class GaussianSphere:
         self.device = device
 
     def sample(self, seed, iteration, indices, shapes, support=None) -> DirectionBatch:
-        blocks = [torch.empty(len(indices), *s, device=self.device) for s in shapes]
-        for row, index in enumerate(indices):
-            gen = local_generator(seed, iteration, index, self.device)
-            for block in blocks:
-                torch.randn(block.shape[1:], generator=gen, out=block[row])
-        return _normalised([DensePiece(b) for b in blocks], indices)
+        def fill(out: torch.Tensor, gen: torch.Generator) -> None:
+            torch.randn(out.shape, generator=gen, out=out)
+
+        return _dense(fill, seed, iteration, indices, shapes, self.device)
 
 
 class Rademacher:
@@ -200,13 +208,11 @@ class Rademacher:
         self.device = device
 
     def sample(self, seed, iteration, indices, shapes, support=None) -> DirectionBatch:
-        blocks = [torch.empty(len(indices), *s, device=self.device) for s in shapes]
-        for row, index in enumerate(indices):
-            gen = local_generator(seed, iteration, index, self.device)
-            for block in blocks:
-                bits = torch.randint(0, 2, block.shape[1:], generator=gen, device=self.device)
-                block[row] = bits.mul_(2).sub_(1)
-        return _normalised([DensePiece(b) for b in blocks], indices)
+        def fill(out: torch.Tensor, gen: torch.Generator) -> None:
+            bits = torch.randint(0, 2, out.shape, generator=gen, device=out.device)
+            out.copy_(bits.mul_(2).sub_(1))
+
+        return _dense(fill, seed, iteration, indices, shapes, self.device)
 
 
 class LowRank:
