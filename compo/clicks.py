@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compo.data import ROLES, RejectedRow, RowError, iter_records
+from compo.data import ROLES, RejectedRow, RowError, as_object, iter_records
 from compo.errors import CompoError, DataError
 from compo.rundir import write_jsonl
 
@@ -175,10 +175,7 @@ def parse_impression(record: Any) -> Impression:
     Raises:
         RowError: Naming the field at fault and why.
     """
-    if isinstance(record, RowError):
-        raise record
-    if not isinstance(record, dict):
-        raise RowError(None, f"expected an object, got {type(record).__name__}")
+    record = as_object(record)
     prompt = _prompt(record)
     if record.get("responses") is None:
         raise RowError("responses", "is missing")

@@ -314,6 +314,15 @@ def _prompt_and_replies(record: dict[str, Any]) -> tuple[str | list[Message], st
     return turns, chosen_reply, rejected_reply
 
 
+def as_object(record: Any) -> dict[str, Any]:
+    """A source row as a dict; raises its RowError (unreadable row) or one for a non-object."""
+    if isinstance(record, RowError):
+        raise record
+    if not isinstance(record, dict):
+        raise RowError(None, f"expected an object, got {type(record).__name__}")
+    return record
+
+
 def pair_from_record(record: Any, default_id: str) -> PreferencePair:
     """Validates one source row and turns it into a :class:`PreferencePair`.
 
@@ -324,10 +333,7 @@ def pair_from_record(record: Any, default_id: str) -> PreferencePair:
     Raises:
         RowError: Naming the field at fault and why.
     """
-    if isinstance(record, RowError):
-        raise record
-    if not isinstance(record, dict):
-        raise RowError(None, f"expected an object, got {type(record).__name__}")
+    record = as_object(record)
     prompt, chosen, rejected = _prompt_and_replies(record)
     if chosen.strip() == rejected.strip():
         raise RowError("rejected", "is identical to chosen")
