@@ -19,6 +19,28 @@ EASY_PAIRS = [
     PreferencePair("p4", "Capital of Italy?", "Rome.", "I do not like questions."),
 ]
 
+QUESTIONS = [
+    ("Name a color.", "Blue."),
+    ("What is 2+2?", "4."),
+    ("Capital of Italy?", "Rome."),
+    ("Name a fruit.", "Apple."),
+    ("Opposite of hot?", "Cold."),
+    ("Name a planet.", "Mars."),
+]
+
+
+def mixed_pair_rows() -> list[dict]:
+    """12 rows: per question a clear pair (a long refusal loses) and a near-identical one.
+
+    Under the tiny byte-level model (splitter.delta=10) they split 6 clean / 6 ambiguous.
+    """
+    refusal = "I refuse to answer that question, it is boring and far too long for me."
+    rows = []
+    for i, (question, answer) in enumerate(QUESTIONS):
+        for pid, rejected in ((f"clear{i}", refusal), (f"amb{i}", answer + "!")):
+            rows.append({"id": pid, "prompt": question, "chosen": answer, "rejected": rejected})
+    return rows
+
 
 @pytest.fixture
 def tiny():

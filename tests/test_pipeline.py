@@ -9,32 +9,17 @@ import sys
 
 import pytest
 import torch
+from conftest import mixed_pair_rows
 from transformers import AutoModelForCausalLM
 
 from compo.models import TinyModel
 from oracles.judge_server import JudgeServer, RuleBackend
 
-QUESTIONS = [
-    ("Name a color.", "Blue."),
-    ("What is 2+2?", "4."),
-    ("Capital of Italy?", "Rome."),
-    ("Name a fruit.", "Apple."),
-    ("Opposite of hot?", "Cold."),
-    ("Name a planet.", "Mars."),
-]
-
 
 @pytest.fixture
 def mixed_pairs(write_jsonl):
     """Clearly separated pairs and near-identical ones (ambiguous under the tiny model)."""
-    rows = []
-    for i, (question, answer) in enumerate(QUESTIONS):
-        refusal = "I refuse to answer that question, it is boring and far too long for me."
-        rows.append({"id": f"clear{i}", "prompt": question, "chosen": answer, "rejected": refusal})
-        rows.append(
-            {"id": f"amb{i}", "prompt": question, "chosen": answer, "rejected": answer + "!"}
-        )
-    return write_jsonl(rows)
+    return write_jsonl(mixed_pair_rows())
 
 
 def _compo(run_dir, *overrides, env=None, multirun=False):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import mixed_pair_rows
 from safetensors.torch import load_file
 
 from compo import state
@@ -23,14 +24,6 @@ from compo.errors import CompoError
 from compo.models import TinyModel
 from compo.rundir import RunDir
 
-QUESTIONS = [
-    ("Name a color.", "Blue."),
-    ("What is 2+2?", "4."),
-    ("Capital of Italy?", "Rome."),
-    ("Name a fruit.", "Apple."),
-    ("Opposite of hot?", "Cold."),
-    ("Name a planet.", "Mars."),
-]
 # The tiny model splits these 6 clean / 6 ambiguous: 18 DPO steps, then 12 ComPO iterations,
 # each committing its state (dpo.save_every=1, optimizer.save_every=1 by default).
 DPO_STEPS, COMPO_ITERATIONS = 18, 12
@@ -56,12 +49,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    refusal = "I refuse to answer that question, it is boring and far too long for me."
-    with open(path, "w") as handle:
-        for i, (question, answer) in enumerate(QUESTIONS):
-            for pid, rejected in ((f"clear{i}", refusal), (f"amb{i}", answer + "!")):
-                row = {"id": pid, "prompt": question, "chosen": answer, "rejected": rejected}
-                handle.write(json.dumps(row) + "\n")
+    path.write_text("".join(json.dumps(row) + "\n" for row in mixed_pair_rows()))
     return path
 
 
