@@ -130,3 +130,31 @@ def test_aggregator_on_fake_run_dirs(tmp_path):
     assert (out / "win_rates.png").stat().st_size > 0
     assert len((out / "runs.csv").read_text().splitlines()) == 4
     assert aggregate.main([str(tmp_path / "empty"), "--out", str(out)]) == 2
+
+
+def test_aggregator_pairs_contrasts_by_noise_and_seed(tmp_path):
+    multirun = tmp_path / "multirun"
+    # seed 0: compo - clean = +0.2; seed 1: +0.0; seed 2 has no dpo_clean run and is left out
+    for index, (arm, seed, win) in enumerate(
+        [
+            ("dpo_clean", 0, 0.4),
+            ("dpo_compo", 0, 0.6),
+            ("dpo_clean", 1, 0.5),
+            ("dpo_compo", 1, 0.5),
+            ("dpo_compo", 2, 0.9),
+        ]
+    ):
+        fake_job(multirun / str(index), arm, 0.1, seed, win)
+    md = aggregate.paired_table(aggregate.collect([multirun]))
+    row = next(line for line in md.splitlines() if line.startswith("| dpo_compo - dpo_clean"))
+    assert row.startswith("| dpo_compo - dpo_clean | 0.1 | 2 | +0.100 ± 0.141 |")
+    assert "dpo_clean - dpo_all" not in md  # no dpo_all run: no row
+
+
+def test_aggregator_utility_gain_over_the_starting_model(tmp_path):
+    job = tmp_path / "0"
+    fake_job(job, "dpo_all", 0.1, 0, 0.5)
+    held = {"heldout.mean_utility": 0.8, "heldout.base_mean_utility": 0.75}
+    (job / "heldout_metrics.json").write_text(json.dumps(held))
+    (record,) = aggregate.collect([tmp_path])
+    assert record["heldout.delta_utility"] == pytest.approx(0.05)

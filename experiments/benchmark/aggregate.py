@@ -6,8 +6,9 @@ Every job dir below the given paths with a ``metrics.json`` and a ``config.yaml`
 noise rate and seed come from the resolved config (``bench.arm``, ``bench.noise``, ``seed``), its
 numbers from ``metrics.json`` and, when present, ``heldout_metrics.json``. Per arm x noise rate the
 table gives mean ± std (sample std; the mean alone for one seed; "n/a" when a metric is missing)
-over seeds; the number of seeds is in the table. Writes ``results.md``, ``runs.csv`` (one row
-per job) and ``*.png`` to ``--out``.
+over seeds; the number of seeds is in the table. A second table gives paired differences
+(``CONTRASTS``: e.g. dpo_compo - dpo_clean on the same noise rate and seed). Writes
+``results.md``, ``runs.csv`` (one row per job) and ``*.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ COLUMNS = [
     ("win rate", "heldout.win_rate"),
     ("LC win rate", "heldout.lc_win_rate"),
     ("mean words", "heldout.mean_words"),
+    ("Δ utility", "heldout.delta_utility"),
     ("held-out acc", "heldout.accuracy"),
     ("amb. Δlogπ(y+)", "ambiguous.delta_logp_chosen"),
     ("amb. Δlogπ(y-)", "ambiguous.delta_logp_rejected"),
     ("n clean", "split.n_clean"),
     ("n amb.", "split.n_ambiguous"),
-    ("train acc after", "eval.after.accuracy"),
     ("minutes", "run.minutes"),
 ]
 # The paper's Table 3: log-probabilities on the ambiguous pairs before and after training.
@@ -44,6 +45,21 @@ DISPLACEMENT_COLUMNS = [
     ("frac both down", "ambiguous.frac_both_down"),
 ]
 ARM_ORDER = ["dpo_all", "dpo_clean", "dpo_compo", "simpo_clean", "simpo_compo"]
+# Paired contrasts (arm, baseline): differences taken within one (noise, seed), i.e. on the same
+# click-noise draw, so the draw's own variance cancels. Each answers one question of the study.
+CONTRASTS = [
+    ("dpo_clean", "dpo_all"),  # does dropping the ambiguous pairs help DPO?
+    ("dpo_compo", "dpo_clean"),  # does ComPO on the ambiguous pairs add anything?
+    ("simpo_compo", "simpo_clean"),
+]
+CONTRAST_COLUMNS = [
+    ("win rate", "heldout.win_rate"),
+    ("LC win rate", "heldout.lc_win_rate"),
+    ("Δ utility", "heldout.delta_utility"),
+    ("mean words", "heldout.mean_words"),
+    ("amb. Δlogπ(y+)", "ambiguous.delta_logp_chosen"),
+    ("amb. Δlogπ(y-)", "ambiguous.delta_logp_rejected"),
+]
 
 
 def _config_value(text: str, dotted: str):
@@ -78,6 +94,10 @@ def collect(paths: list[Path]) -> list[dict]:
                 metrics |= json.loads(heldout.read_text(encoding="utf-8"))
             if "run.seconds" in metrics:
                 metrics["run.minutes"] = metrics["run.seconds"] / 60
+            if "heldout.mean_utility" in metrics and "heldout.base_mean_utility" in metrics:
+                # utility gained over the starting model's greedy answers (same prompts)
+                base = metrics["heldout.base_mean_utility"]
+                metrics["heldout.delta_utility"] = metrics["heldout.mean_utility"] - base
             record |= {k: v for k, v in metrics.items() if isinstance(v, int | float)}
             records.append(record)
     return records
@@ -89,6 +109,16 @@ def summarise(values: list[float]) -> tuple[float, float] | None:
     if not values:
         return None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values: list[float | None], signed: bool = False) -> str:
+    """A table cell: "mean ± std", the mean alone for one value (no spread), "n/a" for none."""
+    stat = summarise(values)
+    if stat is None:
+        return "n/a"
+    mean = f"{stat[0]:+.3f}" if signed else f"{stat[0]:.3f}"
+    one = sum(v is not None and math.isfinite(v) for v in values) == 1
+    return mean if one else f"{mean} ± {stat[1]:.3f}"
 
 
 def groups(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
@@ -107,15 +137,37 @@ def table(records: list[dict], columns=COLUMNS) -> str:
     for (arm, noise), rows in groups(records).items():
         cells = [arm, f"{noise}", str(len(rows))]
         for _, key in columns:
-            values = [r.get(key) for r in rows]
-            stat = summarise(values)
-            if stat is None:
-                cells.append("n/a")
-            elif sum(v is not None for v in values) == 1:  # one seed: no spread to report
-                cells.append(f"{stat[0]:.3f}")
-            else:
-                cells.append(f"{stat[0]:.3f} ± {stat[1]:.3f}")
+            cells.append(cell([r.get(key) for r in rows]))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(records: list[dict], contrasts=CONTRASTS, columns=CONTRAST_COLUMNS) -> str:
+    """A markdown table of per-seed differences arm - baseline: mean ± std over matched seeds.
+
+    Runs are matched on (noise, seed); a contrast with no matched run is left out.
+    """
+    by_key = {(r["arm"], r["noise"], r["seed"]): r for r in records}
+    head = ["arm - baseline", "ε", "matched seeds", *(title for title, _ in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, baseline in contrasts:
+        noises = sorted({n for a, n, _ in by_key if a == arm})
+        for noise in noises:
+            seeds = sorted(
+                s for a, n, s in by_key if (a, n) == (arm, noise) and (baseline, n, s) in by_key
+            )
+            if not seeds:
+                continue
+            cells = [f"{arm} - {baseline}", f"{noise}", str(len(seeds))]
+            for _, key in columns:
+                diffs = [
+                    by_key[(arm, noise, s)].get(key) - by_key[(baseline, noise, s)].get(key)
+                    for s in seeds
+                    if by_key[(arm, noise, s)].get(key) is not None
+                    and by_key[(baseline, noise, s)].get(key) is not None
+                ]
+                cells.append(cell(diffs, signed=True))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,6 +231,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     md = table(records) + "\nLikelihood displacement on the ambiguous training pairs:\n\n"
     md += table(records, DISPLACEMENT_COLUMNS)
+    md += "\nPaired differences (same noise rate and seed, i.e. the same click-noise draw):\n\n"
+    md += paired_table(records)
     (args.out / "results.md").write_text(md, encoding="utf-8")
     keys = sorted({k for r in records for k in r})
     with open(args.out / "runs.csv", "w", newline="", encoding="utf-8") as handle:

@@ -21,8 +21,10 @@ Held-out pairs: every two responses of each held-out prompt, oriented by U (pair
 All randomness comes from ``random.Random`` seeded with (seed, prompt index); the same inputs and
 arguments give byte-identical files. Commands (repository root, seconds)::
 
-    python experiments/benchmark/simulate.py --eps 0.1 --out-dir experiments/benchmark/data
-    python experiments/benchmark/simulate.py --eps 0.3 --out-dir experiments/benchmark/data
+    # the committed files pairs_eps{0.1,0.3}_seed{0,1,2}.jsonl (one click-noise draw per seed)
+    for s in 0 1 2; do for e in 0.1 0.3; do
+      python experiments/benchmark/simulate.py --eps $e --seed $s
+    done; done
     # the click log itself, then the same pairs through the compo-clicks command
     python experiments/benchmark/simulate.py --eps 0.1 --impressions /tmp/i.jsonl --out /tmp/a.jsonl
     compo-clicks /tmp/i.jsonl --out /tmp/b.jsonl   # the pairs of /tmp/a.jsonl without ground truth
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = read_jsonl(args.responses)
     shown, pairs, stats = build(rows, args.users, args.eps, args.eta, args.seed, args.correction)
-    out = args.out or args.out_dir / f"pairs_eps{args.eps}.jsonl"
+    out = args.out or args.out_dir / f"pairs_eps{args.eps}_seed{args.seed}.jsonl"
     if args.impressions:  # ~0.8 MB per noise rate: written on request, not committed
         write_jsonl(shown, args.impressions)
     write_jsonl(pairs, out)
