@@ -101,9 +101,11 @@ def test_written_files_load_as_pairs(tmp_path):
     assert all(p.metadata["true_margin"] > 0 for p in held)
 
 
-def fake_job(path, arm, noise, seed, win, with_heldout=True):
+def fake_job(path, arm, noise, seed, win, with_heldout=True, variant=None):
     path.mkdir(parents=True)
     config = f"seed: {seed}\nbench:\n  arm: {arm}\n  noise: {noise}\n"
+    if variant is not None:
+        config += f"  variant: {variant}\n"
     (path / "config.yaml").write_text(config)
     metrics = {"split.n_ambiguous": 10, "run.seconds": 120.0, "eval.after.accuracy": 0.5}
     (path / "metrics.json").write_text(json.dumps(metrics))
@@ -149,6 +151,18 @@ def test_aggregator_pairs_contrasts_by_noise_and_seed(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| dpo_compo - dpo_clean"))
     assert row.startswith("| dpo_compo - dpo_clean | 0.1 | 2 | +0.100 ± 0.141 |")
     assert "dpo_clean - dpo_all" not in md  # no dpo_all run: no row
+
+
+def test_aggregator_compares_every_variant_with_the_plain_baseline(tmp_path):
+    multirun = tmp_path / "multirun"
+    fake_job(multirun / "0", "dpo_clean", 0.3, 0, 0.5)
+    fake_job(multirun / "1", "dpo_compo", 0.3, 0, 0.5)
+    fake_job(multirun / "2", "dpo_compo", 0.3, 0, 0.75, variant="step=1")
+    records = aggregate.collect([multirun])
+    assert "| dpo_compo [step=1] | 0.3 | 1 | 0.750 |" in aggregate.table(records)
+    md = aggregate.paired_table(records)
+    assert "| dpo_compo - dpo_clean | 0.3 | 1 | +0.000 |" in md
+    assert "| dpo_compo [step=1] - dpo_clean | 0.3 | 1 | +0.250 |" in md
 
 
 def test_aggregator_utility_gain_over_the_starting_model(tmp_path):

@@ -3,7 +3,8 @@
     python experiments/benchmark/aggregate.py multirun/<date>/<time> --out experiments/results/
 
 Every job dir below the given paths with a ``metrics.json`` and a ``config.yaml`` counts; its arm,
-noise rate and seed come from the resolved config (``bench.arm``, ``bench.noise``, ``seed``), its
+noise rate and seed come from the resolved config (``bench.arm``, ``bench.noise``, ``seed``; a
+run with ``bench.variant`` set, e.g. by a step-size sweep, is the arm "<arm> [<variant>]"), its
 numbers from ``metrics.json`` and, when present, ``heldout_metrics.json``. Per arm x noise rate the
 table gives mean ± std (sample std; the mean alone for one seed; "n/a" when a metric is missing)
 over seeds; the number of seeds is in the table. A second table gives paired differences
@@ -82,9 +83,11 @@ def collect(paths: list[Path]) -> list[dict]:
             arm = _config_value(text, "bench.arm")
             if arm is None:
                 continue
+            variant = _config_value(text, "bench.variant")
             record = {
                 "job": str(job),
                 "arm": arm,
+                "label": arm if variant is None else f"{arm} [{variant}]",
                 "noise": _config_value(text, "bench.noise"),
                 "seed": _config_value(text, "seed"),
             }
@@ -122,20 +125,25 @@ def cell(values: list[float | None], signed: bool = False) -> str:
 
 
 def groups(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
-    """Records by (arm, noise), arms in the benchmark's order, then noise ascending."""
+    """Records by (label, noise): arms in the benchmark's order, variants after, noise ascending."""
     out: dict[tuple[str, float], list[dict]] = {}
     for r in records:
-        out.setdefault((r["arm"], r["noise"]), []).append(r)
+        out.setdefault((r["label"], r["noise"]), []).append(r)
     rank = {a: i for i, a in enumerate(ARM_ORDER)}
-    return dict(sorted(out.items(), key=lambda kv: (rank.get(kv[0][0], 99), kv[0][0], kv[0][1])))
+
+    def order(item):
+        (label, noise), rows = item
+        return rank.get(rows[0]["arm"], len(rank)), label, noise
+
+    return dict(sorted(out.items(), key=order))
 
 
 def table(records: list[dict], columns=COLUMNS) -> str:
     """A markdown table of ``columns``: mean ± std over seeds per arm x noise rate."""
     head = ["arm", "ε", "seeds", *(title for title, _ in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (arm, noise), rows in groups(records).items():
-        cells = [arm, f"{noise}", str(len(rows))]
+    for (label, noise), rows in groups(records).items():
+        cells = [label, f"{noise}", str(len(rows))]
         for _, key in columns:
             cells.append(cell([r.get(key) for r in rows]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -145,26 +153,29 @@ def table(records: list[dict], columns=COLUMNS) -> str:
 def paired_table(records: list[dict], contrasts=CONTRASTS, columns=CONTRAST_COLUMNS) -> str:
     """A markdown table of per-seed differences arm - baseline: mean ± std over matched seeds.
 
-    Runs are matched on (noise, seed); a contrast with no matched run is left out.
+    Runs are matched on (noise, seed); every variant of ``arm`` is compared with the plain
+    ``baseline`` arm; a contrast with no matched run is left out.
     """
-    by_key = {(r["arm"], r["noise"], r["seed"]): r for r in records}
+    by_key = {(r["label"], r["noise"], r["seed"]): r for r in records}
     head = ["arm - baseline", "ε", "matched seeds", *(title for title, _ in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, baseline in contrasts:
-        noises = sorted({n for a, n, _ in by_key if a == arm})
-        for noise in noises:
-            seeds = sorted(
-                s for a, n, s in by_key if (a, n) == (arm, noise) and (baseline, n, s) in by_key
-            )
-            if not seeds:
+        for (label, noise), rows in groups(records).items():
+            if rows[0]["arm"] != arm:
                 continue
-            cells = [f"{arm} - {baseline}", f"{noise}", str(len(seeds))]
+            matched = [
+                (r, by_key[(baseline, noise, r["seed"])])
+                for r in sorted(rows, key=lambda r: r["seed"])
+                if (baseline, noise, r["seed"]) in by_key
+            ]
+            if not matched:
+                continue
+            cells = [f"{label} - {baseline}", f"{noise}", str(len(matched))]
             for _, key in columns:
                 diffs = [
-                    by_key[(arm, noise, s)].get(key) - by_key[(baseline, noise, s)].get(key)
-                    for s in seeds
-                    if by_key[(arm, noise, s)].get(key) is not None
-                    and by_key[(baseline, noise, s)].get(key) is not None
+                    a[key] - b[key]
+                    for a, b in matched
+                    if a.get(key) is not None and b.get(key) is not None
                 ]
                 cells.append(cell(diffs, signed=True))
             lines.append("| " + " | ".join(cells) + " |")
@@ -190,7 +201,7 @@ def plot(records: list[dict], out: Path) -> list[Path]:
         ],
     }
     grouped = groups(records)
-    arms = list(dict.fromkeys(arm for arm, _ in grouped))
+    arms = list(dict.fromkeys(label for label, _ in grouped))
     noises = sorted({noise for _, noise in grouped})
     written = []
     for name, panels in figures.items():
