@@ -1,4 +1,4 @@
-"""Preference pairs: loading and validating files, chat templates and truncation.
+"""Preference pairs: loading and validating files (tokenization: :mod:`compo.encoding`).
 
 Supported files (read through ``datasets``): JSONL, JSON (an array of objects), CSV and Parquet,
 in the public schemas:
@@ -34,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from compo.encoding import encode_pairs
 from compo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 ON_ERROR = ("raise", "skip")
-CHAT_TEMPLATE_MODES = ("auto", "always", "never")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -400,109 +400,6 @@ def load_pairs(
     if rejected:
         log.warning("%s: %d bad rows set aside (see rejected_rows.jsonl)", source, len(rejected))
     return LoadResult(pairs, rejected)
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenization
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EncodedPair:
-    """Token ids of one pair: the prompt and each reply (with its end-of-turn token)."""
-
-    pair_id: str
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-
-
-@dataclass
-class TruncationReport:
-    n_prompt_truncated: int = 0
-    n_chosen_truncated: int = 0
-    n_rejected_truncated: int = 0
-    n_identical_after_truncation: int = 0
-
-    def as_metrics(self) -> dict[str, int]:
-        return dict(vars(self))
-
-
-def prompt_text(prompt: str | list[Message], tokenizer: Any, use_template: bool) -> str:
-    """Renders a prompt for the model: its chat template with a generation prompt, or plain text."""
-    if use_template:
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if isinstance(prompt, str):
-        return prompt
-    # No template: a plain, documented transcript format.
-    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
-
-
-def use_chat_template(tokenizer: Any, mode: str) -> bool:
-    """Resolves ``data.chat_template`` (auto / always / never) for a tokenizer."""
-    if mode not in CHAT_TEMPLATE_MODES:
-        raise DataError(f"data.chat_template: {mode!r} is not one of {list(CHAT_TEMPLATE_MODES)}")
-    has = bool(getattr(tokenizer, "chat_template", None))
-    if mode == "always" and not has:
-        raise DataError("data.chat_template=always, but the tokenizer has no chat template")
-    return has and mode != "never"
-
-
-def encode_pairs(
-    pairs: list[PreferencePair],
-    tokenizer: Any,
-    max_length: int = 512,
-    max_prompt_length: int = 256,
-    chat_template: str = "auto",
-) -> tuple[list[EncodedPair], TruncationReport]:
-    """Tokenizes pairs, truncating the prompt from the left and replies from the right.
-
-    Replies end with the tokenizer's end-of-sequence token (the end of the assistant turn), so
-    training also teaches the model where to stop.
-
-    Args:
-        pairs: Validated pairs.
-        tokenizer: A Hugging Face tokenizer.
-        max_length: Longest prompt + reply, in tokens.
-        max_prompt_length: Longest prompt; the oldest tokens go first.
-        chat_template: ``auto`` uses the tokenizer's template when it has one.
-
-    Returns:
-        The encoded pairs (same order) and counts of what truncation changed.
-    """
-    if not 0 < max_prompt_length < max_length:
-        raise DataError(
-            f"data: need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})"
-        )
-    templated = use_chat_template(tokenizer, chat_template)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    report = TruncationReport()
-    encoded = []
-    for pair in pairs:
-        text = prompt_text(pair.prompt, tokenizer, templated)
-        prompt_ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
-        if len(prompt_ids) > max_prompt_length:
-            prompt_ids = prompt_ids[-max_prompt_length:]
-            report.n_prompt_truncated += 1
-        budget = max_length - len(prompt_ids)
-        replies = []
-        for name, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-            ids = tokenizer(reply, add_special_tokens=False)["input_ids"] + eos
-            if len(ids) > budget:
-                ids = ids[:budget]
-                setattr(report, f"n_{name}_truncated", getattr(report, f"n_{name}_truncated") + 1)
-            replies.append(ids)
-        if replies[0] == replies[1]:
-            report.n_identical_after_truncation += 1
-        encoded.append(EncodedPair(pair.id, list(prompt_ids), replies[0], replies[1]))
-    if report.n_identical_after_truncation:
-        log.warning(
-            "%d pairs have identical replies after truncation (they carry no preference signal); "
-            "raise data.max_length to keep them apart",
-            report.n_identical_after_truncation,
-        )
-    return encoded, report
 
 
 @dataclass

@@ -277,7 +277,7 @@ class DPOTrainer:
 
         Args:
             model: The policy; on entry it is also the reference model.
-            pairs: :class:`compo.data.EncodedPair` items (the clean side).
+            pairs: :class:`compo.encoding.EncodedPair` items (the clean side).
             pad_token_id: Padding id.
             out: The run dir (``trace/dpo.jsonl``, ``dpo_state/``).
             confidences: Per-pair confidence, needed with ``weight_by_confidence``.

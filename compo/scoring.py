@@ -200,7 +200,7 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence, pad_token_id: int, **kw
 
     Args:
         model: The causal LM.
-        pairs: :class:`compo.data.EncodedPair` items.
+        pairs: :class:`compo.encoding.EncodedPair` items.
         pad_token_id: Padding id.
         **kwargs: Passed to :func:`score_sequences`.
 

@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from compo.data import EncodedPair
 from compo.dpo import DPOTrainer
+from compo.encoding import EncodedPair
 from compo.models import EmbeddedSmolLM2, TinyModel
 from compo.scoring import score_pairs
 from compo.trunk import set_trainable

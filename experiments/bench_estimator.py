@@ -20,7 +20,7 @@ import time
 import torch
 from bench_perturbation import PAIR  # the same realistic pair (script dir is on sys.path)
 
-from compo.data import encode_pairs
+from compo.encoding import encode_pairs
 from compo.models import EmbeddedSmolLM2, TinyModel
 from compo.zo import GaussianSphere, LowRank, Rademacher, Scope, SupportRestricted
 from compo.zo.estimator import cosine, limit_direction

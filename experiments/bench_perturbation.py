@@ -23,7 +23,8 @@ import time
 import psutil
 import torch
 
-from compo.data import PreferencePair, encode_pairs
+from compo.data import PreferencePair
+from compo.encoding import encode_pairs
 from compo.models import EmbeddedSmolLM2, TinyModel
 from compo.scoring import score_pairs
 from compo.zo import GaussianSphere, LowRank, Scope, SupportRestricted

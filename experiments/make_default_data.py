@@ -94,7 +94,8 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout without installing compo
 
-from compo.data import encode_pairs, load_pairs  # noqa: E402
+from compo.data import load_pairs  # noqa: E402
+from compo.encoding import encode_pairs  # noqa: E402
 from compo.models import EmbeddedSmolLM2  # noqa: E402
 from compo.scoring import score_pairs  # noqa: E402
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from compo.data import PreferencePair, encode_pairs
+from compo.data import PreferencePair
+from compo.encoding import encode_pairs
 from compo.models import TinyModel
 
 EASY_PAIRS = [

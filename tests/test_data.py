@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from compo.data import PreferencePair, encode_pairs, load_pairs
+from compo.data import PreferencePair, load_pairs
+from compo.encoding import encode_pairs
 from compo.errors import DataError
 
 GOOD = {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}

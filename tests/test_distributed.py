@@ -57,7 +57,8 @@ ESTIMATES = textwrap.dedent(
     """
     import sys, torch
     from compo import distributed
-    from compo.data import PreferencePair, encode_pairs
+    from compo.data import PreferencePair
+    from compo.encoding import encode_pairs
     from compo.models import TinyModel
     from compo.zo import LowRank, Scope
     from compo.zo.estimator import MonteCarlo

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compo.data import PreferencePair, encode_pairs
+from compo.data import PreferencePair
+from compo.encoding import encode_pairs
 from compo.errors import ModelLoadError
 from compo.models import EmbeddedSmolLM2, PretrainedModel, TinyModel, save_checkpoint
 from compo.scoring import score_pairs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compo.data import encode_pairs
+from compo.encoding import encode_pairs
 from compo.rundir import RunDir
 from compo.zo.directions import DirectionBatch, GaussianSphere, LowRank
 from compo.zo.scope import Scope

@@ -104,7 +104,8 @@ def test_oracle_protocol_and_compare(tiny, easy_encoded):
 
 @pytest.mark.slow
 def test_fast_deltas_match_full_forward_on_smollm2():
-    from compo.data import PreferencePair, encode_pairs
+    from compo.data import PreferencePair
+    from compo.encoding import encode_pairs
     from compo.models import EmbeddedSmolLM2
 
     model, tokenizer = EmbeddedSmolLM2().load()

@@ -162,7 +162,7 @@ def test_missing_key_and_unreachable_endpoint_fail_fast(monkeypatch, serve, judg
 
 def test_key_never_reaches_config_logs_trace_or_cache(serve, judge_for, tmp_path, caplog):
     """Everything a run writes, grepped for the key."""
-    from compo.data import EncodedPair
+    from compo.encoding import EncodedPair
     from compo.models import TinyModel
     from compo.zo.directions import GaussianSphere
     from compo.zo.scope import Scope

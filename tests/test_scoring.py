@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from compo.data import PreferencePair, encode_pairs
+from compo.data import PreferencePair
+from compo.encoding import encode_pairs
 from compo.scoring import score_pairs, score_sequences, token_logps
 
 

@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from compo.data import encode_pairs, load_pairs
+from compo.data import load_pairs
+from compo.encoding import encode_pairs
 from compo.evaluate import (
     length_controlled_win_rate,
     preference_metrics,
