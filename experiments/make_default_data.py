@@ -382,7 +382,9 @@ def clear_pairs(
     for i, prompt in enumerate(prompts):
         answer = greedy[i].text
         if i not in good_set:
-            usable = [s.text for s in samples[i] if not is_degenerate(s.text)]
+            # A saved answers file (--from-answers) may lack samples for a prompt that only a
+            # changed rule calls degenerate: dropped and counted, like an all-degenerate sample.
+            usable = [s.text for s in samples.get(i, []) if not is_degenerate(s.text)]
             if not usable:
                 dropped["degenerate: every sample degenerate too"] += 1
                 continue
@@ -649,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     needs_model = args.score or args.score_only or not args.from_answers
     model, tokenizer = EmbeddedSmolLM2().load() if needs_model else (None, None)
-    log.info("model loaded in %.0f s", time.perf_counter() - started)
+    if needs_model:
+        log.info("model loaded in %.0f s", time.perf_counter() - started)
     if not args.score_only:
         rows = build(args, model, tokenizer)
         write_jsonl(rows, args.out)

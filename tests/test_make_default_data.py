@@ -440,11 +440,6 @@ def test_ambiguous_share_zero_gives_clear_pairs_only(tmp_path, no_model):
     assert not any(r["kind"] in mdd.AMBIGUOUS_KINDS for r in rows)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="clear_pairs indexes samples[i] for a degenerate greedy answer saved without samples",
-)
 def test_degenerate_answer_without_samples_is_dropped_not_a_crash():
     prompts = [mdd.Prompt("p001", "facts", "Q?"), mdd.Prompt("p002", "facts", "R?")]
     greedy = [Answer(LOOP, True), Answer("A fine answer here.", True)]
