@@ -129,9 +129,17 @@ def test_aggregator_on_fake_run_dirs(tmp_path):
     assert "2.000 ± 0.000" in dpo_all  # minutes
     dpo_compo = next(line for line in lines if line.startswith("| dpo_compo"))
     assert "| 1 | n/a |" in dpo_compo
+
     assert (out / "win_rates.png").stat().st_size > 0
     assert len((out / "runs.csv").read_text().splitlines()) == 4
     assert aggregate.main([str(tmp_path / "empty"), "--out", str(out)]) == 2
+
+
+def test_aggregator_says_how_many_runs_a_partial_metric_covers():
+    assert aggregate.cell([0.4, None, 0.6]) == "0.500 ± 0.141 (n=2)"
+    assert aggregate.cell([0.4, None]) == "0.400 (n=1)"
+    assert aggregate.cell([0.4, 0.6]) == "0.500 ± 0.141"
+    assert aggregate.cell([None, None]) == "n/a"
 
 
 def test_aggregator_pairs_contrasts_by_noise_and_seed(tmp_path):

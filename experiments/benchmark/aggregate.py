@@ -115,13 +115,17 @@ def summarise(values: list[float]) -> tuple[float, float] | None:
 
 
 def cell(values: list[float | None], signed: bool = False) -> str:
-    """A table cell: "mean ± std", the mean alone for one value (no spread), "n/a" for none."""
+    """A table cell: "mean ± std", the mean alone for one value (no spread), "n/a" for none.
+
+    When some runs lack the metric (e.g. not evaluated yet), "(n=k)" says how many it covers.
+    """
     stat = summarise(values)
     if stat is None:
         return "n/a"
     mean = f"{stat[0]:+.3f}" if signed else f"{stat[0]:.3f}"
-    one = sum(v is not None and math.isfinite(v) for v in values) == 1
-    return mean if one else f"{mean} ± {stat[1]:.3f}"
+    n = sum(v is not None and math.isfinite(v) for v in values)
+    text = mean if n == 1 else f"{mean} ± {stat[1]:.3f}"
+    return text if n == len(values) else f"{text} (n={n})"
 
 
 def groups(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
