@@ -129,7 +129,6 @@ def test_aggregator_on_fake_run_dirs(tmp_path):
     assert "2.000 ± 0.000" in dpo_all  # minutes
     dpo_compo = next(line for line in lines if line.startswith("| dpo_compo"))
     assert "| 1 | n/a |" in dpo_compo
-
     assert (out / "win_rates.png").stat().st_size > 0
     assert len((out / "runs.csv").read_text().splitlines()) == 4
     assert aggregate.main([str(tmp_path / "empty"), "--out", str(out)]) == 2
