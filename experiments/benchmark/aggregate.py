@@ -29,6 +29,7 @@ COLUMNS = [
     ("mean words", "heldout.mean_words"),
     ("Δ utility", "heldout.delta_utility"),
     ("held-out acc", "heldout.accuracy"),
+    ("held-out margin", "heldout.margin_mean"),
     ("amb. Δlogπ(y+)", "ambiguous.delta_logp_chosen"),
     ("amb. Δlogπ(y-)", "ambiguous.delta_logp_rejected"),
     ("n clean", "split.n_clean"),
@@ -58,6 +59,7 @@ CONTRAST_COLUMNS = [
     ("LC win rate", "heldout.lc_win_rate"),
     ("Δ utility", "heldout.delta_utility"),
     ("mean words", "heldout.mean_words"),
+    ("held-out margin", "heldout.margin_mean"),
     ("amb. Δlogπ(y+)", "ambiguous.delta_logp_chosen"),
     ("amb. Δlogπ(y-)", "ambiguous.delta_logp_rejected"),
 ]

@@ -9,7 +9,9 @@ For each run dir with a ``checkpoint/`` (or the starting model with ``--base``):
   difference (:func:`compo.evaluate.length_controlled_win_rate`, lengths in words);
   ``heldout.mean_words`` (verbosity) next to ``heldout.base_mean_words``; mean utilities;
 * ``heldout.accuracy`` / ``heldout.accuracy_per_token``: preference accuracy on the noise-free
-  held-out pairs (``heldout_pairs.jsonl``, labelled by U), summed / per-token log-probs;
+  held-out pairs (``heldout_pairs.jsonl``, labelled by U), summed / per-token log-probs, and
+  ``heldout.margin_mean``, the mean summed-log-prob margin (``--refresh-pairs`` recomputes these
+  for dirs evaluated before, without generating);
 * ``ambiguous.*``: likelihood displacement on the run's training pairs that the paper's rule calls
   ambiguous under the starting model (|log pi_ref(y+) - log pi_ref(y-)| < ``--delta``), measured
   the same way for every arm (also for DPO on all pairs, whose run has no split): mean
@@ -72,10 +74,6 @@ def evaluate(model, tokenizer, rows, pairs_path, utility, max_new_tokens, batch_
     base_u = [r["greedy_utility"] for r in rows]
     n_words = [len(words(a)) for a in answers]
     base_words = [len(words(r["greedy"])) for r in rows]
-    pairs = load_pairs(pairs_path, limit=max_pairs).pairs
-    encoded, _ = encode_pairs(pairs, tokenizer)
-    scores = score_pairs(model, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
-    pref = preference_metrics(*scores)
     metrics = {
         "heldout.n_prompts": len(rows),
         "heldout.win_rate": win_rate(u, base_u, TIE_EPS),
@@ -86,15 +84,26 @@ def evaluate(model, tokenizer, rows, pairs_path, utility, max_new_tokens, batch_
         "heldout.base_mean_words": sum(base_words) / len(base_words),
         "heldout.mean_utility": sum(u) / len(u),
         "heldout.base_mean_utility": sum(base_u) / len(base_u),
-        "heldout.n_pairs": pref["n_pairs"],
-        "heldout.accuracy": pref["accuracy"],
-        "heldout.accuracy_per_token": pref["accuracy_per_token"],
-    }
+    } | pair_metrics(model, tokenizer, pairs_path, max_pairs, batch_rows)
     generations = [
         {"prompt_id": r["prompt_id"], "answer": a, "utility": x, "base_utility": b}
         for r, a, x, b in zip(rows, answers, u, base_u, strict=True)
     ]
     return metrics, generations
+
+
+def pair_metrics(model, tokenizer, pairs_path, max_pairs, batch_rows) -> dict[str, float]:
+    """Preference accuracy and mean margin log pi(y+) - log pi(y-) on the noise-free held-out pairs.
+
+    The margin is the continuous version of the accuracy: it moves before any pair flips.
+    """
+    pairs = load_pairs(pairs_path, limit=max_pairs).pairs
+    encoded, _ = encode_pairs(pairs, tokenizer)
+    pref = preference_metrics(
+        *score_pairs(model, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
+    )
+    keys = ("n_pairs", "accuracy", "accuracy_per_token", "margin_mean")
+    return {f"heldout.{k}": pref[k] for k in keys}
 
 
 _BASE_SCORES: dict[tuple, tuple] = {}
@@ -155,6 +164,11 @@ def main(argv=None) -> int:
     p.add_argument("--delta", type=float, default=3.0, help="ambiguity radius (paper: 3)")
     p.add_argument("--reverse", action="store_true", help="last run dir first (a 2nd worker)")
     p.add_argument("--force", action="store_true", help="recompute existing heldout_metrics.json")
+    p.add_argument(
+        "--refresh-pairs",
+        action="store_true",
+        help="only recompute the held-out pair metrics of evaluated dirs (no generation)",
+    )
     args = p.parse_args(argv)
     from compo.models import EmbeddedSmolLM2, PretrainedModel
 
@@ -164,11 +178,18 @@ def main(argv=None) -> int:
     found = run_dirs(args.paths)
     targets += [(d, d / "checkpoint") for d in (found[::-1] if args.reverse else found)]
     for out_dir, checkpoint in targets:
-        if (out_dir / "heldout_metrics.json").exists() and not args.force:
+        done = out_dir / "heldout_metrics.json"
+        if done.exists() and not (args.force or args.refresh_pairs):
             log.info("%s: already evaluated", out_dir)
             continue
         loader = EmbeddedSmolLM2() if checkpoint is None else PretrainedModel(str(checkpoint))
         model, tokenizer = loader.load()
+        if args.refresh_pairs and done.exists() and not args.force:
+            metrics = json.loads(done.read_text(encoding="utf-8"))
+            metrics |= pair_metrics(model, tokenizer, args.pairs, args.max_pairs, args.batch_rows)
+            atomic_write_json(done, metrics)
+            log.info("%s: pair metrics refreshed", out_dir)
+            continue
         metrics, generations = evaluate(
             model,
             tokenizer,
