@@ -88,9 +88,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout without installing compo
 
@@ -98,13 +95,15 @@ from compo.data import load_pairs  # noqa: E402
 from compo.encoding import encode_pairs  # noqa: E402
 from compo.models import EmbeddedSmolLM2  # noqa: E402
 from compo.scoring import score_pairs  # noqa: E402
+from experiments import generation  # noqa: E402
+from experiments.generation import TEMPERATURE, TOP_P  # noqa: E402
 
 log = logging.getLogger("make_default_data")
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "default_prompts.txt"
 DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "rule_pairs.jsonl"
 MODEL_TAG = "smollm2-135m-instruct"
-TEMPERATURE, TOP_P, N_SAMPLES = 0.8, 0.95, 3
+N_SAMPLES = 3
 # Sampled pairs must be of similar length: summed log-probs otherwise mostly measure length.
 MIN_LENGTH_RATIO = 0.85
 MIN_DISTINCT_TRIGRAMS = 0.6
@@ -158,12 +157,6 @@ def read_prompts(path: Path) -> list[Prompt]:
     return prompts
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    """A per-batch seed from (seed, batch index); large odd multiplier keeps streams apart."""
-    return (seed * 1_000_003 + batch) % (2**63)
-
-
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -178,49 +171,12 @@ def generate(
     Returns:
         Per prompt, its answers in generation order.
     """
-    tokenizer.padding_side = "left"  # generation continues from the last column
-    eos = tokenizer.eos_token_id
-    n_return = N_SAMPLES if sample else 1
-    # A sampled batch holds about batch_size rows: batch_size // n_return prompts, n_return each.
-    per_batch = max(1, batch_size // n_return)
-    starts = range(0, len(prompts), per_batch)
-    out: list[list[Answer]] = []
-    label = "sampling" if sample else "greedy"
-    for batch, start in enumerate(tqdm(starts, desc=label, leave=False)):
-        chunk = prompts[start : start + per_batch]
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p.text}], add_generation_prompt=True, tokenize=False
-            )
-            for p in chunk
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        if sample:
-            kwargs |= dict(
-                do_sample=True,
-                temperature=TEMPERATURE,
-                top_p=TOP_P,
-                top_k=0,  # transformers would otherwise add top_k=50
-                num_return_sequences=n_return,
-            )
-        else:
-            kwargs |= dict(do_sample=False)
-        # fork_rng: sampling draws from the global generator, which must not leak out.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(batch_seed(seed, batch))
-            ids = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
-        for row in range(len(chunk)):
-            answers = []
-            for k in range(n_return):
-                tokens = ids[row * n_return + k].tolist()
-                finished = eos in tokens
-                if finished:
-                    tokens = tokens[: tokens.index(eos)]
-                text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                answers.append(Answer(text, finished))
-            out.append(answers)
-    return out
+    n = N_SAMPLES if sample else 1
+    texts = [p.text for p in prompts]
+    answers = generation.generate(
+        model, tokenizer, texts, n, max_new_tokens, sample, seed, batch_rows=batch_size
+    )
+    return [[Answer(text, finished) for text, finished in row] for row in answers]
 
 
 # --------------------------------------------------------------------------------------------

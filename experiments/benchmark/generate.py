@@ -31,18 +31,15 @@ import random
 import sys
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.benchmark.utility import HiddenUtility
+from experiments.generation import generate
 
 log = logging.getLogger("benchmark.generate")
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PROMPTS = ROOT / "experiments" / "data" / "default_prompts.txt"
 MTBENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 MTBENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "stem", "humanities")
-TEMPERATURE, TOP_P = 0.8, 0.95
 
 
 def project_prompts(path: Path = PROJECT_PROMPTS) -> list[dict]:
@@ -80,51 +77,6 @@ def mtbench_prompts(max_chars: int = 200) -> list[dict]:
                     "prompt": first,
                 }
             )
-    return out
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts, n, max_new_tokens, sample, seed, batch_rows=16):
-    """Returns per prompt ``n`` (text, finished) answers; batches hold about ``batch_rows`` rows."""
-    tokenizer.padding_side = "left"
-    eos = tokenizer.eos_token_id
-    per_batch = max(1, batch_rows // n)
-    out = []
-    starts = range(0, len(prompts), per_batch)
-    for batch, start in enumerate(tqdm(starts, desc="sample" if sample else "greedy")):
-        chunk = prompts[start : start + per_batch]
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            )
-            for p in chunk
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        if sample:
-            kwargs |= dict(
-                do_sample=True,
-                temperature=TEMPERATURE,
-                top_p=TOP_P,
-                top_k=0,
-                num_return_sequences=n,
-            )
-        else:
-            kwargs |= dict(do_sample=False)
-        # generate() samples from the global generator: fork it so nothing leaks out.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1_000_003 + batch)
-            ids = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
-        for row in range(len(chunk)):
-            answers = []
-            for k in range(n):
-                tokens = ids[row * n + k].tolist()
-                finished = eos in tokens
-                tokens = tokens[: tokens.index(eos)] if finished else tokens
-                answers.append(
-                    (tokenizer.decode(tokens, skip_special_tokens=True).strip(), finished)
-                )
-            out.append(answers)
     return out
 
 

@@ -42,9 +42,9 @@ from compo.evaluate import (
 )
 from compo.rundir import atomic_write_json, write_jsonl
 from compo.scoring import score_pairs
-from experiments.benchmark.generate import generate
 from experiments.benchmark.simulate import DATA, read_jsonl
 from experiments.benchmark.utility import HiddenUtility, words
+from experiments.generation import generate
 
 log = logging.getLogger("benchmark.heldout")
 # Utilities closer than this are a tie: the encoder's batch padding moves identical answers' scores
