@@ -158,6 +158,9 @@ def test_aggregator_pairs_contrasts_by_noise_and_seed(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| dpo_compo - dpo_clean"))
     assert row.startswith("| dpo_compo - dpo_clean | 0.1 | 2 | +0.100 ± 0.141 |")
     assert "dpo_clean - dpo_all" not in md  # no dpo_all run: no row
+    (multirun / "1" / "heldout_metrics.json").unlink()  # seed 0's dpo_compo not evaluated yet
+    md = aggregate.paired_table(aggregate.collect([multirun]))
+    assert "| dpo_compo - dpo_clean | 0.1 | 2 | +0.000 (n=1) |" in md
 
 
 def test_aggregator_compares_every_variant_with_the_plain_baseline(tmp_path):

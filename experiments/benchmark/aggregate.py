@@ -179,9 +179,8 @@ def paired_table(records: list[dict], contrasts=CONTRASTS, columns=CONTRAST_COLU
             cells = [f"{label} - {baseline}", f"{noise}", str(len(matched))]
             for _, key in columns:
                 diffs = [
-                    a[key] - b[key]
+                    None if a.get(key) is None or b.get(key) is None else a[key] - b[key]
                     for a, b in matched
-                    if a.get(key) is not None and b.get(key) is not None
                 ]
                 cells.append(cell(diffs, signed=True))
             lines.append("| " + " | ".join(cells) + " |")
