@@ -120,13 +120,19 @@ def cell(values: list[float | None], signed: bool = False) -> str:
     """A table cell: "mean ± std", the mean alone for one value (no spread), "n/a" for none.
 
     When some runs lack the metric (e.g. not evaluated yet), "(n=k)" says how many it covers.
+    ``signed`` cells (differences) also count the positive ones, "[k/n > 0]": with three seeds the
+    sign agreement says more than the spread.
     """
     stat = summarise(values)
     if stat is None:
         return "n/a"
-    mean = f"{stat[0]:+.3f}" if signed else f"{stat[0]:.3f}"
-    n = sum(v is not None and math.isfinite(v) for v in values)
-    text = mean if n == 1 else f"{mean} ± {stat[1]:.3f}"
+    valid = [v for v in values if v is not None and math.isfinite(v)]
+    n = len(valid)
+    text = f"{stat[0]:+.3f}" if signed else f"{stat[0]:.3f}"
+    if n > 1:
+        text += f" ± {stat[1]:.3f}"
+        if signed:
+            text += f" [{sum(v > 0 for v in valid)}/{n} > 0]"
     return text if n == len(values) else f"{text} (n={n})"
 
 
