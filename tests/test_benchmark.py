@@ -174,6 +174,12 @@ def test_aggregator_compares_every_variant_with_the_plain_baseline(tmp_path):
     md = aggregate.paired_table(records)
     assert "| dpo_compo - dpo_clean | 0.3 | 1 | +0.000 |" in md
     assert "| dpo_compo [step=1] - dpo_clean | 0.3 | 1 | +0.250 |" in md
+    # a variant run for both arms is compared with itself, not with the plain baseline
+    fake_job(multirun / "3", "dpo_clean", 0.3, 0, 0.25, variant="all")
+    fake_job(multirun / "4", "dpo_compo", 0.3, 0, 0.5, variant="all")
+    md = aggregate.paired_table(aggregate.collect([multirun]))
+    assert "| dpo_compo [all] - dpo_clean [all] | 0.3 | 1 | +0.250 |" in md
+    assert "| dpo_compo [step=1] - dpo_clean | 0.3 | 1 | +0.250 |" in md
 
 
 def test_aggregator_utility_gain_over_the_starting_model(tmp_path):

@@ -72,6 +72,10 @@ def _config_value(text: str, dotted: str):
     return OmegaConf.select(OmegaConf.create(text), dotted)
 
 
+def _label(arm: str, variant: str | None) -> str:
+    return arm if variant is None else f"{arm} [{variant}]"
+
+
 def collect(paths: list[Path]) -> list[dict]:
     """One record per job dir: arm, noise, seed and every metric."""
     records = []
@@ -89,7 +93,8 @@ def collect(paths: list[Path]) -> list[dict]:
             record = {
                 "job": str(job),
                 "arm": arm,
-                "label": arm if variant is None else f"{arm} [{variant}]",
+                "variant": variant,
+                "label": _label(arm, variant),
                 "noise": _config_value(text, "bench.noise"),
                 "seed": _config_value(text, "seed"),
             }
@@ -165,8 +170,10 @@ def table(records: list[dict], columns=COLUMNS) -> str:
 def paired_table(records: list[dict], contrasts=CONTRASTS, columns=CONTRAST_COLUMNS) -> str:
     """A markdown table of per-seed differences arm - baseline: mean ± std over matched seeds.
 
-    Runs are matched on (noise, seed); every variant of ``arm`` is compared with the plain
-    ``baseline`` arm; a contrast with no matched run is left out.
+    Runs are matched on (noise, seed). A variant of ``arm`` is compared with the same variant of
+    ``baseline`` when one was run (e.g. both on all pairs), else with the plain ``baseline``
+    (e.g. a step-size variant of ComPO against its first-order arm). A contrast with no matched
+    run is left out.
     """
     by_key = {(r["label"], r["noise"], r["seed"]): r for r in records}
     head = ["arm - baseline", "ε", "matched seeds", *(title for title, _ in columns)]
@@ -175,14 +182,16 @@ def paired_table(records: list[dict], contrasts=CONTRASTS, columns=CONTRAST_COLU
         for (label, noise), rows in groups(records).items():
             if rows[0]["arm"] != arm:
                 continue
+            same = _label(baseline, rows[0]["variant"])
+            base = same if any(k[:2] == (same, noise) for k in by_key) else baseline
             matched = [
-                (r, by_key[(baseline, noise, r["seed"])])
+                (r, by_key[(base, noise, r["seed"])])
                 for r in sorted(rows, key=lambda r: r["seed"])
-                if (baseline, noise, r["seed"]) in by_key
+                if (base, noise, r["seed"]) in by_key
             ]
             if not matched:
                 continue
-            cells = [f"{label} - {baseline}", f"{noise}", str(len(matched))]
+            cells = [f"{label} - {base}", f"{noise}", str(len(matched))]
             for _, key in columns:
                 diffs = [
                     None if a.get(key) is None or b.get(key) is None else a[key] - b[key]
