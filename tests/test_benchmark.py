@@ -139,7 +139,7 @@ def test_aggregator_says_how_many_runs_a_partial_metric_covers():
     assert aggregate.cell([0.4, None]) == "0.400 (n=1)"
     assert aggregate.cell([0.4, 0.6]) == "0.500 ± 0.141"
     assert aggregate.cell([None, None]) == "n/a"
-    assert aggregate.cell([0.1, -0.2, 0.3], signed=True) == "+0.067 ± 0.252 [2/3 > 0]"
+    assert aggregate.cell([0.1, -0.2, 0.3], signed=True) == "+0.067 ± 0.252 [2+ 1-]"
 
 
 def test_aggregator_pairs_contrasts_by_noise_and_seed(tmp_path):
@@ -157,7 +157,7 @@ def test_aggregator_pairs_contrasts_by_noise_and_seed(tmp_path):
         fake_job(multirun / str(index), arm, 0.1, seed, win)
     md = aggregate.paired_table(aggregate.collect([multirun]))
     row = next(line for line in md.splitlines() if line.startswith("| dpo_compo - dpo_clean"))
-    assert row.startswith("| dpo_compo - dpo_clean | 0.1 | 2 | +0.100 ± 0.141 [1/2 > 0] |")
+    assert row.startswith("| dpo_compo - dpo_clean | 0.1 | 2 | +0.100 ± 0.141 [1+ 0-] |")
     assert "dpo_clean - dpo_all" not in md  # no dpo_all run: no row
     (multirun / "1" / "heldout_metrics.json").unlink()  # seed 0's dpo_compo not evaluated yet
     md = aggregate.paired_table(aggregate.collect([multirun]))

@@ -125,8 +125,8 @@ def cell(values: list[float | None], signed: bool = False) -> str:
     """A table cell: "mean ± std", the mean alone for one value (no spread), "n/a" for none.
 
     When some runs lack the metric (e.g. not evaluated yet), "(n=k)" says how many it covers.
-    ``signed`` cells (differences) also count the positive ones, "[k/n > 0]": with three seeds the
-    sign agreement says more than the spread.
+    ``signed`` cells (differences) also count the positive and negative ones, "[2+ 1-]" (the rest
+    are exact ties): with three seeds the sign agreement says more than the spread.
     """
     stat = summarise(values)
     if stat is None:
@@ -137,7 +137,7 @@ def cell(values: list[float | None], signed: bool = False) -> str:
     if n > 1:
         text += f" ± {stat[1]:.3f}"
         if signed:
-            text += f" [{sum(v > 0 for v in valid)}/{n} > 0]"
+            text += f" [{sum(v > 0 for v in valid)}+ {sum(v < 0 for v in valid)}-]"
     return text if n == len(values) else f"{text} (n={n})"
 
 
@@ -155,78 +155,98 @@ def groups(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
     return dict(sorted(out.items(), key=order))
 
 
-def table(records: list[dict], columns=COLUMNS) -> str:
-    """A markdown table of ``columns``: mean ± std over seeds per arm x noise rate."""
-    head = ["arm", "ε", "seeds", *(title for title, _ in columns)]
+def table(records: list[dict], columns=COLUMNS, signed: bool = False) -> str:
+    """A markdown table of ``columns``: mean ± std over seeds per arm x noise rate.
+
+    ``signed`` is for records of differences (:func:`paired`): signs shown, positives counted.
+    """
+    head = ["arm - baseline" if signed else "arm", "ε", "seeds"]
+    head += [title for title, _ in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (label, noise), rows in groups(records).items():
         cells = [label, f"{noise}", str(len(rows))]
         for _, key in columns:
-            cells.append(cell([r.get(key) for r in rows]))
+            cells.append(cell([r.get(key) for r in rows], signed=signed))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def paired_table(records: list[dict], contrasts=CONTRASTS, columns=CONTRAST_COLUMNS) -> str:
-    """A markdown table of per-seed differences arm - baseline: mean ± std over matched seeds.
+def paired(records: list[dict], contrasts=CONTRASTS, keys=None) -> list[dict]:
+    """Per-seed differences arm - baseline, as records ``table`` and ``plot`` take.
 
     Runs are matched on (noise, seed). A variant of ``arm`` is compared with the same variant of
     ``baseline`` when one was run (e.g. both on all pairs), else with the plain ``baseline``
-    (e.g. a step-size variant of ComPO against its first-order arm). A contrast with no matched
-    run is left out.
+    (e.g. a step-size variant of ComPO against its first-order arm). A seed without a matching
+    baseline run is left out; a metric missing on either side is None.
     """
+    keys = keys or [key for _, key in CONTRAST_COLUMNS]
     by_key = {(r["label"], r["noise"], r["seed"]): r for r in records}
-    head = ["arm - baseline", "ε", "matched seeds", *(title for title, _ in columns)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = []
     for arm, baseline in contrasts:
         for (label, noise), rows in groups(records).items():
             if rows[0]["arm"] != arm:
                 continue
             same = _label(baseline, rows[0]["variant"])
             base = same if any(k[:2] == (same, noise) for k in by_key) else baseline
-            matched = [
-                (r, by_key[(base, noise, r["seed"])])
-                for r in sorted(rows, key=lambda r: r["seed"])
-                if (base, noise, r["seed"]) in by_key
-            ]
-            if not matched:
-                continue
-            cells = [f"{label} - {base}", f"{noise}", str(len(matched))]
-            for _, key in columns:
-                diffs = [
-                    None if a.get(key) is None or b.get(key) is None else a[key] - b[key]
-                    for a, b in matched
-                ]
-                cells.append(cell(diffs, signed=True))
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            for r in rows:
+                b = by_key.get((base, noise, r["seed"]))
+                if b is None:
+                    continue
+                name = f"{label} - {base}"
+                diff = {"arm": name, "label": name, "noise": noise, "seed": r["seed"]}
+                for key in keys:
+                    missing = r.get(key) is None or b.get(key) is None
+                    diff[key] = None if missing else r[key] - b[key]
+                out.append(diff)
+    return out
 
 
-def plot(records: list[dict], out: Path) -> list[Path]:
-    """Bar charts (mean, std error bars) per metric family; one PNG each."""
+def paired_table(records: list[dict], contrasts=CONTRASTS, columns=CONTRAST_COLUMNS) -> str:
+    """A markdown table of per-seed differences arm - baseline (see :func:`paired`)."""
+    return table(paired(records, contrasts, [key for _, key in columns]), columns, signed=True)
+
+
+# PNG name -> panels (title, metric key[, dashed reference level]); bars: mean and sample std.
+FIGURES = {
+    "win_rates.png": [
+        ("win rate", "heldout.win_rate", 0.5),
+        ("LC win rate", "heldout.lc_win_rate", 0.5),
+    ],
+    "displacement.png": [
+        ("Δ log π(y+)", "ambiguous.delta_logp_chosen"),
+        ("Δ log π(y-)", "ambiguous.delta_logp_rejected"),
+    ],
+    "accuracy_length.png": [
+        ("held-out accuracy", "heldout.accuracy"),
+        ("held-out margin log π(y+) - log π(y-)", "heldout.margin_mean"),
+        ("mean words", "heldout.mean_words"),
+    ],
+}
+# The same for the paired differences (arm - baseline, same noise rate and seed).
+CONTRAST_FIGURES = {
+    "contrasts.png": [
+        ("win rate difference", "heldout.win_rate"),
+        ("held-out margin difference", "heldout.margin_mean"),
+        ("amb. Δ log π(y+) difference", "ambiguous.delta_logp_chosen"),
+        ("amb. Δ log π(y-) difference", "ambiguous.delta_logp_rejected"),
+    ],
+}
+
+
+def plot(records: list[dict], out: Path, figures=FIGURES) -> list[Path]:
+    """Bar charts (mean, std error bars) per arm and noise rate, one PNG per ``figures`` entry."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figures = {
-        "win_rates.png": [("win rate", "heldout.win_rate"), ("LC win rate", "heldout.lc_win_rate")],
-        "displacement.png": [
-            ("Δ log π(y+)", "ambiguous.delta_logp_chosen"),
-            ("Δ log π(y-)", "ambiguous.delta_logp_rejected"),
-        ],
-        "accuracy_length.png": [
-            ("held-out accuracy", "heldout.accuracy"),
-            ("mean words", "heldout.mean_words"),
-        ],
-    }
     grouped = groups(records)
     arms = list(dict.fromkeys(label for label, _ in grouped))
     noises = sorted({noise for _, noise in grouped})
     written = []
     for name, panels in figures.items():
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6))
-        for ax, (title, key) in zip(axes, panels, strict=True):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8))
+        for ax, (title, key, *reference) in zip(axes, panels, strict=True):
             width = 0.8 / max(1, len(noises))
             for j, noise in enumerate(noises):
                 stats = [summarise([r.get(key) for r in grouped.get((a, noise), [])]) for a in arms]
@@ -237,8 +257,8 @@ def plot(records: list[dict], out: Path) -> list[Path]:
             ax.set_xticks([i + width * (len(noises) - 1) / 2 for i in range(len(arms))])
             ax.set_xticklabels(arms, rotation=25, ha="right", fontsize=8)
             ax.set_title(title)
-            if "win" in key:
-                ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            for level in reference:
+                ax.axhline(level, color="grey", lw=0.8, ls="--")
             ax.axhline(0.0, color="black", lw=0.5)
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -272,6 +292,9 @@ def main(argv=None) -> int:
         writer.writerows(records)
     if not args.no_plots:
         plot(records, args.out)
+        differences = paired(records)
+        if differences:
+            plot(differences, args.out, CONTRAST_FIGURES)
     print(md)
     return 0
 
