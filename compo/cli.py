@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from compo import distributed
 from compo.data import load_pairs
 from compo.errors import CompoError
-from compo.evaluate import likelihood_displacement, preference_metrics
+from compo.evaluate import PreferenceEval, likelihood_displacement, preference_metrics
 from compo.models import save_checkpoint
 from compo.rundir import RunDir, atomic_write_text, write_jsonl
 from compo.scoring import SequenceScores
@@ -161,6 +161,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # Every stage is built, and the oracle checked (API key, endpoint, reward model path), before
     # any expensive work, so a bad choice fails in seconds.
     evaluator = _build(cfg.eval, "eval")
+    splitter = _build(cfg.splitter, "splitter")
     trainer = _build(cfg.dpo, "dpo")
     optimizer = _build(cfg.optimizer, "optimizer")
     oracle = _build(cfg.oracle, "oracle")
@@ -170,14 +171,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
     if optimizer is not None:
         _prepare_oracle(oracle, tokenizer, out)
-    before = None  # the policy as loaded is the reference model: its scores serve every stage
-    if evaluator is not None:
+    # The policy as loaded is the reference model: its scores serve every stage. They come from
+    # eval.before, or, without it, from one pass here when both the splitter and the trainer
+    # would otherwise compute them each.
+    before = None
+    reference_pass = evaluator
+    shared = getattr(splitter, "uses_reference", False) and trainer is not None
+    if reference_pass is None and shared:
+        reference_pass = PreferenceEval(batch_size=trainer.ref_batch_size)
+    if reference_pass is not None:
         # The trainer may record its frozen blocks' output on the way (one forward pass less).
         scorer = trainer.trunk_recorder(policy) if trainer is not None else policy
-        before = evaluator.score(scorer, encoded, tokenizer.pad_token_id, desc="eval/before")
+        desc = "eval/before" if evaluator is not None else "reference"
+        before = reference_pass.score(scorer, encoded, tokenizer.pad_token_id, desc=desc)
+    if evaluator is not None:
         out.log_metrics("eval.before", preference_metrics(*before))
 
-    splitter = _build(cfg.splitter, "splitter")
     if splitter is None:
         split = Split.all_clean(len(encoded))
     else:

@@ -90,6 +90,7 @@ class LikelihoodMarginSplitter:
     """
 
     name = "likelihood_margin"
+    uses_reference = True  # split() takes the reference scores instead of computing them
 
     def __init__(self, delta: float = 3.0, per_token: bool = False, batch_size: int = 8) -> None:
         if delta < 0:

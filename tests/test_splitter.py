@@ -136,6 +136,34 @@ def test_cli_split_and_dpo_end_to_end(easy_file, tmp_path):
     assert (tmp_path / "trace" / "dpo.jsonl").is_file()
 
 
+def test_without_eval_split_and_dpo_share_one_reference_pass(easy_file, tmp_path, monkeypatch):
+    """eval=none: one reference pass serves both the splitter and DPO."""
+    from compo import dpo, evaluate
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the splitter scored the pairs itself")
+
+    passes = []
+
+    def counting(real):
+        def score(model, pairs, *args, **kwargs):
+            passes.append((kwargs.get("desc"), len(pairs)))
+            return real(model, pairs, *args, **kwargs)
+
+        return score
+
+    monkeypatch.setattr("compo.splitter.score_pairs", not_here)
+    monkeypatch.setattr("compo.evaluate.score_pairs", counting(evaluate.score_pairs))
+    monkeypatch.setattr("compo.dpo.score_pairs", counting(dpo.score_pairs))
+    shared = run(_cfg(easy_file, "splitter.delta=30", "eval=none"), tmp_path / "shared")
+    # one pass over all 8 pairs; DPO reuses its rows of it (the other calls are training steps)
+    assert [p for p in passes if p[0] in ("reference", "dpo/reference")] == [("reference", 8)]
+    monkeypatch.undo()
+    with_eval = run(_cfg(easy_file, "splitter.delta=30"), tmp_path / "eval")
+    for key in ("split.n_clean", "dpo.loss_first", "dpo.loss_last"):
+        assert shared[key] == pytest.approx(with_eval[key], abs=1e-5), key
+
+
 def test_cli_skips_dpo_when_no_pair_is_clean(easy_file, tmp_path):
     metrics = run(_cfg(easy_file, "splitter.delta=1e9"), tmp_path)
     assert metrics["split.n_clean"] == 0 and metrics["split.n_ambiguous"] == 8
