@@ -128,10 +128,10 @@ def cell(values: list[float | None], signed: bool = False) -> str:
     ``signed`` cells (differences) also count the positive and negative ones, "[2+ 1-]" (the rest
     are exact ties): with three seeds the sign agreement says more than the spread.
     """
-    stat = summarise(values)
+    valid = [v for v in values if v is not None and math.isfinite(v)]
+    stat = summarise(valid)
     if stat is None:
         return "n/a"
-    valid = [v for v in values if v is not None and math.isfinite(v)]
     n = len(valid)
     text = f"{stat[0]:+.3f}" if signed else f"{stat[0]:.3f}"
     if n > 1:
