@@ -36,11 +36,11 @@ from compo import distributed
 from compo.data import load_pairs
 from compo.errors import CompoError
 from compo.evaluate import PreferenceEval, likelihood_displacement, preference_metrics
+from compo.interfaces import ComparisonOracle, OracleError
 from compo.models import save_checkpoint
 from compo.rundir import RunDir, atomic_write_text, write_jsonl
 from compo.scoring import SequenceScores
 from compo.splitter import Split, record_split
-from oracles.base import OracleError
 
 log = logging.getLogger("compo")
 
@@ -70,7 +70,11 @@ SUMMARY_KEYS = (
     "compo.n_iterations",
     "compo.n_applied",
     "compo.skipped_reason",
+    "compo.radius_last",
+    "compo.decisive_share",
+    "compo.warning",
     "oracle.queries",
+    "oracle.judge.texts_scored",
     "eval.before.accuracy",
     "eval.after.accuracy",
     "eval.displacement.clean.delta_logp_chosen",
@@ -100,14 +104,6 @@ def _rows(scores: tuple[SequenceScores, SequenceScores], rows: list[int]):
     )
 
 
-def _prepare_oracle(oracle: Any, tokenizer: Any, out: RunDir) -> None:
-    """Calls an oracle's optional hooks: ``bind`` (tokenizer, run dir) and ``check`` (fail fast)."""
-    if hasattr(oracle, "bind"):
-        oracle.bind(tokenizer, out)
-    if hasattr(oracle, "check"):
-        oracle.check()
-
-
 def _run_optimizer(optimizer, oracle, policy, tokenizer, data, encoded, split, out) -> bool:
     """Runs ComPO on the ambiguous split or ``optimizer.pairs_path``; True if weights changed."""
     if optimizer.pairs_path:
@@ -124,8 +120,7 @@ def _run_optimizer(optimizer, oracle, policy, tokenizer, data, encoded, split, o
         out.log_metrics("compo", {"skipped_reason": "no ambiguous pairs"})
         return False
     summary = optimizer.run(policy, tokenizer, pairs, oracle, out)
-    if hasattr(oracle, "usage"):
-        out.log_metrics("oracle", oracle.usage())
+    out.log_metrics("oracle", oracle.usage())
     return bool(summary["changed"])
 
 
@@ -170,7 +165,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "optimizer: ComPO needs a comparison oracle; choose e.g. oracle=likelihood"
         )
     if optimizer is not None:
-        _prepare_oracle(oracle, tokenizer, out)
+        if not isinstance(oracle, ComparisonOracle):
+            raise CompoError(
+                f"oracle: {type(oracle).__name__} does not implement "
+                "compo.interfaces.ComparisonOracle (subclass it for the default hooks)"
+            )
+        oracle.bind(tokenizer, out)
+        oracle.check()
     # The policy as loaded is the reference model: its scores serve every stage. They come from
     # eval.before, or, without it, from one pass here when both the splitter and the trainer
     # would otherwise compute them each.

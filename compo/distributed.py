@@ -132,3 +132,6 @@ class ReadOnlyRunDir(RunDir):
 
     def trace(self, name: str) -> Any:
         return _NullTrace()
+
+    def write_rows(self, name: str, rows: list[Mapping[str, Any]]) -> None:
+        pass

@@ -61,20 +61,24 @@ def write_jsonl(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:
 
 
 class TraceWriter:
-    """Appends one JSON object per line to ``trace/<name>.jsonl``, flushing each row."""
+    """Appends one JSON object per line to ``trace/<name>.jsonl``.
+
+    Each row opens the file, appends one complete line and closes it, so the writer follows the
+    path rather than an inode: a resumed run's atomic truncation of the same trace (which replaces
+    the file) never leaves a writer appending to a deleted file.
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Appends ``row`` as one complete line."""
-        self._handle.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
-        self._handle.flush()
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        self._handle.close()
+        """Nothing stays open between rows."""
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -104,6 +108,10 @@ class RunDir:
     def trace(self, name: str) -> TraceWriter:
         """Opens ``trace/<name>.jsonl`` for appending."""
         return TraceWriter(self.path / "trace" / f"{name}.jsonl")
+
+    def write_rows(self, name: str, rows: list[Mapping[str, Any]]) -> None:
+        """Writes ``<name>.jsonl`` in the run dir atomically (a whole file, e.g. judged labels)."""
+        write_jsonl(self.path / f"{name}.jsonl", rows)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -24,6 +24,7 @@ from compo.encoding import encode_pairs
 from compo.models import EmbeddedSmolLM2, TinyModel
 from compo.zo import GaussianSphere, LowRank, Rademacher, Scope, SupportRestricted
 from compo.zo.estimator import cosine, limit_direction
+from compo.zo.head import HeadEvaluator
 from oracles.likelihood import LikelihoodOracle
 
 
@@ -68,16 +69,17 @@ def main() -> None:
     model, tokenizer = (EmbeddedSmolLM2() if args.model == "smollm2" else TinyModel()).load()
     encoded, _ = encode_pairs([PAIR], tokenizer, max_length=512, max_prompt_length=256)
     scope = Scope(model)
-    oracle = LikelihoodOracle()
-    oracle.begin(model, scope, encoded, tokenizer.pad_token_id)
+    oracle, head = LikelihoodOracle(), HeadEvaluator()
+    head.begin(model, scope, encoded, tokenizer.pad_token_id)
+    oracle.begin(model, scope, encoded, tokenizer.pad_token_id, iteration=0, head=head)
     started = time.perf_counter()
-    limit = limit_direction(oracle.head)
+    limit = limit_direction(head)
     print(
         f"dimension {scope.numel:,}; limit direction (expected estimator): "
         f"{time.perf_counter() - started:.2f} s; angle(a, b) = {limit.angle:.3f} rad, "
         f"predicted frac = {limit.frac:.3f}"
     )
-    support = oracle.head.support(16)
+    support = head.support(16)
     print(f"support: {support.numel()} of {scope.shapes[0][0]} output-layer rows (tokens + top-16)")
     families = [
         ("gaussian", GaussianSphere(), args.max_dense, 1, False, False),

@@ -29,6 +29,7 @@ from compo.models import EmbeddedSmolLM2, TinyModel
 from compo.scoring import score_pairs
 from compo.zo import GaussianSphere, LowRank, Scope, SupportRestricted
 from compo.zo.estimator import MonteCarlo
+from compo.zo.head import HeadEvaluator
 from oracles.likelihood import LikelihoodOracle
 
 PAIR = PreferencePair(
@@ -89,12 +90,13 @@ def authors_per_perturbation(model, scope, pairs, pad, radius, n) -> float:
 
 def ours_per_perturbation(model, scope, pairs, pad, sampler, radius, n, batch):
     """compo's oracle: one cache per iteration, then n perturbations (sampling + votes + sum)."""
-    oracle = LikelihoodOracle()
+    oracle, head = LikelihoodOracle(), HeadEvaluator()
     started = time.perf_counter()
-    oracle.begin(model, scope, pairs, pad)
+    head.begin(model, scope, pairs, pad)
+    oracle.begin(model, scope, pairs, pad, iteration=0, head=head)
     cache = time.perf_counter() - started
     estimator = MonteCarlo(sampler, num_directions=n, radius=radius, batch=batch)
-    support = oracle.head.support(sampler.top_k) if getattr(sampler, "needs_support", 0) else None
+    support = head.support(sampler.top_k) if getattr(sampler, "needs_support", 0) else None
     est = estimator.estimate(oracle, scope, seed=0, iteration=0, support=support)
     return est.seconds / n, cache
 

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlparse
 
-from compo.errors import CompoError
-from oracles.base import Judgement, OracleError, Verdict
+from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Verdict
 from oracles.cache import open_sqlite
 
 ANSWERS = ("1", "2", "tie", "skip")
@@ -210,7 +209,7 @@ class LabelServer(ThreadingHTTPServer):
 # --------------------------------------------------------------------------------------------
 
 
-class HumanJudge:
+class HumanJudge(OutputJudge):
     """Asks a person which response is better.
 
     Args:

@@ -4,9 +4,9 @@ theta + delta is better than theta on a pair iff log pi(y+|x) rises and log pi(y
 several pairs per query the per-pair verdicts are aggregated (``any`` as in the authors' code,
 ``majority`` or ``all``). A pair whose two log-probs do not move at all abstains (TIE).
 
-Exact and fast: the hidden states feeding the output layer are computed once per iteration and
-each perturbation costs the output-layer product and a log-softmax at response positions only
-(:class:`compo.zo.head.HeadEvaluator`).
+Exact and fast: the optimizer hands over its head evaluator, whose cache holds the hidden states
+feeding the output layer for this iteration's pairs; each perturbation costs the output-layer
+product and a log-softmax at response positions only (:class:`compo.zo.head.HeadEvaluator`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compo.zo.directions import DirectionBatch
-from compo.zo.head import HeadEvaluator
-from compo.zo.scope import Scope
-from oracles.base import Verdict, aggregate
-
-AGGREGATIONS = ("any", "majority", "all")
+from compo.interfaces import AGGREGATIONS, ComparisonOracle, CompoError, Verdict, aggregate
 
 
 def pair_verdicts(deltas: Tensor) -> list[list[Verdict]]:
@@ -43,30 +38,34 @@ def pair_verdicts(deltas: Tensor) -> list[list[Verdict]]:
     return [[Verdict(int(v)) for v in row] for row in out.tolist()]
 
 
-class LikelihoodOracle:
-    """Definition 3.1 of the paper, evaluated exactly on the cached hidden states.
+class LikelihoodOracle(ComparisonOracle):
+    """Definition 3.1 of the paper, evaluated exactly on the optimizer's cached hidden states.
 
     Args:
         aggregation: ``any``, ``majority`` or ``all`` over the pairs of one query.
-        batch_size: Sequences per forward pass when caching the hidden states.
-        chunk: Rows per output-layer matmul when caching.
     """
 
     kind = "parameter"
 
-    def __init__(self, aggregation: str = "any", batch_size: int = 8, chunk: int = 1024) -> None:
+    def __init__(self, aggregation: str = "any") -> None:
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"oracle.aggregation {aggregation!r} is not one of {AGGREGATIONS}")
+            raise CompoError(f"oracle.aggregation: {aggregation!r} is not one of {AGGREGATIONS}")
         self.aggregation = aggregation
-        self.head = HeadEvaluator(batch_size=batch_size, chunk=chunk)
+        self.head: Any = None
         self.last_deltas: Tensor | None = None
 
-    def begin(self, model: Any, params: Scope, pairs: Sequence, pad_token_id: int) -> Tensor:
-        """Caches the current state; returns the (2n,) current log-probs (chosen, rejected)."""
-        return self.head.begin(model, params, pairs, pad_token_id)
+    def begin(
+        self, model: Any, scope: Any, pairs: Sequence, pad_token_id: int, *, iteration: int, head
+    ) -> None:
+        """Keeps the optimizer's head evaluator (cached on ``pairs`` at the current weights)."""
+        self.head = head
 
-    def compare(self, deltas: DirectionBatch) -> list[Verdict]:
+    def compare(self, deltas: Any) -> list[Verdict]:
         """One aggregated verdict per perturbation (already scaled by the radius)."""
         changes = self.head.deltas(deltas)
         self.last_deltas = changes
         return [aggregate(v, self.aggregation) for v in pair_verdicts(changes)]
+
+    def limit(self):
+        """The exact r -> 0 direction: -(a/||a|| + b/||b||) from two backward passes."""
+        return self.head.limit()

@@ -26,8 +26,7 @@ import time
 import openai
 from joblib import Parallel, delayed
 
-from compo.errors import CompoError
-from oracles.base import Judgement, OracleError, Verdict
+from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Verdict
 from oracles.cache import VerdictCache
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ def _root_cause(exc: BaseException) -> str:
     return (text.strip().splitlines() or [type(exc).__name__])[0]
 
 
-class OpenAIJudge:
+class OpenAIJudge(OutputJudge):
     """Pairwise judge over the ``openai`` client.
 
     Args:

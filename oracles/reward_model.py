@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from compo.errors import CompoError
-from oracles.base import Judgement, Verdict
+from compo.interfaces import CompoError, Judgement, OutputJudge, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def build_tiny_reward_model(seed: int = 0, hidden_size: int = 32):
     return model, tokenizer
 
 
-class RewardModelJudge:
+class RewardModelJudge(OutputJudge):
     """Compares two responses by their rewards under a sequence-classification model.
 
     Args:
@@ -157,6 +157,10 @@ class RewardModelJudge:
         verdict = Verdict.PERTURBED_BETTER if b > a else Verdict.CURRENT_BETTER
         confidence = 1.0 / (1.0 + math.exp(-abs(b - a)))  # Bradley-Terry probability
         return Judgement(verdict, confidence, f"rewards current {a:.4g}, perturbed {b:.4g}")
+
+    def score(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
+        """The reward of each (prompt, text)."""
+        return self.rewards(list(prompts), list(texts)) if texts else []
 
     def judge(self, prompt: str, current: str, perturbed: str) -> Judgement:
         """PERTURBED_BETTER when ``perturbed`` earns a reward more than ``epsilon`` higher."""

@@ -13,11 +13,10 @@ import importlib
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from compo.errors import CompoError
-from oracles.base import Judgement, OracleError, Verdict
+from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Verdict
 
 _WORD = re.compile(r"[A-Za-z]+")
 _PLAIN = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'\"-:;()\n")
@@ -60,7 +59,7 @@ def resolve_callable(path: str, where: str) -> Callable[..., Any]:
     return target
 
 
-class ScorerJudge:
+class ScorerJudge(OutputJudge):
     """Judges two responses by a score function of the response text.
 
     Args:
@@ -81,7 +80,7 @@ class ScorerJudge:
         self._scorer = scorer if callable(scorer) else None
         self.epsilon, self.with_prompt = float(epsilon), with_prompt
         self._lock = threading.Lock()
-        self.counts = {"calls": 0, "identical": 0, "abstentions": 0}
+        self.counts = {"calls": 0, "identical": 0, "abstentions": 0, "texts_scored": 0}
 
     def check(self) -> None:
         """Resolves the scorer (a bad import path fails here, before any model work)."""
@@ -99,6 +98,13 @@ class ScorerJudge:
                 f"oracle.scorer: {self.scorer_name} failed: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def score(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
+        """The scorer's value of each (prompt, text); non-finite values are returned as they are."""
+        self.check()
+        with self._lock:
+            self.counts["texts_scored"] += len(texts)
+        return [self._score(p, t) for p, t in zip(prompts, texts, strict=True)]
+
     def judge(self, prompt: str, current: str, perturbed: str) -> Judgement:
         """PERTURBED_BETTER when ``perturbed`` scores more than ``epsilon`` above ``current``."""
         if current == perturbed:
@@ -108,6 +114,7 @@ class ScorerJudge:
         self.check()
         with self._lock:
             self.counts["calls"] += 1
+            self.counts["texts_scored"] += 2
         a, b = self._score(prompt, current), self._score(prompt, perturbed)
         if not (math.isfinite(a) and math.isfinite(b)):
             with self._lock:

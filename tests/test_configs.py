@@ -32,6 +32,8 @@ def _options():
             yield []
         elif rel.parts[0] == "experiment":
             yield [f"+experiment={rel.stem}"]
+        elif rel.parent == Path("oracle/judge"):  # a judge is chosen inside an output-level oracle
+            yield ["oracle=sample_scored", f"oracle/judge={rel.stem}"]
         else:
             yield [f"{'/'.join(rel.parent.parts)}={rel.stem}"]
 

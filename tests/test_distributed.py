@@ -62,6 +62,7 @@ ESTIMATES = textwrap.dedent(
     from compo.models import TinyModel
     from compo.zo import LowRank, Scope
     from compo.zo.estimator import MonteCarlo
+    from compo.zo.head import HeadEvaluator
     from oracles.likelihood import LikelihoodOracle
 
     distributed.init_from_env()
@@ -70,8 +71,9 @@ ESTIMATES = textwrap.dedent(
     pair = PreferencePair("p", "Capital of Italy?", "Rome.", "Rome!")
     encoded = encode_pairs([pair], tokenizer, max_length=256, max_prompt_length=128)[0]
     scope = Scope(model)
-    oracle = LikelihoodOracle()
-    oracle.begin(model, scope, encoded, tokenizer.pad_token_id)
+    oracle, head = LikelihoodOracle(), HeadEvaluator()
+    head.begin(model, scope, encoded, tokenizer.pad_token_id)
+    oracle.begin(model, scope, encoded, tokenizer.pad_token_id, iteration=0, head=head)
     estimators = {
         "gaussian": MonteCarlo(num_directions=37, radius=1e-3, batch=4),
         "centred_antithetic": MonteCarlo(

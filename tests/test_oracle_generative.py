@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from compo.encoding import encode_pairs
+from compo.interfaces import ComparisonOracle, OracleError, Verdict
 from compo.rundir import RunDir
 from compo.zo.directions import DirectionBatch, GaussianSphere, LowRank
 from compo.zo.scope import Scope
-from oracles.base import OracleError, ParameterOracle, Verdict
 from oracles.generative import GenerativeOracle, judge_prompt
 from oracles.scorer import ScorerJudge
 from tests.conftest import EASY_PAIRS
@@ -42,6 +42,7 @@ def setup(tiny):
 
 
 def _oracle(tokenizer, judge=None, **kwargs):
+    kwargs.setdefault("aggregation", "majority")  # pairwise: every comparison goes to judge()
     oracle = GenerativeOracle(judge or CountingJudge(), max_new_tokens=12, **kwargs)
     oracle.bind(tokenizer)
     return oracle
@@ -50,15 +51,15 @@ def _oracle(tokenizer, judge=None, **kwargs):
 def test_is_a_parameter_oracle_and_needs_a_tokenizer(setup):
     model, _, pairs, scope = setup
     oracle = GenerativeOracle(ScorerJudge())
-    assert isinstance(oracle, ParameterOracle)
+    assert isinstance(oracle, ComparisonOracle)
     with pytest.raises(OracleError, match="bind"):
-        oracle.begin(model, scope, pairs, 0)
+        oracle.begin(model, scope, pairs, 0, iteration=0, head=None)
 
 
 def test_current_response_matches_hf_generate(setup):
     model, tokenizer, pairs, scope = setup
     oracle = _oracle(tokenizer)
-    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id, iteration=0, head=None)
     ids = torch.tensor([pairs[0].prompt_ids])
     ref = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
@@ -72,7 +73,7 @@ def test_zero_perturbation_ties_without_asking_the_judge(setup):
     model, tokenizer, pairs, scope = setup
     judge = CountingJudge()
     oracle = _oracle(tokenizer, judge)
-    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id, iteration=0, head=None)
     dirs = GaussianSphere().sample(0, 0, [0, 1, 2], scope.shapes)
     assert oracle.compare(dirs.scaled(0.0)) == [Verdict.TIE] * 3
     assert judge.seen == []
@@ -84,7 +85,7 @@ def test_perturbed_responses_equal_generation_with_added_weights(setup):
     """The cached-prefill path equals generating from a model whose head holds W + delta."""
     model, tokenizer, pairs, scope = setup
     oracle = _oracle(tokenizer)
-    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id, iteration=0, head=None)
     for sampler in (GaussianSphere(), LowRank(rank=2)):
         dirs = sampler.sample(0, 0, [0, 1], scope.shapes).scaled(20.0)
         fast = oracle._responses(dirs, 0)
@@ -110,11 +111,11 @@ def test_weights_are_untouched_and_large_perturbations_are_judged(setup, tmp_pat
     oracle = _oracle(tokenizer, judge)
     run = RunDir(tmp_path)
     oracle.bind(tokenizer, run)
-    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id, iteration=0, head=None)
     verdicts = oracle.compare(
         GaussianSphere().sample(0, 0, [0, 1, 2, 3], scope.shapes).scaled(50.0)
     )
-    assert len(verdicts) == 4 and all(isinstance(v, Verdict) for v in verdicts)
+    assert len(verdicts) == 4 and set(verdicts) <= {-1.0, 0.0, 1.0}
     assert judge.seen and oracle.usage()["judge_calls"] == len(judge.seen)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     oracle._trace.close()
@@ -128,7 +129,7 @@ def test_extra_modules_restore_weights_bit_exactly(setup):
     scope = Scope(model, ["model.layers.1.mlp"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     oracle = _oracle(tokenizer)
-    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id, iteration=0, head=None)
     verdicts = oracle.compare(GaussianSphere().sample(0, 0, [0, 1], scope.shapes).scaled(30.0))
     assert len(verdicts) == 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -137,7 +138,7 @@ def test_extra_modules_restore_weights_bit_exactly(setup):
 def test_sampling_uses_common_random_numbers(setup):
     model, tokenizer, pairs, scope = setup
     oracle = _oracle(tokenizer, do_sample=True, seed=3)
-    oracle.begin(model, scope, pairs, tokenizer.pad_token_id)
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id, iteration=0, head=None)
     assert oracle.compare(DirectionBatch.from_tensors([torch.zeros_like(scope.head.master)])) == [
         Verdict.TIE
     ]

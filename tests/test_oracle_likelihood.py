@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compo.interfaces import ComparisonOracle, CompoError, Verdict, aggregate
 from compo.scoring import score_pairs
 from compo.zo.directions import GaussianSphere, LowRank, Rademacher, SupportRestricted
 from compo.zo.estimator import limit_direction
 from compo.zo.head import HeadEvaluator
 from compo.zo.scope import Scope
-from oracles.base import ParameterOracle, Verdict, aggregate
 from oracles.likelihood import LikelihoodOracle, pair_verdicts
 
 FAMILIES = [GaussianSphere(), Rademacher(), LowRank(rank=2), SupportRestricted(top_k=8)]
@@ -82,16 +82,18 @@ def test_verdicts_and_aggregation():
     assert aggregate([better, tie], "all") == better
     assert aggregate([better, worse], "all") == worse
     assert aggregate([tie, tie], "any") == tie
-    with pytest.raises(ValueError):
+    assert aggregate([better, worse], "majority") == tie  # a split vote is no evidence
+    with pytest.raises(CompoError):
         aggregate([better], "most")
 
 
 def test_oracle_protocol_and_compare(tiny, easy_encoded):
     model, tokenizer = tiny
     oracle = LikelihoodOracle(aggregation="any")
-    assert isinstance(oracle, ParameterOracle)
-    scope = Scope(model)
-    base = oracle.begin(model, scope, easy_encoded[:2], tokenizer.pad_token_id)
+    assert isinstance(oracle, ComparisonOracle)
+    scope, head = Scope(model), HeadEvaluator()
+    base = head.begin(model, scope, easy_encoded[:2], tokenizer.pad_token_id)
+    oracle.begin(model, scope, easy_encoded[:2], tokenizer.pad_token_id, iteration=0, head=head)
     chosen, rejected = score_pairs(model, easy_encoded[:2], tokenizer.pad_token_id)
     assert torch.allclose(base, torch.cat([chosen.sum_logps, rejected.sum_logps]))
     batch = GaussianSphere().sample(0, 0, list(range(8)), scope.shapes).scaled(5e-4)

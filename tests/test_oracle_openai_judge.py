@@ -183,7 +183,7 @@ def test_key_never_reaches_config_logs_trace_or_cache(serve, judge_for, tmp_path
     oracle.bind(tokenizer, run)
     scope = Scope(model)
     pair = EncodedPair("p1", tokenizer(PROMPT)["input_ids"], [1], [2])
-    oracle.begin(model, scope, [pair], tokenizer.pad_token_id)
+    oracle.begin(model, scope, [pair], tokenizer.pad_token_id, iteration=0, head=None)
     oracle.compare(GaussianSphere().sample(0, 0, [0, 1], scope.shapes).scaled(50.0))
     run.log_metrics("oracle", oracle.usage())
     oracle._trace.close()

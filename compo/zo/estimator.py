@@ -29,7 +29,6 @@ from compo import distributed
 from compo.zo.directions import DirectionSampler, GaussianSphere
 from compo.zo.head import HeadEvaluator
 from compo.zo.scope import Scope
-from oracles.base import Verdict
 
 
 @dataclass
@@ -91,16 +90,25 @@ def limit_direction(head: HeadEvaluator) -> Limit:
     return Limit(d, angle, (math.pi - angle) / (2 * math.pi), na, nb)
 
 
+TIE_RULES = ("ignore", "current")
+
+
 class MonteCarlo:
     """sum_i y_i z_i over ``num_directions`` oracle queries (the paper's estimator).
+
+    Ties and abstentions (y_i = 0) carry no vote by default (``ties=ignore``): they add nothing
+    to the direction, frac = n_better / n_decisive counts decisive verdicts only, and centring
+    uses the decisive votes' mean. ``ties=current`` is the authors' code's rule (a tie counts as
+    +1, "current better", in the sum and in m), kept for faithful reproduction.
 
     Args:
         sampler: Direction family (default Gaussian on the sphere).
         num_directions: m, perturbations per iteration.
-        radius: r, the perturbation size.
+        radius: r, the perturbation's total norm (the call may pass another).
         batch: Directions alive at once (memory: batch x the perturbed parameters in fp32).
-        centred: Use y_i - mean(y) as votes.
+        centred: Use y_i - mean(y) as votes (decisive votes only).
         antithetic: Query z and -z for each drawn z (m counts both).
+        ties: ``ignore`` or ``current`` (see above).
     """
 
     def __init__(
@@ -111,14 +119,17 @@ class MonteCarlo:
         batch: int = 4,
         centred: bool = False,
         antithetic: bool = False,
+        ties: str = "ignore",
     ) -> None:
         if num_directions < 1 or batch < 1:
             raise ValueError("num_directions and batch must be >= 1")
         if antithetic and num_directions % 2:
             raise ValueError("antithetic directions need an even num_directions")
+        if ties not in TIE_RULES:
+            raise ValueError(f"ties {ties!r} is not one of {TIE_RULES}")
         self.sampler = sampler or GaussianSphere()
         self.m, self.radius, self.batch = num_directions, radius, batch
-        self.centred, self.antithetic = centred, antithetic
+        self.centred, self.antithetic, self.ties = centred, antithetic, ties
 
     def estimate(
         self,
@@ -128,8 +139,10 @@ class MonteCarlo:
         iteration: int,
         support: Tensor | None = None,
         progress: bool = False,
+        radius: float | None = None,
     ) -> Estimate:
         started = time.perf_counter()
+        radius = self.radius if radius is None else radius
         sum_yz = [torch.zeros_like(m, dtype=torch.float32) for m in scope.masters()]
         sum_z = [torch.zeros_like(t) for t in sum_yz] if self.centred else None
         draws = self.m // 2 if self.antithetic else self.m
@@ -138,7 +151,7 @@ class MonteCarlo:
         # same tensor on any rank (seeded by (seed, iteration, i)), so the reduced sums equal a
         # single process's up to the order of fp32 additions, and the vote counts exactly.
         share = distributed.partition(draws, distributed.rank(), distributed.world_size())
-        votes: list[int] = []
+        counts = torch.zeros(4, dtype=torch.float64)  # better, worse, tie, sum of decisive votes
         total = len(share) * (2 if self.antithetic else 1)
         bar = tqdm(total=total, desc=f"compo it {iteration}", disable=not progress, leave=False)
         for start in range(share.start, share.stop, per_batch):
@@ -146,23 +159,27 @@ class MonteCarlo:
             dirs = self.sampler.sample(seed, iteration, indices, scope.shapes, support)
             if self.antithetic:
                 dirs = dirs.antithetic()
-            verdicts = oracle.compare(dirs.scaled(self.radius))
-            y = torch.tensor([int(v) for v in verdicts], dtype=torch.float32)
+            y = torch.tensor([float(v) for v in oracle.compare(dirs.scaled(radius))])
+            tie = y == 0
+            decided = torch.stack([(y < 0).sum(), (y > 0).sum(), tie.sum()])
+            counted = ~tie  # the votes that enter the direction
+            if self.ties == "current":
+                y, counted = torch.where(tie, torch.ones_like(y), y), torch.ones_like(tie)
+            counts += torch.cat([decided.double(), y.sum().double()[None]])
             dirs.accumulate(sum_yz, y.to(sum_yz[0].device))
             if sum_z is not None:
-                dirs.accumulate(sum_z, torch.ones_like(y, device=sum_yz[0].device))
-            votes.extend(int(v) for v in verdicts)
-            bar.update(len(verdicts))
+                dirs.accumulate(sum_z, counted.float().to(sum_yz[0].device))
+            bar.update(len(y))
             del dirs  # free this batch before the next one is drawn (peak memory)
         bar.close()
-        kinds = (Verdict.PERTURBED_BETTER, Verdict.CURRENT_BETTER, Verdict.TIE)
-        counts = torch.tensor([*(votes.count(v) for v in kinds), sum(votes)], dtype=torch.int64)
         n_better, n_worse, n_tie, vote_sum = distributed.all_reduce_sum(counts).tolist()
         for acc in [*sum_yz, *(sum_z or [])]:
             distributed.all_reduce_sum(acc)
+        n_better, n_worse, n_tie = int(n_better), int(n_worse), int(n_tie)
         m = n_better + n_worse + n_tie
-        if sum_z is not None:
-            mean_y = vote_sum / m
+        n_counted = m if self.ties == "current" else n_better + n_worse
+        if sum_z is not None and n_counted:
+            mean_y = vote_sum / n_counted
             for acc, z in zip(sum_yz, sum_z, strict=True):
                 acc.sub_(z, alpha=mean_y)
         return Estimate(
@@ -172,6 +189,7 @@ class MonteCarlo:
             n_tie=n_tie,
             m=m,
             seconds=time.perf_counter() - started,
+            implied_frac=n_better / n_counted if n_counted else 0.0,
         )
 
 

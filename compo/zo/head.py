@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from compo.scoring import score_pairs, segment_sum, token_logps
+from compo.errors import CompoError
+from compo.scoring import score_pairs, score_sequences, segment_sum, token_logps
 from compo.zo.directions import DirectionBatch, RowsPiece
 from compo.zo.scope import Scope
 
@@ -51,7 +52,7 @@ class HeadEvaluator:
         Returns:
             (2n,) current summed log-probs: chosen replies first, then rejected ones.
         """
-        self.scope, self.n_pairs = scope, len(pairs)
+        self.n_pairs = len(pairs)
         self.tail = None if scope.head_only else _Tail(model, scope, pairs, pad_token_id)
         if self.tail is not None:
             hidden, targets, seq_index = self.tail.hidden(None)
@@ -67,13 +68,44 @@ class HeadEvaluator:
             hidden = torch.cat([chosen.hidden, rejected.hidden])
             targets = torch.cat([chosen.targets, rejected.targets])
             seq_index = torch.cat([chosen.seq_index, rejected.seq_index + len(pairs)])
+        return self._cache(scope, hidden, targets, seq_index, 2 * len(pairs))
+
+    @torch.no_grad()
+    def for_sequences(
+        self, model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad: int
+    ) -> HeadEvaluator:
+        """A new evaluator over other (prompt, response) sequences at the same current weights.
+
+        Oracles that score their own samples (:mod:`oracles.sample_scored`) use it to get exact
+        log-prob changes of those samples under each perturbation. Output layer only.
+        """
+        if not self.scope.head_only:
+            raise CompoError(
+                "scoring sampled responses supports perturbing the output layer only "
+                "(optimizer.modules must be empty)"
+            )
+        scores = score_sequences(
+            model,
+            prompts,
+            responses,
+            pad,
+            batch_size=self.batch_size,
+            chunk=self.chunk,
+            return_hidden=True,
+        )
+        other = HeadEvaluator(self.batch_size, self.chunk)
+        other.n_pairs, other.tail = 0, None
+        other._cache(self.scope, scores.hidden, scores.targets, scores.seq_index, len(prompts))
+        return other
+
+    def _cache(self, scope: Scope, hidden, targets, seq_index, n_seqs: int) -> Tensor:
+        self.scope, self.n_seqs = scope, n_seqs
         self.hidden, self.targets, self.seq_index = hidden.float(), targets, seq_index
-        bias = scope.head_bias.float() if scope.head_bias is not None else None
-        self.bias = bias
-        logp = F.log_softmax(F.linear(self.hidden, scope.head.master, bias), dim=-1)
+        self.bias = scope.head_bias.float() if scope.head_bias is not None else None
+        logp = F.log_softmax(F.linear(self.hidden, scope.head.master, self.bias), dim=-1)
         self.token_logps0 = logp.gather(-1, targets[:, None]).squeeze(-1)
         self.p0 = logp.exp_()
-        self.base = segment_sum(self.token_logps0, seq_index, 2 * self.n_pairs)
+        self.base = segment_sum(self.token_logps0, seq_index, n_seqs)
         return self.base
 
     def support(self, top_k: int) -> Tensor:
@@ -84,14 +116,14 @@ class HeadEvaluator:
     # ------------------------------------------------------------------ perturbations
     @torch.no_grad()
     def deltas(self, batch: DirectionBatch) -> Tensor:
-        """Change of each sequence's log-prob under each perturbation: (k, 2n)."""
+        """Change of each sequence's log-prob under each perturbation: (k, n_seqs)."""
         rows = []
         for i in range(len(batch)):
             if self.tail is not None:
                 token_delta = self._tail_delta(batch, i)
             else:
                 token_delta = self._head_delta(batch, i)
-            rows.append(segment_sum(token_delta, self.seq_index, 2 * self.n_pairs))
+            rows.append(segment_sum(token_delta, self.seq_index, self.n_seqs))
         return torch.stack(rows)
 
     def _head_delta(self, batch: DirectionBatch, i: int) -> Tensor:
@@ -123,6 +155,19 @@ class HeadEvaluator:
 
         Two backward passes from the cached state (the head alone, or the replayed tail).
         """
+        n = self.n_pairs
+        ones = torch.ones(n, device=self.hidden.device)
+        zeros = torch.zeros(n, device=self.hidden.device)
+        return self.gradient(torch.cat([ones, zeros])), self.gradient(torch.cat([zeros, ones]))
+
+    def limit(self):
+        """The likelihood oracle's r -> 0 limit on the cached pairs (:func:`limit_direction`)."""
+        from compo.zo.estimator import limit_direction  # estimator imports this module
+
+        return limit_direction(self)
+
+    def gradient(self, weights: Tensor) -> list[Tensor]:
+        """Gradient of sum_j weights_j log pi(seq_j) over the perturbed blocks (one backward)."""
         leaves = [m.detach().clone().requires_grad_(True) for m in self.scope.masters()]
         with torch.enable_grad():
             if self.tail is None:
@@ -130,11 +175,9 @@ class HeadEvaluator:
             else:
                 hidden, _, _ = self.tail.hidden(leaves[1:])
             logps = token_logps(hidden.float(), leaves[0], self.targets, self.bias, self.chunk)
-            seqs = segment_sum(logps, self.seq_index, 2 * self.n_pairs)
-            n = self.n_pairs
-            grad_chosen = torch.autograd.grad(seqs[:n].sum(), leaves, retain_graph=True)
-            grad_rejected = torch.autograd.grad(seqs[n:].sum(), leaves)
-        return list(grad_chosen), list(grad_rejected)
+            seqs = segment_sum(logps, self.seq_index, self.n_seqs)
+            grads = torch.autograd.grad((seqs * weights.to(seqs)).sum(), leaves, allow_unused=True)
+        return [torch.zeros_like(m) if g is None else g for m, g in zip(leaves, grads, strict=True)]
 
 
 class _Tail:

@@ -24,18 +24,21 @@ from tqdm.auto import tqdm
 
 from compo import distributed, state
 from compo.errors import CompoError
+from compo.interfaces import ComparisonOracle
 from compo.rundir import RunDir
 from compo.zo.directions import DirectionBatch, DirectionSampler, GaussianSphere
-from compo.zo.estimator import Expected, MonteCarlo, cosine, limit_direction, norm
+from compo.zo.estimator import TIE_RULES, Estimate, MonteCarlo, cosine, limit_direction, norm
 from compo.zo.head import HeadEvaluator
+from compo.zo.radius import AUTO_START, PARAMETER_ORACLE_RADIUS, RADIUS_SCALES, RadiusSearch
 from compo.zo.resume import CompoState, fingerprint
 from compo.zo.scope import Scope
 from compo.zo.update import clip, normalise
-from oracles.base import ParameterOracle, Verdict
 
 log = logging.getLogger(__name__)
 
 ESTIMATORS = ("monte_carlo", "expected")
+# Below this share of decisive verdicts over a run, the oracle barely spoke: say so.
+LOW_DECISIVE = 0.05
 
 
 class ComPO:
@@ -50,25 +53,35 @@ class ComPO:
     entry (~1e-5 with ~1% of a unit vector kept) are why the perturbed tensors keep an fp32 master
     copy.
 
+    Ties and abstentions carry no vote (``ties=ignore``): frac counts decisive verdicts only and
+    an iteration without any is skipped. A run whose oracle was decisive on fewer than 5% of its
+    queries ends with one warning line and ``compo.warning`` in the metrics.
+
     Args:
         num_directions: m, oracle queries per iteration.
-        radius: r, perturbation size.
+        radius: r, the perturbation size, or ``auto`` (see :mod:`compo.zo.radius`).
+        radius_scale: ``total`` (||r z|| = r, the paper) or ``per_entry`` (r per entry, the
+            authors' code: ||r z|| ~ r sqrt(d)).
+        target_differ: ``radius=auto``: share of perturbed responses that should differ.
+        radius_every: ``radius=auto``: search again every this many iterations.
+        radius_probes: ``radius=auto``: probe directions per measured share.
         threshold: lambda; an iteration with frac <= lambda is skipped.
         step_size: gamma; the step is gamma * frac * g.
         clip_threshold: lambda_g; entries of the unit vector g below it are zeroed (None: off).
         keep_fraction: Keep only this fraction of g's largest entries (None: off).
         directions: Direction sampler (default :class:`GaussianSphere`).
-        estimator: ``monte_carlo`` (oracle votes) or ``expected`` (the limit direction).
+        estimator: ``monte_carlo`` (oracle votes) or ``expected`` (the oracle's r -> 0 limit).
         centred: Centred votes y_i - mean(y).
-        antithetic: Antithetic pairs (z, -z).
+        antithetic: Antithetic pairs (z, -z), each compared with the current model.
+        ties: ``ignore`` (a tie is no vote) or ``current`` (the authors' +1).
         acceptance_check: Apply a step only if the oracle prefers the updated weights.
         modules: Extra module names to perturb besides the output layer.
         batch_size: Pairs per iteration (per oracle query).
         epochs: Passes over the pairs.
         max_iterations: Stop after this many iterations (None: all pairs, all epochs).
         perturbation_batch: Directions alive at once (memory vs. speed).
-        trace_limit: Compute the limit direction each iteration for the trace (two backward
-            passes through the head; cheap next to m oracle queries).
+        trace_limit: Compute the likelihood limit direction each iteration for the trace (two
+            backward passes through the head; cheap next to m oracle queries).
         seed: Seeds every direction through (seed, iteration, index).
         pairs_path: Run on this preference file instead of the splitter's ambiguous split (the
             cli loads it; kept here so the config holds it).
@@ -80,7 +93,11 @@ class ComPO:
     def __init__(
         self,
         num_directions: int = 1600,
-        radius: float = 5e-4,
+        radius: float | str = 5e-4,
+        radius_scale: str = "total",
+        target_differ: float = 0.5,
+        radius_every: int = 10,
+        radius_probes: int = 8,
         threshold: float = 0.2,
         step_size: float = 0.1,
         clip_threshold: float | None = None,
@@ -89,6 +106,7 @@ class ComPO:
         estimator: str = "monte_carlo",
         centred: bool = False,
         antithetic: bool = False,
+        ties: str = "ignore",
         acceptance_check: bool = False,
         modules: Sequence[str] = (),
         batch_size: int = 1,
@@ -106,9 +124,42 @@ class ComPO:
             raise CompoError(f"optimizer.estimator: {estimator!r} is not one of {ESTIMATORS}")
         if batch_size < 1 or epochs < 1:
             raise CompoError("optimizer.batch_size and optimizer.epochs must be >= 1")
+        if ties not in TIE_RULES:
+            raise CompoError(f"optimizer.ties: {ties!r} is not one of {TIE_RULES}")
+        if radius_scale not in RADIUS_SCALES:
+            raise CompoError(
+                f"optimizer.radius_scale: {radius_scale!r} is not one of {RADIUS_SCALES}"
+            )
+        self.auto_radius = radius == "auto"
+        if not self.auto_radius:
+            try:
+                radius = float(radius)
+            except (TypeError, ValueError):
+                raise CompoError(
+                    f"optimizer.radius: {radius!r} is neither a number nor 'auto'"
+                ) from None
+            if not (math.isfinite(radius) and radius > 0):
+                raise CompoError(
+                    f"optimizer.radius must be a finite number > 0 or 'auto', got {radius}"
+                )
+        if radius_every < 1:
+            raise CompoError(f"optimizer.radius_every must be >= 1, got {radius_every}")
+        self.radius, self.radius_scale = radius, radius_scale
+        self.radius_search = RadiusSearch(target_differ, radius_probes)
+        self.target_differ, self.radius_every, self.radius_probes = (
+            target_differ,
+            radius_every,
+            radius_probes,
+        )
         self.sampler = directions or GaussianSphere()
         self.monte_carlo = MonteCarlo(
-            self.sampler, num_directions, radius, perturbation_batch, centred, antithetic
+            self.sampler,
+            num_directions,
+            radius if not self.auto_radius else PARAMETER_ORACLE_RADIUS,
+            perturbation_batch,
+            centred,
+            antithetic,
+            ties,
         )
         self.estimator = estimator
         self.threshold, self.step_size = threshold, step_size
@@ -123,7 +174,8 @@ class ComPO:
     def settings(self) -> dict[str, Any]:
         """What the iterations' results depend on (for the resume fingerprint)."""
         ignored = {"epochs", "max_iterations", "progress", "pairs_path", "resume", "save_every"}
-        out = {k: v for k, v in vars(self).items() if k not in ignored | {"sampler", "monte_carlo"}}
+        skip = ignored | {"sampler", "monte_carlo", "radius_search"}
+        out = {k: v for k, v in vars(self).items() if k not in skip}
         out["sampler"] = [type(self.sampler).__name__, vars(self.sampler)]
         out["monte_carlo"] = {k: v for k, v in vars(self.monte_carlo).items() if k != "sampler"}
         return out
@@ -145,16 +197,22 @@ class ComPO:
             Summary metrics (also logged under ``compo.``), including ``changed``: whether any
             step was applied (the cli then saves a checkpoint).
         """
-        if not isinstance(oracle, ParameterOracle):
+        if not isinstance(oracle, ComparisonOracle):
             raise CompoError(
-                f"oracle {type(oracle).__name__} is not a parameter-level oracle (begin/compare); "
-                "ComPO needs one, e.g. oracle=likelihood"
+                f"oracle {type(oracle).__name__} does not implement compo.interfaces."
+                "ComparisonOracle (subclass it for the defaults); e.g. oracle=likelihood"
             )
         if not pairs:
             raise CompoError("ComPO: no pairs to run on (the ambiguous split is empty)")
         started = time.perf_counter()
+        pairs = oracle.prepare(list(pairs))
+        if not pairs:
+            log.warning("compo: skipped: the oracle kept none of the pairs (see oracle.*)")
+            summary = {"changed": False, "skipped_reason": "oracle kept no pairs"}
+            run_dir.log_metrics("compo", summary)
+            return summary
         scope = Scope(policy, self.modules)
-        own_head = HeadEvaluator()
+        head = HeadEvaluator()
         pad = tokenizer.pad_token_id
         batches = self.batches(pairs)
         keeper = CompoState(
@@ -169,10 +227,8 @@ class ComPO:
         # Rank 0 commits compo_state/ after its first iteration: every rank must have read it.
         distributed.barrier()
         rows = self._truncate_traces(run_dir, start) if distributed.is_main() else []
-        if hasattr(oracle, "iteration"):
-            # An oracle counting iterations (GenerativeOracle seeds its sampling noise with it)
-            # must count from where the committed state ends.
-            oracle.iteration = start - 1
+        self._radius = keeper.radius if start else None
+        self._fixed_radius = False
         log.info(
             "ComPO: %d iterations%s, %d perturbed parameters (%s)",
             len(batches),
@@ -185,18 +241,28 @@ class ComPO:
             todo = range(start, len(batches))
             bar = tqdm(todo, desc="compo", disable=not progress, initial=start, total=len(batches))
             for t in bar:
-                row = self._iteration(t, batches[t], policy, scope, oracle, own_head, pad, progress)
+                row = self._iteration(t, batches[t], policy, scope, oracle, head, pad, progress)
                 # The row first, then the commit: a row past the commit is dropped on resume.
                 trace.write(row)
                 rows.append(row)
                 done = t + 1
                 due = done == len(batches) or (self.save_every and done % self.save_every == 0)
                 if due and distributed.is_main():
-                    keeper.save(scope, done, batches, self.seed)
+                    keeper.save(scope, done, batches, self.seed, self._radius)
                 bar.set_postfix(frac=f"{row['frac']:.2f}", applied=row["applied"])
         scope.write_back()
         summary = _summary(rows, time.perf_counter() - started)
         summary.update(resumed_from_iteration=start, iterations_run=len(batches) - start)
+        if self.estimator == "monte_carlo" and summary["n_verdicts"]:
+            share = summary["decisive_share"]
+            if share < LOW_DECISIVE:
+                warning = (
+                    f"the oracle decided only {summary['n_decisive']} of {summary['n_verdicts']} "
+                    f"comparisons ({100 * share:.1f}%); ties teach nothing: try optimizer.radius="
+                    "auto, a larger radius, or an oracle with finer verdicts"
+                )
+                log.warning("compo: %s", warning)
+                summary["warning"] = warning
         run_dir.log_metrics("compo", summary)
         return summary
 
@@ -209,22 +275,78 @@ class ComPO:
             run_dir.path / "trace" / "compo.jsonl", lambda r: r["iteration"] < start
         )
 
-    def _iteration(self, t, batch, policy, scope, oracle, own_head, pad, progress):
+    # ------------------------------------------------------------------ radius
+    def _entries(self, scope: Scope, support) -> int:
+        """Entries one direction spans (for the per-entry convention)."""
+        if support is None:
+            return scope.numel
+        rest = sum(b.master.numel() for b in scope.blocks[1:])
+        return int(support.numel()) * scope.shapes[0][1] + rest
+
+    def _iteration_radius(self, t, oracle, scope, support) -> tuple[float, dict[str, Any]]:
+        """The total radius of iteration t, searching it under ``radius=auto`` when due."""
+        if not self.auto_radius:
+            scale = (
+                math.sqrt(self._entries(scope, support)) if self.radius_scale == "per_entry" else 1
+            )
+            return self.radius * scale, {}
+        if self._radius is not None and (self._fixed_radius or t % self.radius_every):
+            return self._radius, {}
+        probes = list(range(self.radius_probes))
+
+        def share_at(r: float) -> float:
+            shares: list[float] = []
+            for lo in range(0, len(probes), self.monte_carlo.batch):
+                dirs = self.sampler.sample(
+                    self.seed,
+                    -(t + 1),
+                    probes[lo : lo + self.monte_carlo.batch],
+                    scope.shapes,
+                    support,
+                )
+                got = oracle.differ(dirs.scaled(r))
+                if got is None:
+                    return float("nan")
+                shares.extend(got)
+            return sum(shares) / len(shares)
+
+        start = self._radius or AUTO_START
+        if oracle.kind != "output" or math.isnan(share_at(start)):
+            # The oracle reads log-probabilities (exactly, at any radius): the paper's r serves.
+            self._radius, self._fixed_radius = PARAMETER_ORACLE_RADIUS, True
+            return self._radius, {"radius_search": "not needed: the oracle reads log-probs"}
+        found = self.radius_search.search(share_at, start)
+        self._radius = found.radius
+        log.info(
+            "compo: radius %.4g (%.0f%% of responses differ, target %.0f%%)",
+            found.radius,
+            100 * found.share,
+            100 * self.target_differ,
+        )
+        return found.radius, {
+            "radius_differ": found.share,
+            "radius_tried": [[r, s] for r, s in found.tried],
+        }
+
+    # ------------------------------------------------------------------ one iteration
+    def _iteration(self, t, batch, policy, scope, oracle, head, pad, progress):
         started = time.perf_counter()
-        base = oracle.begin(policy, scope, batch, pad)
-        head = getattr(oracle, "head", None)
-        if not isinstance(head, HeadEvaluator) or head.scope is not scope:
-            head = own_head
-            base = head.begin(policy, scope, batch, pad)
+        base = head.begin(policy, scope, batch, pad)
+        oracle.begin(policy, scope, batch, pad, iteration=t, head=head)
         n = len(batch)
-        limit = None
-        if self.trace_limit or self.estimator == "expected":
-            limit = limit_direction(head)
+        limit = limit_direction(head) if self.trace_limit else None
+        radius, search = None, {}
         if self.estimator == "expected":
-            est = Expected().estimate_from_limit(limit)
+            est = self._expected(oracle, head)
         else:
-            support = head.support(self.sampler.top_k) if _needs_support(self.sampler) else None
-            est = self.monte_carlo.estimate(oracle, scope, self.seed, t, support, progress=progress)
+            support = None
+            if _needs_support(self.sampler):
+                support = oracle.support(self.sampler.top_k)
+                support = head.support(self.sampler.top_k) if support is None else support
+            radius, search = self._iteration_radius(t, oracle, scope, support)
+            est = self.monte_carlo.estimate(
+                oracle, scope, self.seed, t, support, progress=progress, radius=radius
+            )
         g, raw_norm = normalise(est.vector)
         frac = est.frac
         row: dict[str, Any] = {
@@ -235,6 +357,8 @@ class ComPO:
             "n_worse": est.n_worse,
             "n_tie": est.n_tie,
             "frac": frac,
+            "radius": radius,
+            **search,
             "frac_predicted": limit.frac if limit else None,
             "angle_ab": limit.angle if limit else None,
             "cos_limit": cosine(g, limit.direction) if limit else None,
@@ -245,14 +369,16 @@ class ComPO:
         step = self.step_size * frac
         delta = [-step * c for c in clipped]
         reason = None
-        if raw_norm == 0 or kept == 0:
+        if est.m and est.n_better + est.n_worse == 0 and self.monte_carlo.ties == "ignore":
+            reason = f"no decisive verdicts: {est.n_tie} of {est.m} ties"
+        elif raw_norm == 0 or kept == 0:
             reason = "no signal: all votes cancel"
         elif frac <= self.threshold:
             reason = f"frac {frac:.3f} <= lambda {self.threshold}"
         elif self.acceptance_check:
-            verdict = oracle.compare(DirectionBatch.from_tensors(delta))[0]
-            if verdict != Verdict.PERTURBED_BETTER:
-                reason = f"acceptance check: oracle says {verdict.name}"
+            vote = oracle.compare(DirectionBatch.from_tensors(delta))[0]
+            if not vote < 0:
+                reason = f"acceptance check: oracle's vote {float(vote):+g} is not an improvement"
         after = base
         if reason is None:
             # Before applying: the head's cache describes the current weights.
@@ -272,6 +398,18 @@ class ComPO:
         )
         return row
 
+    @staticmethod
+    def _expected(oracle, head) -> Estimate:
+        """The oracle's r -> 0 limit direction (no queries)."""
+        limit = oracle.limit()
+        if limit is None:
+            raise CompoError(
+                f"optimizer.estimator=expected: oracle {type(oracle).__name__} has no exact "
+                "r -> 0 limit; use estimator=monte_carlo"
+            )
+        frac = 0.0 if math.isnan(limit.frac) else limit.frac
+        return Estimate(limit.direction, 0, 0, 0, 0, 0.0, implied_frac=frac)
+
 
 def _needs_support(sampler) -> bool:
     return bool(getattr(sampler, "needs_support", False))
@@ -290,14 +428,23 @@ def _summary(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         return [a - b for r in rows for a, b in zip(r[after], r[before], strict=True)]
 
     d_chosen, d_rejected = changes("chosen"), changes("rejected")
+    n_verdicts = sum(r["m"] for r in rows)
+    n_decisive = sum(r["n_better"] + r["n_worse"] for r in rows)
+    radii = [r["radius"] for r in rows if r.get("radius") is not None]
     return {
         "changed": bool(applied),
         "n_iterations": len(rows),
         "n_applied": len(applied),
         "n_skipped": len(rows) - len(applied),
+        "n_verdicts": n_verdicts,
+        "n_decisive": n_decisive,
+        "decisive_share": n_decisive / n_verdicts if n_verdicts else None,
         "frac_mean": _mean(r["frac"] for r in rows),
         "frac_predicted_mean": _mean(r["frac_predicted"] for r in rows),
         "cos_limit_mean": _mean(r["cos_limit"] for r in rows),
+        "radius_mean": _mean(radii),
+        "radius_last": radii[-1] if radii else None,
+        "radius_differ_mean": _mean(r.get("radius_differ") for r in rows),
         "delta_norm_sum": sum(r["delta_norm"] for r in rows),
         "delta_logp_chosen_mean": _mean(d_chosen),
         "delta_logp_rejected_mean": _mean(d_rejected),

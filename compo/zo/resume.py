@@ -64,6 +64,7 @@ class CompoState:
 
     def __init__(self, state_dir: Path, fingerprint: str) -> None:
         self.dir, self.fingerprint = state_dir, fingerprint
+        self.radius: float | None = None  # the radius in force at the commit (radius=auto)
 
     def load(self, scope: Scope) -> int:
         """Restores the committed master weights into ``scope``; returns iterations done (0: none).
@@ -88,10 +89,22 @@ class CompoState:
             for block in scope.blocks:
                 block.master.copy_(tensors[block.name])
         scope.write_back()
+        self.radius = progress.get("radius")
         return int(progress["iteration"])
 
-    def save(self, scope: Scope, done: int, batches: Sequence[Sequence], seed: int) -> None:
-        """Commits the master weights after ``done`` iterations (of ``len(batches)``)."""
+    def save(
+        self,
+        scope: Scope,
+        done: int,
+        batches: Sequence[Sequence],
+        seed: int,
+        radius: float | None = None,
+    ) -> None:
+        """Commits the master weights after ``done`` iterations (of ``len(batches)``).
+
+        ``radius`` is the radius in force (searched under ``radius=auto``), so a resumed run
+        continues with it instead of searching at an iteration an uninterrupted run would not.
+        """
         tensors = {b.name: b.master.detach().float().contiguous().cpu() for b in scope.blocks}
         progress = {
             "iteration": done,
@@ -100,6 +113,7 @@ class CompoState:
             "next_pair_ids": [p.pair_id for p in batches[done]] if done < len(batches) else [],
             "seed": seed,
             "fingerprint": self.fingerprint,
+            "radius": radius,
         }
         state.commit(
             self.dir, done, {"weights": ("safetensors", safetensors_save(tensors))}, progress

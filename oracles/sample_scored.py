@@ -1,0 +1,218 @@
+"""Judge-scored samples: the judge is consulted K times per prompt and iteration, not per query.
+
+Each iteration samples K responses y_1..y_K for each prompt of the batch from the current model
+and has the judge score them once (a scoring judge: K calls; a pairwise judge ranks them, with
+K - 1 comparisons against the first sample or K(K - 1)/2 for a full round robin, scores = wins -
+losses). A perturbation theta + delta is then better when it raises the expected score, estimated
+with self-normalised importance weights
+
+    w_k = pi_{theta+delta}(y_k | x) / pi_theta(y_k | x),
+    E_{theta+delta}[s] ~ sum_k w_k s_k / sum_k w_k,
+
+which are computed exactly from the cached hidden states of the samples (the output layer alone
+changes, :meth:`compo.zo.head.HeadEvaluator.for_sequences`): no response is generated per
+perturbation, so m can be large and judge calls per iteration do not depend on m. The vote is the
+sign of the change (or the change itself with ``graded: true``); a prompt whose samples all score
+the same carries no vote.
+
+Its r -> 0 limit (``optimizer.estimator=expected``) is the direction of
+sum_k (s_k - mean s) grad log pi(y_k | x): the policy gradient of the expected score restricted to
+the perturbed parameters, with the mean score as baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from compo.interfaces import ComparisonOracle, CompoError, OracleError, Verdict
+from oracles.generative import Decoder, eos_ids, judge_prompt, local_generator
+
+log = logging.getLogger(__name__)
+
+RANKINGS = ("reference", "round_robin")
+
+
+@dataclass
+class SampleLimit:
+    """The r -> 0 direction (unit, E[y z] sign convention) and the predicted share of wins."""
+
+    direction: list[torch.Tensor]
+    frac: float
+
+
+class SampleScoredOracle(ComparisonOracle):
+    """Votes from importance-weighted judge scores of the current model's own samples.
+
+    Args:
+        judge: An output judge; ``score`` is used when it has one, else pairwise ``judge``.
+        num_samples: K, responses sampled per prompt per iteration.
+        max_new_tokens: Longest sampled response.
+        temperature: Sampling temperature (the samples are the current policy's at this
+            temperature; the importance weights use the model's own probabilities).
+        seed: Seeds the sampling noise per (iteration, prompt).
+        ranking: Pairwise judges: ``reference`` (K - 1 comparisons with the first sample) or
+            ``round_robin`` (all K (K - 1) / 2 pairs).
+        graded: Votes carry the estimated change of the expected score, not only its sign.
+    """
+
+    kind = "output"
+
+    def __init__(
+        self,
+        judge: Any,
+        num_samples: int = 4,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        seed: int = 0,
+        ranking: str = "reference",
+        graded: bool = False,
+    ) -> None:
+        if num_samples < 2:
+            raise CompoError(f"oracle.num_samples must be >= 2, got {num_samples}")
+        if max_new_tokens < 1:
+            raise CompoError(f"oracle.max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise CompoError(f"oracle.temperature must be > 0, got {temperature}")
+        if ranking not in RANKINGS:
+            raise CompoError(f"oracle.ranking: {ranking!r} is not one of {RANKINGS}")
+        self.judge, self.num_samples, self.max_new_tokens = judge, num_samples, max_new_tokens
+        self.temperature, self.seed, self.ranking, self.graded = temperature, seed, ranking, graded
+        self.tokenizer = None
+        self._trace = None
+        self.counts = dict.fromkeys(
+            ("iterations", "samples", "texts_scored", "judge_calls", "queries"), 0
+        )
+        self.counts.update(perturbed_better=0, current_better=0, ties=0, flat_prompts=0)
+        self.seconds = {"generation": 0.0, "judge": 0.0}
+
+    def bind(self, tokenizer: Any, run_dir: Any = None) -> None:
+        """Gives the tokenizer (to decode samples) and optionally a RunDir for the trace."""
+        self.tokenizer = tokenizer
+        if run_dir is not None and self._trace is None:
+            self._trace = run_dir.trace("oracle")
+
+    def check(self) -> None:
+        """Validates the judge before any expensive work."""
+        self.judge.check()
+
+    # ------------------------------------------------------------------ per iteration
+    @torch.no_grad()
+    def begin(self, model, scope, pairs, pad_token_id, *, iteration: int, head) -> None:
+        """Samples K responses per distinct prompt, has the judge score them, caches their state."""
+        if self.tokenizer is None:
+            raise OracleError("SampleScoredOracle: call bind(tokenizer) before begin()")
+        prompts_ids = list(dict.fromkeys(tuple(p.prompt_ids) for p in pairs))
+        decoder = Decoder(
+            model, scope, eos_ids(model, self.tokenizer), pad_token_id, self.max_new_tokens
+        )
+        started = time.perf_counter()
+        samples: list[list[list[int]]] = []
+        for j, ids in enumerate(prompts_ids):
+            gen = local_generator(self.seed, iteration, j, device=decoder.weight.device)
+            rows = decoder.generate(
+                decoder.prefill(ids), self.num_samples, None, gen, self.temperature, False
+            )
+            samples.append(rows)
+        self.seconds["generation"] += time.perf_counter() - started
+        started = time.perf_counter()
+        texts = [judge_prompt(self.tokenizer.decode(list(ids))) for ids in prompts_ids]
+        scores = torch.tensor([self._scores(texts[j], rows) for j, rows in enumerate(samples)])
+        self.seconds["judge"] += time.perf_counter() - started
+        # Advantages: a prompt whose samples all score the same teaches nothing (all zero).
+        self.advantage = scores - scores.mean(-1, keepdim=True)
+        self.counts["flat_prompts"] += int((self.advantage.abs().sum(-1) == 0).sum())
+        self.counts["iterations"] += 1
+        self.counts["samples"] += scores.numel()
+        k = self.num_samples
+        self.head = head.for_sequences(
+            model,
+            [ids for ids in prompts_ids for _ in range(k)],
+            [row for rows in samples for row in rows],
+            pad_token_id,
+        )
+        self.iteration, self.n_prompts = iteration, len(prompts_ids)
+        if self._trace is not None:
+            self._trace.write(
+                {
+                    "iteration": iteration,
+                    "scores": scores.tolist(),
+                    "sample_tokens": [[len(r) for r in rows] for rows in samples],
+                }
+            )
+
+    def _scores(self, prompt: str, rows: list[list[int]]) -> list[float]:
+        """The judge's score of each sample (or wins - losses from pairwise comparisons)."""
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
+        scored = self.judge.score([prompt] * len(texts), texts)
+        if scored is not None:
+            self.counts["texts_scored"] += len(texts)
+            self.counts["judge_calls"] += len(texts)
+            values = [float(v) for v in scored]
+            if not all(math.isfinite(v) for v in values):
+                raise OracleError(f"judge {type(self.judge).__name__}: non-finite score {values}")
+            return values
+        k = len(texts)
+        if self.ranking == "reference":
+            matches = [(0, b) for b in range(1, k)]
+        else:
+            matches = [(a, b) for a in range(k) for b in range(a + 1, k)]
+        asks = [(prompt, texts[a], texts[b]) for a, b in matches if texts[a] != texts[b]]
+        played = [(a, b) for a, b in matches if texts[a] != texts[b]]
+        wins = [0.0] * k
+        for (a, b), judgement in zip(played, self.judge.judge_batch(asks), strict=True):
+            if judgement.verdict == Verdict.PERTURBED_BETTER:  # b beats a
+                wins[b] += 1
+                wins[a] -= 1
+            elif judgement.verdict == Verdict.CURRENT_BETTER:
+                wins[a] += 1
+                wins[b] -= 1
+        self.counts["judge_calls"] += len(asks)
+        return wins
+
+    def compare(self, deltas: Any) -> list[float]:
+        """Votes from the importance-weighted change of the expected score."""
+        k = self.num_samples
+        change = self.head.deltas(deltas).view(len(deltas), self.n_prompts, k)
+        weights = torch.softmax(change.double(), dim=-1)  # self-normalised w_k at theta + delta
+        gain = (weights * self.advantage.double()).sum((-1, -2))  # E_new[s] - E_cur[s], summed
+        votes = []
+        for value in gain.tolist():
+            if value > 0:
+                self.counts["perturbed_better"] += 1
+            elif value < 0:
+                self.counts["current_better"] += 1
+            else:
+                self.counts["ties"] += 1
+            votes.append(-value if self.graded else float(-(value > 0) + (value < 0)))
+        self.counts["queries"] += len(votes)
+        return votes
+
+    def support(self, top_k: int) -> Any:
+        """Output-layer rows of the samples' tokens and the top-k predicted ones."""
+        return self.head.support(top_k)
+
+    def limit(self) -> SampleLimit:
+        """-(sum_k a_k grad log pi(y_k)) / ||.||: the policy gradient of the expected score."""
+        grad = self.head.gradient(self.advantage.flatten() / self.num_samples)
+        total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grad))
+        if total == 0:
+            return SampleLimit([torch.zeros_like(g) for g in grad], 0.0)
+        # A linear functional improves under half of all directions: frac = 1/2.
+        return SampleLimit([-g / total for g in grad], 0.5)
+
+    def usage(self) -> dict[str, Any]:
+        """Counters for ``metrics.json``: this oracle's, then the judge's under ``judge.``."""
+        out: dict[str, Any] = dict(self.counts)
+        q = self.counts["queries"]
+        decided = self.counts["perturbed_better"] + self.counts["current_better"]
+        out["decisive_share"] = decided / q if q else None
+        out["generation_seconds"] = round(self.seconds["generation"], 3)
+        out["judge_seconds"] = round(self.seconds["judge"], 3)
+        out.update({f"judge.{k}": v for k, v in self.judge.usage().items()})
+        return out
