@@ -136,6 +136,52 @@ class Decoder:
             cache, h = out.past_key_values, out.last_hidden_state[:, -1]
         return tokens
 
+    @torch.no_grad()
+    def sample(
+        self, prompts: Sequence[Sequence[int]], k: int, gen: torch.Generator, temperature: float
+    ) -> list[list[list[int]]]:
+        """``k`` independent samples for each prompt from the current head, all in one batch.
+
+        Prompts are left-padded (masked) so that every row decodes in the same forward passes.
+        """
+        rows = [list(p) for p in prompts for _ in range(k)]
+        width = max(map(len, rows))
+        device = self.weight.device
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for r, seq in enumerate(rows):
+            ids[r, width - len(seq) :] = torch.tensor(seq, device=device)
+            mask[r, width - len(seq) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        decoder = self.model.get_decoder()
+        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+        position = positions[:, -1:]
+        tokens: list[list[int]] = [[] for _ in rows]
+        done = [False] * len(rows)
+        for _ in range(self.max_new_tokens):
+            logits = F.linear(h.float(), self.weight.float(), self.bias)
+            nxt = self._pick(logits, gen, temperature, shared_noise=False)
+            for r in range(len(rows)):
+                if not done[r]:
+                    tokens[r].append(int(nxt[r]))
+                    done[r] = int(nxt[r]) in self.eos
+            if all(done):
+                break
+            feed = nxt.clone()
+            feed[torch.tensor(done)] = self.pad
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position = position + 1
+            out = decoder(
+                input_ids=feed[:, None],
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+        return [tokens[j * k : (j + 1) * k] for j in range(len(prompts))]
+
     def _head_product(self, deltas: Any, h: torch.Tensor) -> torch.Tensor:
         """Row i: h_i dZ_i^T for the output-layer piece of direction i, in logit space."""
         piece, coef = deltas.pieces[0], deltas.coef

@@ -112,13 +112,8 @@ class SampleScoredOracle(ComparisonOracle):
             model, scope, eos_ids(model, self.tokenizer), pad_token_id, self.max_new_tokens
         )
         started = time.perf_counter()
-        samples: list[list[list[int]]] = []
-        for j, ids in enumerate(prompts_ids):
-            gen = local_generator(self.seed, iteration, j, device=decoder.weight.device)
-            rows = decoder.generate(
-                decoder.prefill(ids), self.num_samples, None, gen, self.temperature, False
-            )
-            samples.append(rows)
+        gen = local_generator(self.seed, iteration, device=decoder.weight.device)
+        samples = decoder.sample(prompts_ids, self.num_samples, gen, self.temperature)
         self.seconds["generation"] += time.perf_counter() - started
         started = time.perf_counter()
         texts = [judge_prompt(self.tokenizer.decode(list(ids))) for ids in prompts_ids]

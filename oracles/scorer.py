@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,13 +46,29 @@ def prompt_overlap(prompt: str, text: str, target_length: int = 200) -> float:
     return overlap - max(0, len(text) - target_length) / max(target_length, 1)
 
 
+def _import(module_name: str):
+    """Imports a module, also from the working directory (as ``python -m`` would).
+
+    The ``compo`` console script does not put the working directory on ``sys.path``; a scorer in
+    the user's own project (``mypkg.rules.score`` next to their data) should still be found.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        cwd = os.getcwd()
+        if cwd in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(module_name)
+
+
 def resolve_callable(path: str, where: str) -> Callable[..., Any]:
     """Imports ``package.module.name`` and returns the callable it names."""
     module_name, _, attr = path.rpartition(".")
     if not module_name:
         raise CompoError(f"{where}: {path!r} is not a dotted path like 'package.module.function'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ImportError as exc:
         raise CompoError(f"{where}: cannot import module {module_name!r} ({exc})") from exc
     target = getattr(module, attr, None)
@@ -66,19 +84,22 @@ class ScorerJudge(OutputJudge):
         scorer: Dotted import path of a callable ``text -> float`` (or the callable itself).
         epsilon: Scores closer than this are a tie.
         with_prompt: Call ``scorer(prompt, text)`` instead of ``scorer(text)``.
+        batched: The callable takes lists, ``scorer(prompts, texts) -> list[float]``: one call
+            per batch of texts (e.g. a neural scorer); implies ``with_prompt``.
     """
 
     name = "scorer"
 
     def __init__(
         self,
-        scorer: str | Callable[..., float] = "oracles.scorer.readable_text",
+        scorer: str | Callable[..., Any] = "oracles.scorer.readable_text",
         epsilon: float = 0.0,
         with_prompt: bool = False,
+        batched: bool = False,
     ) -> None:
         self.scorer_name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "?")
         self._scorer = scorer if callable(scorer) else None
-        self.epsilon, self.with_prompt = float(epsilon), with_prompt
+        self.epsilon, self.with_prompt, self.batched = float(epsilon), with_prompt, batched
         self._lock = threading.Lock()
         self.counts = {"calls": 0, "identical": 0, "abstentions": 0, "texts_scored": 0}
 
@@ -86,13 +107,20 @@ class ScorerJudge(OutputJudge):
         """Resolves the scorer (a bad import path fails here, before any model work)."""
         if self._scorer is None:
             self._scorer = resolve_callable(self.scorer_name, "oracle.scorer")
-        if self.epsilon < 0:
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
             raise CompoError(f"oracle.scorer: epsilon must be >= 0, got {self.epsilon}")
 
-    def _score(self, prompt: str, text: str) -> float:
+    def _call(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
         try:
-            value = self._scorer(prompt, text) if self.with_prompt else self._scorer(text)
-            return float(value)
+            if self.batched:
+                values = list(self._scorer(list(prompts), list(texts)))
+                if len(values) != len(texts):
+                    raise ValueError(f"returned {len(values)} scores for {len(texts)} texts")
+            elif self.with_prompt:
+                values = [self._scorer(p, t) for p, t in zip(prompts, texts, strict=True)]
+            else:
+                values = [self._scorer(t) for t in texts]
+            return [float(v) for v in values]
         except Exception as exc:  # the scorer is user code: report it, never guess a verdict
             raise OracleError(
                 f"oracle.scorer: {self.scorer_name} failed: {type(exc).__name__}: {exc}"
@@ -103,7 +131,7 @@ class ScorerJudge(OutputJudge):
         self.check()
         with self._lock:
             self.counts["texts_scored"] += len(texts)
-        return [self._score(p, t) for p, t in zip(prompts, texts, strict=True)]
+        return self._call(prompts, texts) if texts else []
 
     def judge(self, prompt: str, current: str, perturbed: str) -> Judgement:
         """PERTURBED_BETTER when ``perturbed`` scores more than ``epsilon`` above ``current``."""
@@ -115,7 +143,7 @@ class ScorerJudge(OutputJudge):
         with self._lock:
             self.counts["calls"] += 1
             self.counts["texts_scored"] += 2
-        a, b = self._score(prompt, current), self._score(prompt, perturbed)
+        a, b = self._call([prompt, prompt], [current, perturbed])
         if not (math.isfinite(a) and math.isfinite(b)):
             with self._lock:
                 self.counts["abstentions"] += 1

@@ -117,3 +117,21 @@ class HiddenUtility:
             raise ValueError("prompts and responses differ in length")
         rel = self.relevance(prompts, responses)
         return [round(a + rule_terms(y), 6) for a, y in zip(rel, responses, strict=True)]
+
+
+_SHARED: HiddenUtility | None = None
+
+
+def blackbox_score(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """U as a black-box batched scorer for compo's output-level oracles.
+
+        compo ... oracle.judge.scorer=experiments.benchmark.utility.blackbox_score \\
+            oracle.judge.batched=true
+
+    The optimizer only ever sees the comparisons or scores this returns; the encoder is loaded
+    once per process.
+    """
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = HiddenUtility()
+    return _SHARED(prompts, responses)
