@@ -132,6 +132,7 @@ class SampleScoredOracle(ComparisonOracle):
             pad_token_id,
         )
         self.iteration, self.n_prompts = iteration, len(prompts_ids)
+        self.eos = torch.tensor(sorted(decoder.eos), device=decoder.weight.device)
         if self._trace is not None:
             self._trace.write(
                 {
@@ -189,8 +190,12 @@ class SampleScoredOracle(ComparisonOracle):
         return votes
 
     def support(self, top_k: int) -> Any:
-        """Output-layer rows of the samples' tokens and the top-k predicted ones."""
-        return self.head.support(top_k)
+        """Output-layer rows of the samples' tokens, the top-k predicted ones and end-of-turn.
+
+        End-of-turn is always in: stopping earlier is a move every prompt allows, even when no
+        sample happened to stop (samples cut by the token limit never show it).
+        """
+        return torch.unique(torch.cat([self.head.support(top_k), self.eos]))
 
     def limit(self) -> SampleLimit:
         """-(sum_k a_k grad log pi(y_k)) / ||.||: the policy gradient of the expected score."""

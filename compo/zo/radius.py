@@ -104,5 +104,8 @@ class RadiusSearch:
                     hi = mid
                 else:
                     lo = mid
-        best_r, best_s = min(tried, key=lambda t: (abs(t[1] - self.target), -t[1]))
+        # Closest to the target; among equals, one that reaches it, then the smallest radius.
+        best_r, best_s = min(
+            tried, key=lambda t: (abs(t[1] - self.target), t[1] < self.target, t[0])
+        )
         return SearchResult(best_r, best_s, tried)

@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     e = sub.add_parser("eval", help="held-out answers and U of run dirs")
     e.add_argument("paths", type=Path, nargs="*")
     e.add_argument("--base-only", action="store_true", help="only the starting model's answers")
-    e.add_argument("--samples", type=int, default=4, help="sampled answers per prompt")
+    e.add_argument("--samples", type=int, default=3, help="sampled answers per prompt")
     e.add_argument("--max-new-tokens", type=int, default=48)
     e.add_argument("--force", action="store_true")
     r = sub.add_parser("report", help="the results table")

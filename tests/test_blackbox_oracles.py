@@ -1,0 +1,293 @@
+"""Black-box oracles teach: every output-level design moves the model toward what the judge likes.
+
+The judge is a scorer that prefers shorter answers (score = -len(text)), used strictly as a black
+box: ComPO sees its comparisons or scores only. Each design trains the tiny model on six prompts
+and must shorten its greedy answers to six prompts it never saw. Plus: the radius search, the tie
+rule, the all-tie warning, judge-labelled pairs and the oracle contract.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from compo.cli import CONFIG_DIR
+from compo.data import PreferencePair
+from compo.encoding import encode_pairs
+from compo.interfaces import ComparisonOracle, OutputJudge, Verdict
+from compo.models import TinyModel
+from compo.rundir import RunDir
+from compo.zo import ComPO, GaussianSphere, SupportRestricted
+from compo.zo.estimator import MonteCarlo
+from compo.zo.radius import RadiusSearch
+from compo.zo.scope import Scope
+from oracles.generative import GenerativeOracle
+from oracles.judged_pairs import JudgedPairsOracle
+from oracles.sample_scored import SampleScoredOracle
+from oracles.scorer import ScorerJudge
+from tests.conftest import QUESTIONS
+
+TRAIN = [q for q, _ in QUESTIONS]
+HELD_OUT = [
+    "Name an animal.",
+    "What is 3+5?",
+    "Capital of Spain?",
+    "Name a drink.",
+    "Opposite of up?",
+    "Name a tree.",
+]
+MAX_NEW = 24
+
+
+def shorter(text: str) -> float:
+    """The judge's taste: shorter answers are better."""
+    return -float(len(text))
+
+
+def constant(text: str) -> float:
+    return 1.0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _mean_length(model, tokenizer, prompts) -> float:
+    lengths = []
+    for prompt in prompts:
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        out = model.generate(
+            **enc, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        new = out[0, enc["input_ids"].shape[1] :]
+        lengths.append(len(tokenizer.decode(new, skip_special_tokens=True)))
+    return sum(lengths) / len(lengths)
+
+
+def _train(tmp_path, make_oracle, scorer=shorter, **settings):
+    model, tokenizer = TinyModel(seed=0).load()
+    pairs = [PreferencePair(f"t{i}", q, "a", "b") for i, q in enumerate(TRAIN)]
+    encoded, _ = encode_pairs(pairs, tokenizer, 256, 128)
+    oracle = make_oracle(ScorerJudge(scorer))
+    run_dir = RunDir(tmp_path)
+    oracle.bind(tokenizer, run_dir)
+    oracle.check()
+    before = _mean_length(model, tokenizer, HELD_OUT)
+    options = dict(
+        directions=SupportRestricted(4),
+        step_size=1.0,
+        threshold=0.0,
+        keep_fraction=None,
+        epochs=4,
+        progress=False,
+        seed=0,
+    )
+    summary = ComPO(**(options | settings)).run(model, tokenizer, encoded, oracle, run_dir)
+    return before, _mean_length(model, tokenizer, HELD_OUT), summary, oracle, run_dir
+
+
+def _generative(**kwargs):
+    return lambda judge: GenerativeOracle(judge, max_new_tokens=MAX_NEW, **kwargs)
+
+
+def _sample_scored(**kwargs):
+    return lambda judge: SampleScoredOracle(judge, num_samples=4, max_new_tokens=MAX_NEW, **kwargs)
+
+
+DESIGNS = {
+    "generative": (_generative(), dict(radius="auto", num_directions=32)),
+    "antithetic": (_generative(query="antithetic"), dict(radius="auto", num_directions=32)),
+    "graded": (_generative(graded=True), dict(radius="auto", num_directions=32)),
+    # Two prompts per query: at target_differ 0.5 the search settles on r ~ 0.1, where a changed
+    # response is rarely better in sum, and 2 of 18 steps applied; at 0.8, 16 of 18.
+    "batched": (
+        _generative(),
+        dict(radius="auto", target_differ=0.8, num_directions=32, batch_size=2, epochs=6),
+    ),
+    "sample_scored": (_sample_scored(), dict(num_directions=256, perturbation_batch=64)),
+    "sample_scored_expected": (_sample_scored(), dict(estimator="expected")),
+}
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_each_design_teaches_the_judges_taste_on_unseen_prompts(tmp_path, design):
+    make, settings = DESIGNS[design]
+    before, after, summary, oracle, _ = _train(tmp_path, make, **settings)
+    assert summary["n_applied"] > 0
+    assert after < before - 1.0, (design, before, after)  # greedy answers got shorter
+    usage = oracle.usage()
+    assert usage["judge.texts_scored"] > 0  # the judge, not the likelihood, taught it
+
+
+def test_sample_scored_spends_k_calls_per_prompt_whatever_m(tmp_path):
+    calls = []
+    for m in (16, 64):
+        _, _, _, oracle, _ = _train(
+            tmp_path / str(m), _sample_scored(), num_directions=m, epochs=1, max_iterations=2
+        )
+        calls.append(oracle.usage()["judge.texts_scored"])
+    assert calls == [2 * 4, 2 * 4]  # 2 iterations x 1 prompt x K = 4 samples, for any m
+
+
+def test_radius_search_reaches_its_target():
+    search = RadiusSearch(target=0.5, probes=8, tolerance=0.05)
+    found = search.search(lambda r: 1 - math.exp(-r / 3.0), start=1.0)
+    assert abs(found.share - 0.5) <= 0.05
+    assert abs(found.radius - 3.0 * math.log(2)) / (3.0 * math.log(2)) < 0.3
+    high = search.search(lambda r: 1.0 if r > 1e-3 else 0.0, start=1.0)
+    assert high.share == 1.0 and high.radius <= 1e-3 * 4  # brackets downward too
+
+
+def test_auto_radius_on_the_tiny_model_hits_the_target_share(tmp_path):
+    _, _, summary, _, run_dir = _train(
+        tmp_path, _generative(), radius="auto", num_directions=8, max_iterations=1, epochs=1
+    )
+    row = json.loads((run_dir.path / "trace" / "compo.jsonl").read_text().splitlines()[0])
+    assert abs(row["radius_differ"] - 0.5) <= 0.15, row["radius_tried"]
+    assert summary["radius_last"] == row["radius"] > 0
+    assert summary["radius_differ_mean"] == row["radius_differ"]
+
+
+def test_the_papers_radius_changes_no_response_and_the_run_says_so(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, _, summary, oracle, _ = _train(
+            tmp_path, _generative(), radius=5e-4, num_directions=8, max_iterations=2, epochs=1
+        )
+    assert summary["n_applied"] == 0 and summary["decisive_share"] == 0.0
+    assert "ties teach nothing" in summary["warning"]
+    assert any("decided only 0 of 16" in r.getMessage() for r in caplog.records)
+    assert oracle.usage()["identical_ties"] == 16
+
+
+def test_all_tie_judge_warns_and_applies_nothing(tmp_path):
+    _, _, summary, oracle, _ = _train(
+        tmp_path, _generative(), scorer=constant, radius=20.0, num_directions=8, epochs=1
+    )
+    assert summary["n_applied"] == 0 and summary["n_decisive"] == 0
+    assert "warning" in summary
+    assert oracle.usage()["judge.texts_scored"] > 0  # responses differed; the judge tied them
+
+
+class _AllTies(ComparisonOracle):
+    def begin(self, *args, **kwargs):
+        pass
+
+    def compare(self, deltas):
+        return [Verdict.TIE] * len(deltas)
+
+
+def test_ties_are_no_votes_unless_the_authors_rule_is_asked_for():
+    model, _ = TinyModel(seed=0).load()
+    scope = Scope(model)
+    ignore = MonteCarlo(GaussianSphere(), num_directions=6, radius=1.0, batch=3)
+    est = ignore.estimate(_AllTies(), scope, seed=0, iteration=0)
+    assert est.n_tie == 6 and est.frac == 0.0
+    assert all(torch.count_nonzero(t) == 0 for t in est.vector)  # no push at all
+    authors = MonteCarlo(GaussianSphere(), num_directions=6, radius=1.0, batch=3, ties="current")
+    est = authors.estimate(_AllTies(), scope, seed=0, iteration=0)
+    assert est.n_tie == 6 and est.m == 6 and est.frac == 0.0
+    assert any(torch.count_nonzero(t) > 0 for t in est.vector)  # each tie voted +1
+
+
+def test_judged_pairs_reorients_drops_and_then_learns_the_judges_labels(tmp_path):
+    model, tokenizer = TinyModel(seed=0).load()
+    pairs = [
+        PreferencePair("keep", "Name a color.", "Red.", "A long answer about colors."),
+        PreferencePair("flip", "Name a fruit.", "A long answer about fruit.", "Pear."),
+        PreferencePair("tie", "Name a planet.", "Mars.", "Moon."),
+    ]
+    encoded, _ = encode_pairs(pairs, tokenizer, 256, 128)
+    oracle = JudgedPairsOracle(ScorerJudge(shorter))
+    run_dir = RunDir(tmp_path)
+    oracle.bind(tokenizer, run_dir)
+    oracle.check()
+    summary = ComPO(
+        num_directions=64, step_size=1.0, threshold=0.0, keep_fraction=None, epochs=3,
+        radius=1e-3, progress=False, directions=GaussianSphere(),
+    ).run(model, tokenizer, encoded, oracle, run_dir)  # fmt: skip
+    usage = oracle.usage()
+    assert (usage["pairs_kept"], usage["pairs_flipped"], usage["pairs_dropped"]) == (1, 1, 1)
+    assert usage["judge.texts_scored"] == 6  # two texts per pair, once for the whole run
+    labels = [json.loads(x) for x in (run_dir.path / "judged_pairs.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in labels] == ["kept", "flipped", "dropped"]
+    # The judged "chosen" of the flipped pair is "Pear.": its margin over the long answer grew.
+    rows = [
+        json.loads(x) for x in (run_dir.path / "trace" / "compo.jsonl").read_text().splitlines()
+    ]
+    flipped = [r for r in rows if r["pair_ids"] == ["flip"]]
+    gain = sum(
+        (r["logp_chosen_after"][0] - r["logp_rejected_after"][0])
+        - (r["logp_chosen_before"][0] - r["logp_rejected_before"][0])
+        for r in flipped
+    )
+    assert summary["n_applied"] > 0 and gain > 0
+
+
+def test_auto_radius_is_kept_across_resume(tmp_path):
+    settings = dict(radius="auto", num_directions=4, radius_every=10, epochs=1)
+    _train(tmp_path, _generative(), max_iterations=2, **settings)
+    progress = json.loads((tmp_path / "compo_state" / "progress.json").read_text())
+    stored = progress["radius"]
+    assert stored and stored > 0
+    _, _, summary, _, run_dir = _train(tmp_path, _generative(), max_iterations=3, **settings)
+    assert summary["resumed_from_iteration"] == 2
+    rows = [
+        json.loads(x) for x in (run_dir.path / "trace" / "compo.jsonl").read_text().splitlines()
+    ]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert rows[2]["radius"] == stored and "radius_tried" not in rows[2]  # no new search
+
+
+# ---------------------------------------------------------------------- the contract
+def _oracle_configs():
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / "oracle").glob("*.yaml") if p.stem != "none")
+
+
+@pytest.mark.parametrize("name", _oracle_configs())
+def test_every_oracle_config_builds_a_comparison_oracle(name):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"oracle={name}"])
+    oracle = instantiate(cfg.oracle)
+    assert isinstance(oracle, ComparisonOracle)
+    assert oracle.kind in ("parameter", "output")
+    if "judge" in cfg.oracle:
+        assert isinstance(oracle.judge, OutputJudge)
+
+
+def test_every_judge_config_is_in_the_conformance_registry():
+    from tests.test_oracle_conformance import BACKENDS
+
+    judges = sorted(p.stem for p in (Path(CONFIG_DIR) / "oracle" / "judge").glob("*.yaml"))
+    assert judges == sorted(BACKENDS)
+
+
+def test_oracles_import_only_the_interface_module_of_compo():
+    """Module-level imports from compo in oracles/ go through compo.interfaces only.
+
+    Lazy imports inside functions are allowed for plumbing that needs compo's models (the tiny
+    reward model, the judge server's backends, the default cache directory).
+    """
+    for path in sorted(Path("oracles").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("compo"):
+                assert node.module == "compo.interfaces", f"{path}: from {node.module} import"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("compo") for a in node.names), path
