@@ -175,7 +175,8 @@ class ComPO:
         """What the iterations' results depend on (for the resume fingerprint)."""
         ignored = {"epochs", "max_iterations", "progress", "pairs_path", "resume", "save_every"}
         skip = ignored | {"sampler", "monte_carlo", "radius_search"}
-        out = {k: v for k, v in vars(self).items() if k not in skip}
+        # Run state (``_radius``) is not a setting: a resumed run restores it from the commit.
+        out = {k: v for k, v in vars(self).items() if k not in skip and not k.startswith("_")}
         out["sampler"] = [type(self.sampler).__name__, vars(self.sampler)]
         out["monte_carlo"] = {k: v for k, v in vars(self.monte_carlo).items() if k != "sampler"}
         return out

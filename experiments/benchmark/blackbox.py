@@ -12,8 +12,9 @@ Steps (repository root)::
     python experiments/benchmark/blackbox.py report multirun/bb-* --out experiments/results/blackbox
 
 ``data`` writes one pair per training prompt: its best and worst sampled response by U (gap at
-least 0.02), in a fixed shuffled order. The black-box arms use only its prompts; the first-order reference (DPO on pairs
-labelled by the same scorer) trains on it, which costs 4 scorer calls per prompt.
+least 0.02), in a fixed shuffled order. The black-box arms use only its prompts; the first-order
+reference (DPO on pairs labelled by the same scorer) trains on it: 4 scorer calls per prompt.
+A run that applied no step has no checkpoint; its answers are the starting model's.
 
 ``eval`` answers every held-out prompt greedily and with ``--samples`` sampled answers (the same
 seeded sampling streams for every model, ``experiments/generation.py``) and scores them with U.
@@ -176,17 +177,25 @@ def bootstrap(evals: list[dict], base: dict, reps: int, seed: int = 0) -> dict[s
 def report(paths: list[Path], out: Path, reps: int) -> str:
     from omegaconf import OmegaConf
 
-    from experiments.benchmark.heldout import run_dirs
-
     arms: dict[str, list[tuple[Path, dict, dict]]] = {}
-    for run in run_dirs(paths):
-        if not (run / "blackbox_eval.json").exists():
+    runs = sorted({m.parent for path in paths for m in path.rglob("metrics.json")})
+    base_files = sorted(RESULTS.glob("base_answers_*.json"))
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        if "run.seconds" not in metrics:
+            log.warning("%s: unfinished run: left out", run)
+            continue
+        if (run / "checkpoint").is_dir() and not (run / "blackbox_eval.json").exists():
             log.warning("%s: not evaluated (run the eval step): left out", run)
             continue
+        if not (run / "checkpoint").is_dir():
+            # Nothing was applied: the model is the starting model, its answers are the base's.
+            base_file = base_files[0]
+            evaluated = json.loads(base_file.read_text()) | {"base": str(base_file)}
+        else:
+            evaluated = json.loads((run / "blackbox_eval.json").read_text())
         cfg = OmegaConf.load(run / "config.yaml")
         arm = cfg.bench.arm + (f" [{cfg.bench.variant}]" if cfg.bench.get("variant") else "")
-        metrics = json.loads((run / "metrics.json").read_text())
-        evaluated = json.loads((run / "blackbox_eval.json").read_text())
         if cfg.bench.get("scorer_calls") is not None:  # spent before the run (labelled data)
             metrics["oracle.judge.texts_scored"] = cfg.bench.scorer_calls
         arms.setdefault(arm, []).append((run, metrics, evaluated))
