@@ -97,6 +97,25 @@ def score_answers(utility, prompts, texts: list[list[str]]) -> list[list[float]]
     return out
 
 
+def train_greedy_utility(paths: list[Path], max_new_tokens: int) -> None:
+    """Mean U of greedy answers to the *training* prompts (for choosing settings without looking
+    at the held-out prompts); written to ``train_greedy.json`` in each run dir."""
+    from compo.models import EmbeddedSmolLM2, PretrainedModel
+    from experiments.benchmark.utility import HiddenUtility
+    from experiments.generation import generate
+
+    prompts = [r["prompt"] for r in read_jsonl(DATA / "train_prompts.jsonl")]
+    utility = HiddenUtility()
+    for run in [None, *paths]:
+        loader = EmbeddedSmolLM2() if run is None else PretrainedModel(str(run / "checkpoint"))
+        model, tokenizer = loader.load()
+        texts = [a[0][0] for a in generate(model, tokenizer, prompts, 1, max_new_tokens, False, 0)]
+        u = utility(prompts, texts)
+        n_words = sum(len(words(t)) for t in texts) / len(texts)
+        print(f"{run or 'starting model'}: train greedy mean U {sum(u) / len(u):.4f}, "
+              f"mean words {n_words:.1f}")  # fmt: skip
+
+
 def evaluate_dirs(paths: list[Path], samples: int, max_new_tokens: int, force: bool) -> None:
     from compo.models import EmbeddedSmolLM2, PretrainedModel
     from experiments.benchmark.heldout import run_dirs
@@ -195,7 +214,7 @@ def report(paths: list[Path], out: Path, reps: int) -> str:
         else:
             evaluated = json.loads((run / "blackbox_eval.json").read_text())
         cfg = OmegaConf.load(run / "config.yaml")
-        arm = cfg.bench.arm + (f" [{cfg.bench.variant}]" if cfg.bench.get("variant") else "")
+        arm = run.parent.name  # multirun/bb/<arm>/seed<s>: the runner's layout names the arm
         if cfg.bench.get("scorer_calls") is not None:  # spent before the run (labelled data)
             metrics["oracle.judge.texts_scored"] = cfg.bench.scorer_calls
         arms.setdefault(arm, []).append((run, metrics, evaluated))
@@ -244,9 +263,64 @@ def report(paths: list[Path], out: Path, reps: int) -> str:
         }
     table = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
+    training_curves(arms, out)
     atomic_write_text(out / "results.md", table)
     atomic_write_json(out / "results.json", summary)
     return table
+
+
+def training_curves(arms: dict, out: Path, window: int = 10) -> Path | None:
+    """Mean U of the policy's own samples per iteration (sample-scored arms) against scorer calls
+    and minutes: the training-time signal, measured on each iteration's training prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    drawn = 0
+    for arm, runs in sorted(arms.items()):
+        for run, _, _ in runs:
+            oracle_rows = run / "trace" / "oracle.jsonl"
+            if not oracle_rows.exists():
+                continue
+            rows = [json.loads(x) for x in oracle_rows.read_text().splitlines()]
+            rows = [r for r in rows if "scores" in r]
+            steps = [
+                json.loads(x) for x in (run / "trace" / "compo.jsonl").read_text().splitlines()
+            ]
+            if not rows:
+                continue
+            means = [sum(map(sum, r["scores"])) / sum(map(len, r["scores"])) for r in rows]
+            calls, total = [], 0
+            for r in rows:
+                total += sum(map(len, r["scores"]))
+                calls.append(total)
+            minutes, elapsed = [], 0.0
+            for r in steps[: len(rows)]:
+                elapsed += r["seconds"] / 60
+                minutes.append(elapsed)
+            smooth = [
+                sum(means[max(0, i - window + 1) : i + 1])
+                / len(means[max(0, i - window + 1) : i + 1])
+                for i in range(len(means))
+            ]
+            label = f"{arm} ({run.name})"
+            axes[0].plot(calls, smooth, label=label)
+            axes[1].plot(minutes[: len(smooth)], smooth[: len(minutes)], label=label)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set_xlabel("scorer calls")
+    axes[1].set_xlabel("minutes (training)")
+    axes[0].set_ylabel(f"mean U of the policy's samples (moving average of {window})")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:
@@ -261,6 +335,9 @@ def main(argv=None) -> int:
     e.add_argument("--samples", type=int, default=3, help="sampled answers per prompt")
     e.add_argument("--max-new-tokens", type=int, default=48)
     e.add_argument("--force", action="store_true")
+    t = sub.add_parser("train-greedy", help="mean U of greedy answers to the training prompts")
+    t.add_argument("paths", type=Path, nargs="*")
+    t.add_argument("--max-new-tokens", type=int, default=48)
     r = sub.add_parser("report", help="the results table")
     r.add_argument("paths", type=Path, nargs="+")
     r.add_argument("--out", type=Path, default=RESULTS)
@@ -268,6 +345,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "data":
         print(f"{make_train_prompts(args.out)} pairs -> {args.out}")
+    elif args.command == "train-greedy":
+        train_greedy_utility(args.paths, args.max_new_tokens)
     elif args.command == "eval":
         evaluate_dirs(args.paths, args.samples, args.max_new_tokens, args.force)
     else:
