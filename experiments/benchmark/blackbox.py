@@ -314,7 +314,7 @@ def training_curves(arms: dict, out: Path, window: int = 10) -> Path | None:
         return None
     axes[0].set_xlabel("scorer calls")
     axes[1].set_xlabel("minutes (training)")
-    axes[0].set_ylabel(f"mean U of the policy's samples (moving average of {window})")
+    axes[0].set_ylabel(f"mean U of own samples (moving avg. {window})")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     path = out / "training_curves.png"
