@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from compo.data import PreferencePair
 from compo.encoding import encode_pairs
@@ -41,6 +42,16 @@ def mixed_pair_rows() -> list[dict]:
         for pid, rejected in ((f"clear{i}", refusal), (f"amb{i}", answer + "!")):
             rows.append({"id": pid, "prompt": question, "chosen": answer, "rejected": rejected})
     return rows
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (step-by-step decoding of a tiny model oversubscribes
+    shared CPUs with more); the previous count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

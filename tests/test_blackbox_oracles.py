@@ -45,6 +45,7 @@ HELD_OUT = [
     "Name a tree.",
 ]
 MAX_NEW = 24
+pytestmark = pytest.mark.usefixtures("one_thread")  # step-by-step decoding of a tiny model
 
 
 def shorter(text: str) -> float:
@@ -54,14 +55,6 @@ def shorter(text: str) -> float:
 
 def constant(text: str) -> float:
     return 1.0
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _mean_length(model, tokenizer, prompts) -> float:
