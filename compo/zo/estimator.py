@@ -194,13 +194,15 @@ class MonteCarlo:
 
 
 class Expected:
-    """The infinite-sample direction, from two backward passes (no oracle queries).
+    """The infinite-sample direction an oracle computes exactly (no oracle queries).
 
-    Only meaningful with the likelihood oracle; frac is the predicted (pi - angle) / (2 pi).
+    ``limit`` is what :meth:`compo.interfaces.ComparisonOracle.limit` returns: a unit
+    ``direction`` and the predicted ``frac`` ((pi - angle) / (2 pi) for the likelihood oracle,
+    1/2 for the sample-scored one).
     """
 
     m = 0
 
-    def estimate_from_limit(self, limit: Limit) -> Estimate:
+    def estimate_from_limit(self, limit) -> Estimate:
         frac = 0.0 if math.isnan(limit.frac) else limit.frac
         return Estimate(limit.direction, 0, 0, 0, 0, 0.0, implied_frac=frac)

@@ -158,7 +158,8 @@ class HeadEvaluator:
         n = self.n_pairs
         ones = torch.ones(n, device=self.hidden.device)
         zeros = torch.zeros(n, device=self.hidden.device)
-        return self.gradient(torch.cat([ones, zeros])), self.gradient(torch.cat([zeros, ones]))
+        chosen, rejected = self._gradients([torch.cat([ones, zeros]), torch.cat([zeros, ones])])
+        return chosen, rejected
 
     def limit(self):
         """The likelihood oracle's r -> 0 limit on the cached pairs (:func:`limit_direction`)."""
@@ -168,7 +169,12 @@ class HeadEvaluator:
 
     def gradient(self, weights: Tensor) -> list[Tensor]:
         """Gradient of sum_j weights_j log pi(seq_j) over the perturbed blocks (one backward)."""
+        return self._gradients([weights])[0]
+
+    def _gradients(self, rows: Sequence[Tensor]) -> list[list[Tensor]]:
+        """One forward from the cached state, then one backward per row of sequence weights."""
         leaves = [m.detach().clone().requires_grad_(True) for m in self.scope.masters()]
+        out = []
         with torch.enable_grad():
             if self.tail is None:
                 hidden = self.hidden
@@ -176,8 +182,20 @@ class HeadEvaluator:
                 hidden, _, _ = self.tail.hidden(leaves[1:])
             logps = token_logps(hidden.float(), leaves[0], self.targets, self.bias, self.chunk)
             seqs = segment_sum(logps, self.seq_index, self.n_seqs)
-            grads = torch.autograd.grad((seqs * weights.to(seqs)).sum(), leaves, allow_unused=True)
-        return [torch.zeros_like(m) if g is None else g for m, g in zip(leaves, grads, strict=True)]
+            for k, weights in enumerate(rows):
+                grads = torch.autograd.grad(
+                    (seqs * weights.to(seqs)).sum(),
+                    leaves,
+                    retain_graph=k < len(rows) - 1,
+                    allow_unused=True,
+                )
+                out.append(
+                    [
+                        torch.zeros_like(m) if g is None else g
+                        for m, g in zip(leaves, grads, strict=True)
+                    ]
+                )
+        return out
 
 
 class _Tail:

@@ -27,7 +27,15 @@ from compo.errors import CompoError
 from compo.interfaces import ComparisonOracle
 from compo.rundir import RunDir
 from compo.zo.directions import DirectionBatch, DirectionSampler, GaussianSphere
-from compo.zo.estimator import TIE_RULES, Estimate, MonteCarlo, cosine, limit_direction, norm
+from compo.zo.estimator import (
+    TIE_RULES,
+    Estimate,
+    Expected,
+    MonteCarlo,
+    cosine,
+    limit_direction,
+    norm,
+)
 from compo.zo.head import HeadEvaluator
 from compo.zo.radius import AUTO_START, PARAMETER_ORACLE_RADIUS, RADIUS_SCALES, RadiusSearch
 from compo.zo.resume import CompoState, fingerprint
@@ -144,13 +152,8 @@ class ComPO:
                 )
         if radius_every < 1:
             raise CompoError(f"optimizer.radius_every must be >= 1, got {radius_every}")
-        self.radius, self.radius_scale = radius, radius_scale
+        self.radius, self.radius_scale, self.radius_every = radius, radius_scale, radius_every
         self.radius_search = RadiusSearch(target_differ, radius_probes)
-        self.target_differ, self.radius_every, self.radius_probes = (
-            target_differ,
-            radius_every,
-            radius_probes,
-        )
         self.sampler = directions or GaussianSphere()
         self.monte_carlo = MonteCarlo(
             self.sampler,
@@ -177,6 +180,7 @@ class ComPO:
         skip = ignored | {"sampler", "monte_carlo", "radius_search"}
         # Run state (``_radius``) is not a setting: a resumed run restores it from the commit.
         out = {k: v for k, v in vars(self).items() if k not in skip and not k.startswith("_")}
+        out["radius_search"] = vars(self.radius_search)
         out["sampler"] = [type(self.sampler).__name__, vars(self.sampler)]
         out["monte_carlo"] = {k: v for k, v in vars(self.monte_carlo).items() if k != "sampler"}
         return out
@@ -293,9 +297,12 @@ class ComPO:
             return self.radius * scale, {}
         if self._radius is not None and (self._fixed_radius or t % self.radius_every):
             return self._radius, {}
-        probes = list(range(self.radius_probes))
+        probes = list(range(self.radius_search.probes))
+        measured: dict[float, float] = {}  # the search may ask again for the starting radius
 
         def share_at(r: float) -> float:
+            if r in measured:
+                return measured[r]
             shares: list[float] = []
             for lo in range(0, len(probes), self.monte_carlo.batch):
                 dirs = self.sampler.sample(
@@ -309,7 +316,8 @@ class ComPO:
                 if got is None:
                     return float("nan")
                 shares.extend(got)
-            return sum(shares) / len(shares)
+            measured[r] = sum(shares) / len(shares)
+            return measured[r]
 
         start = self._radius or AUTO_START
         if oracle.kind != "output" or math.isnan(share_at(start)):
@@ -322,7 +330,7 @@ class ComPO:
             "compo: radius %.4g (%.0f%% of responses differ, target %.0f%%)",
             found.radius,
             100 * found.share,
-            100 * self.target_differ,
+            100 * self.radius_search.target,
         )
         return found.radius, {
             "radius_differ": found.share,
@@ -338,7 +346,7 @@ class ComPO:
         limit = limit_direction(head) if self.trace_limit else None
         radius, search = None, {}
         if self.estimator == "expected":
-            est = self._expected(oracle, head)
+            est = self._expected(oracle)
         else:
             support = None
             if _needs_support(self.sampler):
@@ -400,7 +408,7 @@ class ComPO:
         return row
 
     @staticmethod
-    def _expected(oracle, head) -> Estimate:
+    def _expected(oracle) -> Estimate:
         """The oracle's r -> 0 limit direction (no queries)."""
         limit = oracle.limit()
         if limit is None:
@@ -408,8 +416,7 @@ class ComPO:
                 f"optimizer.estimator=expected: oracle {type(oracle).__name__} has no exact "
                 "r -> 0 limit; use estimator=monte_carlo"
             )
-        frac = 0.0 if math.isnan(limit.frac) else limit.frac
-        return Estimate(limit.direction, 0, 0, 0, 0, 0.0, implied_frac=frac)
+        return Expected().estimate_from_limit(limit)
 
 
 def _needs_support(sampler) -> bool:
