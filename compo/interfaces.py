@@ -22,6 +22,7 @@ Outside code may implement the protocols structurally; subclassing them gives th
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -38,6 +39,7 @@ __all__ = [
     "OutputJudge",
     "Verdict",
     "aggregate",
+    "local_generator",
 ]
 
 
@@ -188,3 +190,17 @@ def aggregate(votes: Sequence[Verdict], rule: str) -> Verdict:
     else:
         raise CompoError(f"oracle.aggregation: {rule!r} is not one of {AGGREGATIONS}")
     return Verdict.PERTURBED_BETTER if ok else Verdict.CURRENT_BETTER
+
+
+def local_generator(*key: int, device: Any = "cpu") -> Any:
+    """A ``torch.Generator`` seeded from a hash of ``key``, e.g. (seed, iteration, index).
+
+    Every random draw of compo and its oracles (directions, sampling noise) comes from one of
+    these, never from the global RNG, so a draw depends on its key alone.
+    """
+    import torch  # here, not at the top: judges that only speak HTTP never load torch
+
+    digest = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return gen

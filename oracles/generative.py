@@ -28,7 +28,6 @@ saved weights copied back (bit-exact).
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import re
@@ -47,6 +46,7 @@ from compo.interfaces import (
     OracleError,
     Verdict,
     aggregate,
+    local_generator,
 )
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,6 @@ def judge_prompt(text: str) -> str:
     if len(turns) == 1:
         return turns[0][1]
     return "\n\n".join(f"{role.capitalize()}: {content}" for role, content in turns)
-
-
-def local_generator(*key: int, device: Any = "cpu") -> torch.Generator:
-    """A torch generator seeded from a hash of ``key`` (never the global RNG)."""
-    digest = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return gen
 
 
 class Decoder:
@@ -210,7 +202,56 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos])
 
 
-class GenerativeOracle(ComparisonOracle):
+class TextOracle(ComparisonOracle):
+    """What the oracles that generate text for a judge share: settings, wiring, counters.
+
+    Subclasses fill ``counts`` (with at least ``queries``, ``perturbed_better`` and
+    ``current_better``) and time ``generation`` and ``judge`` in ``seconds``.
+
+    Args:
+        judge: An :class:`compo.interfaces.OutputJudge`.
+        max_new_tokens: Longest generated response.
+        temperature: Sampling temperature.
+        seed: Seeds the sampling noise.
+    """
+
+    kind = "output"
+
+    def __init__(self, judge: Any, max_new_tokens: int, temperature: float, seed: int) -> None:
+        if max_new_tokens < 1:
+            raise CompoError(f"oracle.max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise CompoError(f"oracle.temperature must be > 0, got {temperature}")
+        self.judge, self.max_new_tokens = judge, max_new_tokens
+        self.temperature, self.seed = temperature, seed
+        self.tokenizer = None
+        self._trace = None
+        self.counts: dict[str, int] = {}
+        self.seconds = {"generation": 0.0, "judge": 0.0}
+
+    def bind(self, tokenizer: Any, run_dir: Any = None) -> None:
+        """Gives the tokenizer (to decode responses) and optionally a RunDir for the trace."""
+        self.tokenizer = tokenizer
+        if run_dir is not None and self._trace is None:
+            self._trace = run_dir.trace("oracle")
+
+    def check(self) -> None:
+        """Validates the judge before any expensive work (key, endpoint, model path)."""
+        self.judge.check()
+
+    def usage(self) -> dict[str, Any]:
+        """Counters for ``metrics.json``: this oracle's, then the judge's under ``judge.``."""
+        out: dict[str, Any] = dict(self.counts)
+        queries = self.counts["queries"]
+        decided = self.counts["perturbed_better"] + self.counts["current_better"]
+        out["decisive_share"] = decided / queries if queries else None
+        out["generation_seconds"] = round(self.seconds["generation"], 3)
+        out["judge_seconds"] = round(self.seconds["judge"], 3)
+        out.update({f"judge.{k}": v for k, v in self.judge.usage().items()})
+        return out
+
+
+class GenerativeOracle(TextOracle):
     """ComPO's comparison oracle from any :class:`compo.interfaces.OutputJudge`.
 
     Args:
@@ -226,8 +267,6 @@ class GenerativeOracle(ComparisonOracle):
             (theta + delta against theta - delta).
         graded: Votes carry the score difference (or the judge's confidence), not only a sign.
     """
-
-    kind = "output"
 
     def __init__(
         self,
@@ -247,32 +286,23 @@ class GenerativeOracle(ComparisonOracle):
             )
         if query not in QUERIES:
             raise CompoError(f"oracle.query: {query!r} is not one of {QUERIES}")
-        if max_new_tokens < 1:
-            raise CompoError(f"oracle.max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise CompoError(f"oracle.temperature must be > 0, got {temperature}")
-        self.judge, self.max_new_tokens = judge, max_new_tokens
-        self.do_sample, self.temperature, self.seed = do_sample, temperature, seed
-        self.aggregation, self.query, self.graded = aggregation, query, graded
-        self.tokenizer = None
-        self._trace = None
+        super().__init__(judge, max_new_tokens, temperature, seed)
+        self.do_sample, self.aggregation, self.query, self.graded = (
+            do_sample,
+            aggregation,
+            query,
+            graded,
+        )
         self.iteration = -1
         self.counts = dict.fromkeys(
             ("queries", "comparisons", "identical_ties", "judge_calls", "texts_scored"), 0
         )
         self.counts.update(judge_ties=0, abstentions=0, perturbed_better=0, current_better=0)
-        self.seconds = {"generation": 0.0, "judge": 0.0}
 
     # ------------------------------------------------------------------ wiring
-    def bind(self, tokenizer: Any, run_dir: Any = None) -> None:
-        """Gives the tokenizer (to decode responses) and optionally a RunDir for the trace."""
-        self.tokenizer = tokenizer
-        if run_dir is not None and self._trace is None:
-            self._trace = run_dir.trace("oracle")
-
     def check(self) -> None:
         """Validates the judge before any expensive work (key, endpoint, model path)."""
-        self.judge.check()
+        super().check()
         self._resolve_aggregation()
 
     def _resolve_aggregation(self) -> None:
@@ -348,16 +378,10 @@ class GenerativeOracle(ComparisonOracle):
         return votes
 
     def usage(self) -> dict[str, Any]:
-        """Counters for ``metrics.json``: this adapter's, then the judge's under ``judge.``."""
-        total = self.seconds["generation"] + self.seconds["judge"]
-        out: dict[str, Any] = dict(self.counts)
-        decided = self.counts["perturbed_better"] + self.counts["current_better"]
-        out["decisive_share"] = decided / self.counts["queries"] if self.counts["queries"] else None
-        out["generation_seconds"] = round(self.seconds["generation"], 3)
-        out["judge_seconds"] = round(self.seconds["judge"], 3)
-        queries = self.counts["queries"]
+        """:meth:`TextOracle.usage` plus the seconds per query."""
+        out = super().usage()
+        total, queries = sum(self.seconds.values()), self.counts["queries"]
         out["seconds_per_query"] = round(total / queries, 4) if queries else None
-        out.update({f"judge.{k}": v for k, v in self.judge.usage().items()})
         return out
 
     # ------------------------------------------------------------------ verdicts

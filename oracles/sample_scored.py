@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from compo.interfaces import ComparisonOracle, CompoError, OracleError, Verdict
-from oracles.generative import Decoder, eos_ids, judge_prompt, local_generator
+from compo.interfaces import CompoError, OracleError, Verdict, local_generator
+from oracles.generative import Decoder, TextOracle, eos_ids, judge_prompt
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class SampleLimit:
     frac: float
 
 
-class SampleScoredOracle(ComparisonOracle):
+class SampleScoredOracle(TextOracle):
     """Votes from importance-weighted judge scores of the current model's own samples.
 
     Args:
@@ -61,8 +61,6 @@ class SampleScoredOracle(ComparisonOracle):
         graded: Votes carry the estimated change of the expected score, not only its sign.
     """
 
-    kind = "output"
-
     def __init__(
         self,
         judge: Any,
@@ -75,31 +73,14 @@ class SampleScoredOracle(ComparisonOracle):
     ) -> None:
         if num_samples < 2:
             raise CompoError(f"oracle.num_samples must be >= 2, got {num_samples}")
-        if max_new_tokens < 1:
-            raise CompoError(f"oracle.max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise CompoError(f"oracle.temperature must be > 0, got {temperature}")
         if ranking not in RANKINGS:
             raise CompoError(f"oracle.ranking: {ranking!r} is not one of {RANKINGS}")
-        self.judge, self.num_samples, self.max_new_tokens = judge, num_samples, max_new_tokens
-        self.temperature, self.seed, self.ranking, self.graded = temperature, seed, ranking, graded
-        self.tokenizer = None
-        self._trace = None
+        super().__init__(judge, max_new_tokens, temperature, seed)
+        self.num_samples, self.ranking, self.graded = num_samples, ranking, graded
         self.counts = dict.fromkeys(
             ("iterations", "samples", "texts_scored", "judge_calls", "queries"), 0
         )
         self.counts.update(perturbed_better=0, current_better=0, ties=0, flat_prompts=0)
-        self.seconds = {"generation": 0.0, "judge": 0.0}
-
-    def bind(self, tokenizer: Any, run_dir: Any = None) -> None:
-        """Gives the tokenizer (to decode samples) and optionally a RunDir for the trace."""
-        self.tokenizer = tokenizer
-        if run_dir is not None and self._trace is None:
-            self._trace = run_dir.trace("oracle")
-
-    def check(self) -> None:
-        """Validates the judge before any expensive work."""
-        self.judge.check()
 
     # ------------------------------------------------------------------ per iteration
     @torch.no_grad()
@@ -205,14 +186,3 @@ class SampleScoredOracle(ComparisonOracle):
             return SampleLimit([torch.zeros_like(g) for g in grad], 0.0)
         # A linear functional improves under half of all directions: frac = 1/2.
         return SampleLimit([-g / total for g in grad], 0.5)
-
-    def usage(self) -> dict[str, Any]:
-        """Counters for ``metrics.json``: this oracle's, then the judge's under ``judge.``."""
-        out: dict[str, Any] = dict(self.counts)
-        q = self.counts["queries"]
-        decided = self.counts["perturbed_better"] + self.counts["current_better"]
-        out["decisive_share"] = decided / q if q else None
-        out["generation_seconds"] = round(self.seconds["generation"], 3)
-        out["judge_seconds"] = round(self.seconds["judge"], 3)
-        out.update({f"judge.{k}": v for k, v in self.judge.usage().items()})
-        return out

@@ -13,7 +13,6 @@ Families: :class:`GaussianSphere` (default, uniform on the sphere), :class:`Rade
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,13 +20,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-
-def local_generator(seed: int, iteration: int, index: int, device: str = "cpu") -> torch.Generator:
-    """A generator seeded from a hash of the triple (never the global RNG)."""
-    digest = hashlib.blake2b(f"{seed}/{iteration}/{index}".encode(), digest_size=8).digest()
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return gen
+from compo.interfaces import local_generator
 
 
 class DensePiece:
@@ -174,7 +167,7 @@ def _dense(fill, seed, iteration, indices, shapes, device) -> DirectionBatch:
     """Dense directions, each drawn by ``fill(row_of_block, generator)`` from its own generator."""
     blocks = [torch.empty(len(indices), *s, device=device) for s in shapes]
     for row, index in enumerate(indices):
-        gen = local_generator(seed, iteration, index, device)
+        gen = local_generator(seed, iteration, index, device=device)
         for block in blocks:
             fill(block[row], gen)
     return _normalised([DensePiece(b) for b in blocks], indices)
@@ -246,7 +239,7 @@ class LowRank:
             else:
                 parts.append((torch.empty(k, *s, device=self.device),))
         for row, index in enumerate(indices):
-            gen = local_generator(seed, iteration, index, self.device)
+            gen = local_generator(seed, iteration, index, device=self.device)
             for part in parts:
                 for tensor in part:
                     torch.randn(tensor.shape[1:], generator=gen, out=tensor[row])
@@ -278,7 +271,7 @@ class SupportRestricted:
         head = torch.empty(k, support.numel(), shapes[0][1], device=self.device)
         rest = [torch.empty(k, *s, device=self.device) for s in shapes[1:]]
         for row, index in enumerate(indices):
-            gen = local_generator(seed, iteration, index, self.device)
+            gen = local_generator(seed, iteration, index, device=self.device)
             for block in [head, *rest]:
                 torch.randn(block.shape[1:], generator=gen, out=block[row])
         pieces: list[Piece] = [RowsPiece(support, head, shapes[0][0])]
