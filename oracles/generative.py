@@ -94,13 +94,11 @@ class Decoder:
         deltas: Any = None,
         gen: torch.Generator | None = None,
         temperature: float = 1.0,
-        shared_noise: bool = True,
     ) -> list[list[int]]:
         """``rows`` continuations; row i uses perturbation i of ``deltas`` (None: current head).
 
-        With a generator, tokens are drawn by Gumbel-max: one noise vector per step shared by all
-        rows (common random numbers) or, with ``shared_noise=False``, one per row (independent
-        samples).
+        With a generator, tokens are drawn by Gumbel-max with one noise vector per step shared by
+        all rows (common random numbers); :meth:`sample` draws independent samples.
         """
         cache, h = prefill
         cache = copy.deepcopy(cache)
@@ -114,7 +112,7 @@ class Decoder:
             logits = F.linear(h.float(), self.weight.float(), self.bias)
             if deltas is not None:
                 logits = logits + self._head_product(deltas, h.float())
-            nxt = self._pick(logits, gen, temperature, shared_noise)
+            nxt = self._pick(logits, gen, temperature, shared_noise=True)
             for r in range(rows):
                 if not done[r]:
                     tok = int(nxt[r])

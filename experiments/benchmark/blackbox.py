@@ -97,25 +97,6 @@ def score_answers(utility, prompts, texts: list[list[str]]) -> list[list[float]]
     return out
 
 
-def train_greedy_utility(paths: list[Path], max_new_tokens: int) -> None:
-    """Mean U of greedy answers to the *training* prompts (for choosing settings without looking
-    at the held-out prompts); written to ``train_greedy.json`` in each run dir."""
-    from compo.models import EmbeddedSmolLM2, PretrainedModel
-    from experiments.benchmark.utility import HiddenUtility
-    from experiments.generation import generate
-
-    prompts = [r["prompt"] for r in read_jsonl(DATA / "train_prompts.jsonl")]
-    utility = HiddenUtility()
-    for run in [None, *paths]:
-        loader = EmbeddedSmolLM2() if run is None else PretrainedModel(str(run / "checkpoint"))
-        model, tokenizer = loader.load()
-        texts = [a[0][0] for a in generate(model, tokenizer, prompts, 1, max_new_tokens, False, 0)]
-        u = utility(prompts, texts)
-        n_words = sum(len(words(t)) for t in texts) / len(texts)
-        print(f"{run or 'starting model'}: train greedy mean U {sum(u) / len(u):.4f}, "
-              f"mean words {n_words:.1f}")  # fmt: skip
-
-
 def evaluate_dirs(paths: list[Path], samples: int, max_new_tokens: int, force: bool) -> None:
     from compo.models import EmbeddedSmolLM2, PretrainedModel
     from experiments.benchmark.heldout import run_dirs
@@ -364,9 +345,6 @@ def main(argv=None) -> int:
     e.add_argument("--samples", type=int, default=3, help="sampled answers per prompt")
     e.add_argument("--max-new-tokens", type=int, default=48)
     e.add_argument("--force", action="store_true")
-    t = sub.add_parser("train-greedy", help="mean U of greedy answers to the training prompts")
-    t.add_argument("paths", type=Path, nargs="*")
-    t.add_argument("--max-new-tokens", type=int, default=48)
     r = sub.add_parser("report", help="the results table")
     r.add_argument("paths", type=Path, nargs="+")
     r.add_argument("--out", type=Path, default=RESULTS)
@@ -374,8 +352,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "data":
         print(f"{make_train_prompts(args.out)} pairs -> {args.out}")
-    elif args.command == "train-greedy":
-        train_greedy_utility(args.paths, args.max_new_tokens)
     elif args.command == "eval":
         evaluate_dirs(args.paths, args.samples, args.max_new_tokens, args.force)
     else:
