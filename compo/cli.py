@@ -32,7 +32,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from compo import distributed
+from compo import distributed, settings
 from compo.data import load_pairs
 from compo.errors import CompoError
 from compo.evaluate import PreferenceEval, likelihood_displacement, preference_metrics
@@ -57,7 +57,15 @@ def _build(node: DictConfig | None, group: str) -> Any:
         cause = exc.__cause__
         if isinstance(cause, CompoError):
             raise cause from None
-        raise CompoError(f"config group '{group}': {str(exc).strip().splitlines()[-1]}") from None
+        # Hydra's own message ends with "full_key: <group>"; the reason is the cause's.
+        reason = str(cause).strip().splitlines()[0] if cause and str(cause).strip() else str(exc)
+        raise CompoError(f"config group '{group}': {reason}") from None
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Checks the top-level settings every group interpolates (``seed``, ``device``)."""
+    settings.number("seed", cfg.seed, integer=True, ge=0)
+    settings.device("device", cfg.device)
 
 
 # The headline numbers of a run; everything else is in metrics.json.
@@ -135,6 +143,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         The metrics also written to ``metrics.json``.
     """
     started = time.perf_counter()
+    check_run_settings(cfg)
     main_rank = distributed.is_main()
     # Other ranks compute the same things and write nothing; they read resume state only.
     out = RunDir(run_dir) if main_rank else distributed.ReadOnlyRunDir(run_dir)

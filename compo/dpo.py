@@ -29,7 +29,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from compo import distributed, state
+from compo import distributed, settings, state
 from compo.errors import CompoError
 from compo.losses import LOSSES
 from compo.rundir import RunDir
@@ -142,17 +142,30 @@ class DPOTrainer:
         ref_batch_size: int = 8,
         cache_trunk: bool = True,
     ) -> None:
-        if loss not in LOSSES:
-            raise CompoError(f"dpo.loss: {loss!r} is not one of {sorted(LOSSES)}")
-        if schedule not in _SCHEDULES:
-            raise CompoError(f"dpo.schedule: {schedule!r} is not one of {sorted(_SCHEDULES)}")
+        settings.choice("dpo.loss", loss, LOSSES)
+        settings.choice("dpo.schedule", schedule, _SCHEDULES)
+        settings.choice("dpo.scope", scope, ("all", "last_k"))
         for name, value in (
             ("epochs", epochs),
             ("batch_size", batch_size),
             ("grad_accum", grad_accum),
+            ("ref_batch_size", ref_batch_size),
         ):
-            if value < 1:
-                raise CompoError(f"dpo.{name} must be >= 1, got {value}")
+            settings.number(f"dpo.{name}", value, integer=True, ge=1)
+        for name, value in (
+            ("warmup_steps", warmup_steps),
+            ("save_every", save_every),
+            ("last_k", last_k),
+            ("seed", seed),
+        ):
+            settings.number(f"dpo.{name}", value, integer=True, ge=0)
+        settings.number("dpo.beta", beta, gt=0)  # beta <= 0 trains nothing or the inverse
+        settings.number("dpo.lr", lr, gt=0)
+        settings.number("dpo.weight_decay", weight_decay, ge=0)
+        settings.number("dpo.max_grad_norm", max_grad_norm, gt=0, optional=True)
+        # eps = 0.5 makes cdpo's loss symmetric (nothing to learn) and divides rdpo's by zero.
+        settings.number("dpo.label_smoothing", label_smoothing, ge=0, lt=0.5)
+        settings.number("dpo.gamma", gamma, ge=0)
         self.loss_name, self.loss = loss, LOSSES[loss]
         hparams = {"beta": beta, "label_smoothing": label_smoothing, "gamma": gamma}
         wanted = inspect.signature(self.loss.fn).parameters

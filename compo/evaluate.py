@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from compo import settings
 from compo.scoring import SequenceScores, score_pairs
 
 
@@ -74,7 +75,7 @@ class PreferenceEval:
     """
 
     def __init__(self, batch_size: int = 8) -> None:
-        self.batch_size = batch_size
+        self.batch_size = settings.number("eval.batch_size", batch_size, integer=True, ge=1)
 
     def score(self, model: Any, pairs: Sequence, pad_token_id: int, desc: str = "eval"):
         """Returns (chosen, rejected) scores of ``pairs`` under ``model``."""

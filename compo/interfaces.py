@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol, runtime_checkable
 
+from compo import settings  # domain checks of numeric settings, for oracles' constructors
 from compo.errors import CompoError
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "Verdict",
     "aggregate",
     "local_generator",
+    "settings",
 ]
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -35,7 +36,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from compo.errors import ModelLoadError
+from compo import settings
+from compo.errors import CompoError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +148,8 @@ class PretrainedModel:
         revision: str | None = None,
     ) -> None:
         self.name = str(name_or_path)
-        self.dtype, self.device, self.revision = dtype, device, revision
+        self.dtype, self.revision = dtype, revision
+        self.device = settings.device("model.device", device)
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         model, tokenizer = _load_pretrained(self.name, self.dtype, self.device, self.revision)
@@ -220,7 +223,8 @@ class EmbeddedSmolLM2:
 
     def __init__(self, cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu"):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.dtype, self.device = dtype, device
+        self.dtype = dtype
+        self.device = settings.device("model.device", device)
 
     def local_path(self) -> Path:
         """Returns the safetensors directory, converting the GGUF file on first use."""
@@ -287,7 +291,23 @@ class TinyModel:
         init_std: float = 0.1,
         device: str = "cpu",
     ) -> None:
-        self.seed, self.device = seed, device
+        for key, value in (
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("num_kv_heads", num_kv_heads),
+            ("intermediate_size", intermediate_size),
+            ("max_position_embeddings", max_position_embeddings),
+            ("hidden_size", hidden_size),
+        ):
+            settings.number(f"model.{key}", value, integer=True, ge=1)
+        settings.number("model.init_std", init_std, gt=0)
+        if hidden_size % num_heads or num_heads % num_kv_heads:
+            raise settings.SettingError(
+                f"model.hidden_size ({hidden_size}) must be a multiple of model.num_heads "
+                f"({num_heads}), and num_heads of model.num_kv_heads ({num_kv_heads})"
+            )
+        self.seed = settings.number("model.seed", seed, integer=True, ge=0)
+        self.device = settings.device("model.device", device)
         self.sizes = dict(
             hidden_size=hidden_size,
             num_hidden_layers=num_layers,
@@ -316,6 +336,25 @@ class TinyModel:
         return _finish(model, tokenizer, self.device)
 
 
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Raises :class:`CompoError` naming the first tensor holding NaN or inf.
+
+    A diverged run must not leave a model that loads and generates garbage, nor resume from one;
+    every checkpoint and every resume state goes through this before it is written.
+
+    Args:
+        tensors: (name, tensor) pairs, e.g. ``model.named_parameters()``.
+        what: What was about to be written, for the message.
+    """
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CompoError(
+                f"{what} not written: {name} has {bad} NaN/inf of {tensor.numel()} entries "
+                "(the run diverged: lower the step size or learning rate)"
+            )
+
+
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
     """Saves model and tokenizer in HF format (safetensors), replacing ``path`` atomically.
 
@@ -327,6 +366,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     Returns:
         ``path``.
     """
+    check_finite(model.named_parameters(), f"checkpoint {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

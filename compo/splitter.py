@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from compo import settings
 from compo.errors import CompoError
 from compo.rundir import RunDir, write_jsonl
 from compo.scoring import SequenceScores, score_pairs
@@ -93,9 +94,9 @@ class LikelihoodMarginSplitter:
     uses_reference = True  # split() takes the reference scores instead of computing them
 
     def __init__(self, delta: float = 3.0, per_token: bool = False, batch_size: int = 8) -> None:
-        if delta < 0:
-            raise CompoError(f"splitter.delta must be >= 0, got {delta}")
-        self.delta, self.per_token, self.batch_size = delta, per_token, batch_size
+        self.delta = settings.number("splitter.delta", delta, ge=0)
+        self.per_token = per_token
+        self.batch_size = settings.number("splitter.batch_size", batch_size, integer=True, ge=1)
 
     def split(
         self,
@@ -174,10 +175,10 @@ class ChesSplitter:
     ) -> None:
         if (fraction is None) == (threshold is None):
             raise CompoError("splitter: set exactly one of splitter.fraction, splitter.threshold")
-        if fraction is not None and not 0.0 <= fraction <= 1.0:
-            raise CompoError(f"splitter.fraction must be in [0, 1], got {fraction}")
-        self.fraction, self.threshold = fraction, threshold
-        self.normalize, self.batch_size = normalize, batch_size
+        self.fraction = settings.number("splitter.fraction", fraction, ge=0, le=1, optional=True)
+        self.threshold = settings.number("splitter.threshold", threshold, optional=True)
+        self.normalize = normalize
+        self.batch_size = settings.number("splitter.batch_size", batch_size, integer=True, ge=1)
 
     def split(
         self,
@@ -219,7 +220,8 @@ class ConfidenceSplitter:
     name = "confidence"
 
     def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = threshold
+        # Confidences are in [0, 1]: a threshold above 1 marks every pair ambiguous, <= 0 none.
+        self.threshold = settings.number("splitter.threshold", threshold, gt=0, le=1)
 
     def split(
         self,

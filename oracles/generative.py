@@ -47,6 +47,7 @@ from compo.interfaces import (
     Verdict,
     aggregate,
     local_generator,
+    settings,
 )
 
 log = logging.getLogger(__name__)
@@ -216,10 +217,9 @@ class TextOracle(ComparisonOracle):
     kind = "output"
 
     def __init__(self, judge: Any, max_new_tokens: int, temperature: float, seed: int) -> None:
-        if max_new_tokens < 1:
-            raise CompoError(f"oracle.max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise CompoError(f"oracle.temperature must be > 0, got {temperature}")
+        settings.number("oracle.max_new_tokens", max_new_tokens, integer=True, ge=1)
+        settings.number("oracle.temperature", temperature, gt=0)
+        settings.number("oracle.seed", seed, integer=True, ge=0)
         self.judge, self.max_new_tokens = judge, max_new_tokens
         self.temperature, self.seed = temperature, seed
         self.tokenizer = None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from compo.interfaces import CompoError, Judgement, OutputJudge, Verdict
+from compo.interfaces import CompoError, Judgement, OutputJudge, Verdict, settings
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,10 @@ class RewardModelJudge(OutputJudge):
         dtype: str = "float32",
         seed: int = 0,
     ) -> None:
-        self.path, self.epsilon, self.batch_size = str(path), float(epsilon), batch_size
+        self.path = str(path)
+        self.epsilon = settings.number("oracle.judge.epsilon", epsilon, ge=0)
+        self.batch_size = settings.number("oracle.judge.batch_size", batch_size, integer=True, ge=1)
+        settings.number("oracle.judge.max_length", max_length, integer=True, ge=2)
         self.max_length, self.device, self.dtype, self.seed = max_length, device, dtype, seed
         self.model = self.tokenizer = None
         self._lock = threading.Lock()

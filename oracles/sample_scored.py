@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from compo.interfaces import CompoError, OracleError, Verdict, local_generator
+from compo.interfaces import CompoError, OracleError, Verdict, local_generator, settings
 from oracles.generative import Decoder, TextOracle, eos_ids, judge_prompt
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ class SampleScoredOracle(TextOracle):
         ranking: str = "reference",
         graded: bool = False,
     ) -> None:
-        if num_samples < 2:
-            raise CompoError(f"oracle.num_samples must be >= 2, got {num_samples}")
+        settings.number("oracle.num_samples", num_samples, integer=True, ge=2)
         if ranking not in RANKINGS:
             raise CompoError(f"oracle.ranking: {ranking!r} is not one of {RANKINGS}")
         super().__init__(judge, max_new_tokens, temperature, seed)

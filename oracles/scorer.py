@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Verdict
+from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Verdict, settings
 
 _WORD = re.compile(r"[A-Za-z]+")
 _PLAIN = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'\"-:;()\n")
@@ -99,7 +99,8 @@ class ScorerJudge(OutputJudge):
     ) -> None:
         self.scorer_name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "?")
         self._scorer = scorer if callable(scorer) else None
-        self.epsilon, self.with_prompt, self.batched = float(epsilon), with_prompt, batched
+        self.epsilon = settings.number("oracle.judge.epsilon", epsilon, ge=0)
+        self.with_prompt, self.batched = with_prompt, batched
         self._lock = threading.Lock()
         self.counts = {"calls": 0, "identical": 0, "abstentions": 0, "texts_scored": 0}
 
@@ -107,8 +108,6 @@ class ScorerJudge(OutputJudge):
         """Resolves the scorer (a bad import path fails here, before any model work)."""
         if self._scorer is None:
             self._scorer = resolve_callable(self.scorer_name, "oracle.scorer")
-        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
-            raise CompoError(f"oracle.scorer: epsilon must be >= 0, got {self.epsilon}")
 
     def _call(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
         try:

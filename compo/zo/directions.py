@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from compo import settings
 from compo.interfaces import local_generator
 
 
@@ -221,9 +222,8 @@ class LowRank:
     needs_support = False
 
     def __init__(self, rank: int = 1, device: str = "cpu") -> None:
-        if rank < 1:
-            raise ValueError("rank must be >= 1")
-        self.rank, self.device = rank, device
+        self.rank = settings.number("optimizer.directions.rank", rank, integer=True, ge=1)
+        self.device = device
 
     def sample(self, seed, iteration, indices, shapes, support=None) -> DirectionBatch:
         k = len(indices)
@@ -262,7 +262,8 @@ class SupportRestricted:
     needs_support = True
 
     def __init__(self, top_k: int = 16, device: str = "cpu") -> None:
-        self.top_k, self.device = top_k, device
+        self.top_k = settings.number("optimizer.directions.top_k", top_k, integer=True, ge=1)
+        self.device = device
 
     def sample(self, seed, iteration, indices, shapes, support=None) -> DirectionBatch:
         if support is None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from compo import distributed
+from compo import distributed, settings
 from compo.zo.directions import DirectionSampler, GaussianSphere
 from compo.zo.head import HeadEvaluator
 from compo.zo.scope import Scope
@@ -121,12 +121,15 @@ class MonteCarlo:
         antithetic: bool = False,
         ties: str = "ignore",
     ) -> None:
-        if num_directions < 1 or batch < 1:
-            raise ValueError("num_directions and batch must be >= 1")
+        settings.number("optimizer.num_directions", num_directions, integer=True, ge=1)
+        settings.number("optimizer.perturbation_batch", batch, integer=True, ge=1)
+        settings.number("optimizer.radius", radius, gt=0)
         if antithetic and num_directions % 2:
-            raise ValueError("antithetic directions need an even num_directions")
-        if ties not in TIE_RULES:
-            raise ValueError(f"ties {ties!r} is not one of {TIE_RULES}")
+            raise settings.SettingError(
+                f"optimizer.num_directions must be even with optimizer.antithetic=true, "
+                f"got {num_directions}"
+            )
+        settings.choice("optimizer.ties", ties, TIE_RULES)
         self.sampler = sampler or GaussianSphere()
         self.m, self.radius, self.batch = num_directions, radius, batch
         self.centred, self.antithetic, self.ties = centred, antithetic, ties

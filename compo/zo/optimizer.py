@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from compo import distributed, state
+from compo import distributed, settings, state
 from compo.errors import CompoError
 from compo.interfaces import ComparisonOracle
 from compo.rundir import RunDir
@@ -128,30 +128,33 @@ class ComPO:
         resume: bool = True,
         save_every: int = 1,
     ) -> None:
-        if estimator not in ESTIMATORS:
-            raise CompoError(f"optimizer.estimator: {estimator!r} is not one of {ESTIMATORS}")
-        if batch_size < 1 or epochs < 1:
-            raise CompoError("optimizer.batch_size and optimizer.epochs must be >= 1")
-        if ties not in TIE_RULES:
-            raise CompoError(f"optimizer.ties: {ties!r} is not one of {TIE_RULES}")
-        if radius_scale not in RADIUS_SCALES:
-            raise CompoError(
-                f"optimizer.radius_scale: {radius_scale!r} is not one of {RADIUS_SCALES}"
-            )
+        settings.choice("optimizer.estimator", estimator, ESTIMATORS)
+        settings.choice("optimizer.ties", ties, TIE_RULES)
+        settings.choice("optimizer.radius_scale", radius_scale, RADIUS_SCALES)
+        for name, value in (
+            ("batch_size", batch_size),
+            ("epochs", epochs),
+            ("radius_every", radius_every),
+        ):
+            settings.number(f"optimizer.{name}", value, integer=True, ge=1)
+        settings.number(
+            "optimizer.max_iterations", max_iterations, integer=True, ge=1, optional=True
+        )
+        settings.number("optimizer.save_every", save_every, integer=True, ge=0)
+        settings.number("optimizer.seed", seed, integer=True, ge=0)
+        # frac is in [0, 1]; threshold=1 never steps (a dry run measuring the oracle's frac).
+        settings.number("optimizer.threshold", threshold, ge=0, le=1)
+        settings.number("optimizer.step_size", step_size, gt=0)
+        # Entries of a unit vector are at most 1 in magnitude: lambda_g >= 1 zeroes all of them.
+        settings.number("optimizer.clip_threshold", clip_threshold, ge=0, lt=1, optional=True)
+        settings.number("optimizer.keep_fraction", keep_fraction, gt=0, le=1, optional=True)
         self.auto_radius = radius == "auto"
         if not self.auto_radius:
-            try:
-                radius = float(radius)
-            except (TypeError, ValueError):
-                raise CompoError(
-                    f"optimizer.radius: {radius!r} is neither a number nor 'auto'"
-                ) from None
-            if not (math.isfinite(radius) and radius > 0):
-                raise CompoError(
-                    f"optimizer.radius must be a finite number > 0 or 'auto', got {radius}"
+            if isinstance(radius, str):
+                raise settings.SettingError(
+                    f"optimizer.radius must be a finite number > 0 or 'auto', got {radius!r}"
                 )
-        if radius_every < 1:
-            raise CompoError(f"optimizer.radius_every must be >= 1, got {radius_every}")
+            radius = settings.number("optimizer.radius", radius, gt=0)
         self.radius, self.radius_scale, self.radius_every = radius, radius_scale, radius_every
         self.radius_search = RadiusSearch(target_differ, radius_probes)
         self.sampler = directions or GaussianSphere()

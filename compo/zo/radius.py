@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from compo.errors import CompoError
+from compo import settings
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,8 @@ class RadiusSearch:
     def __init__(
         self, target: float = 0.5, probes: int = 8, bisections: int = 3, tolerance: float = 0.1
     ) -> None:
-        if not 0.0 < target < 1.0:
-            raise CompoError(f"optimizer.target_differ must be in (0, 1), got {target}")
-        if probes < 1:
-            raise CompoError(f"optimizer.radius_probes must be >= 1, got {probes}")
+        settings.number("optimizer.target_differ", target, gt=0, lt=1)
+        settings.number("optimizer.radius_probes", probes, integer=True, ge=1)
         self.target, self.probes = target, probes
         self.bisections, self.tolerance = bisections, tolerance
 

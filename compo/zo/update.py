@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from compo import settings
 from compo.zo.estimator import norm
 
 
@@ -34,8 +35,7 @@ def clip(
     """
     floor = None
     if keep_fraction is not None:
-        if not 0.0 < keep_fraction <= 1.0:
-            raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+        settings.number("optimizer.keep_fraction", keep_fraction, gt=0, le=1)
         flat = torch.cat([t.reshape(-1).abs() for t in g])
         n_drop = flat.numel() - max(1, round(keep_fraction * flat.numel()))
         if n_drop > 0:

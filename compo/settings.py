@@ -1,0 +1,112 @@
+"""Domain checks for settings, made where a setting is constructed.
+
+Hydra hands constructors whatever the command line said: ``nan``, ``-3``, ``lots``. A value outside
+its domain must stop the run with one line naming the config key and the allowed range, before any
+work; a NaN step size that trains and saves a NaN model is the failure this prevents. Every
+constructor checks its own numeric arguments with :func:`number` (one mechanism, one message shape)
+and names the key as the user writes it (``optimizer.step_size``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from compo.errors import CompoError
+
+
+class SettingError(CompoError):
+    """A setting is outside its domain (the message names the config key and the range)."""
+
+
+def _domain(integer: bool, gt, ge, lt, le) -> str:
+    kind = "an integer" if integer else "a finite number"
+    low = f"({gt}" if gt is not None else (f"[{ge}" if ge is not None else None)
+    high = f"{lt})" if lt is not None else (f"{le}]" if le is not None else None)
+    if low and high:
+        return f"{kind} in {low}, {high}"
+    if low:
+        return f"{kind} {'>' if gt is not None else '>='} {low[1:]}"
+    if high:
+        return f"{kind} {'<' if lt is not None else '<='} {high[:-1]}"
+    return kind
+
+
+def number(
+    key: str,
+    value: Any,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    integer: bool = False,
+    optional: bool = False,
+) -> Any:
+    """Returns ``value`` if it is a number in the domain, else raises :class:`SettingError`.
+
+    Args:
+        key: The config key as the user writes it, e.g. ``optimizer.step_size``.
+        value: What the constructor received.
+        gt: Exclusive lower bound.
+        ge: Inclusive lower bound.
+        lt: Exclusive upper bound.
+        le: Inclusive upper bound.
+        integer: Only integers (``2.0`` is refused: a count given as a float is a typo).
+        optional: None is allowed (it means "off" for this setting).
+
+    Returns:
+        ``value``, an int when ``integer`` else a float.
+    """
+    if value is None and optional:
+        return None
+    domain = _domain(integer, gt, ge, lt, le) + (" or null" if optional else "")
+    # bool is an int subclass; `true` for a count is a mistake, not 1.
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise SettingError(f"{key} must be {domain}, got {value!r}")
+    if (
+        (gt is not None and not value > gt)
+        or (ge is not None and not value >= ge)
+        or (lt is not None and not value < lt)
+        or (le is not None and not value <= le)
+    ):
+        raise SettingError(f"{key} must be {domain}, got {value!r}")
+    return value if integer else float(value)
+
+
+def choice(key: str, value: Any, options: Iterable[Any]) -> Any:
+    """Returns ``value`` if it is one of ``options``, else raises :class:`SettingError`."""
+    options = list(options)
+    if value not in options:
+        raise SettingError(f"{key}: {value!r} is not one of {options}")
+    return value
+
+
+def device(key: str, value: Any) -> str:
+    """Returns ``value`` if torch knows the device and this machine has it.
+
+    Args:
+        key: The config key (``device``).
+        value: ``cpu``, ``cuda``, ``cuda:1``, ``mps``...
+    """
+    import torch  # here, not at module level: oracles import this module without torch
+
+    try:
+        parsed = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise SettingError(
+            f"{key}: {value!r} is not a device torch knows (e.g. cpu, cuda)"
+        ) from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": lambda: (
+            torch.cuda.is_available()
+            and (parsed.index is None or parsed.index < torch.cuda.device_count())
+        ),
+        "mps": lambda: torch.backends.mps.is_available(),
+    }
+    if not available.get(parsed.type, lambda: True)():
+        raise SettingError(f"{key}={value}: this machine has no such device (use device=cpu)")
+    return value

@@ -1,0 +1,148 @@
+"""Every numeric setting is checked where it is constructed: one line naming the key and range.
+
+Each case is a command-line override a user might type; building its group (no model is loaded
+except for the model group's tiny case) must end in one :class:`CompoError` line naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from compo import settings
+from compo.cli import CONFIG_DIR, _build, check_run_settings
+from compo.errors import CompoError
+from compo.models import save_checkpoint
+
+# (overrides, group built, key the message must name)
+BAD = [
+    # Settings that used to train and save a wrong model with exit 0.
+    (["optimizer.step_size=nan"], "optimizer", "optimizer.step_size"),
+    (["splitter.delta=nan"], "splitter", "splitter.delta"),
+    (["dpo.beta=0"], "dpo", "dpo.beta"),
+    (["dpo.beta=-1"], "dpo", "dpo.beta"),
+    (["optimizer.max_iterations=-2"], "optimizer", "optimizer.max_iterations"),
+    (["data.limit=0"], "data", "data.limit"),
+    (["optimizer.radius=0"], "optimizer", "optimizer.radius"),
+    (["optimizer.threshold=2"], "optimizer", "optimizer.threshold"),
+    # Settings that used to end in a traceback or an error without its reason.
+    (["optimizer.num_directions=-3"], "optimizer", "optimizer.num_directions"),
+    (["optimizer.num_directions=lots"], "optimizer", "optimizer.num_directions"),
+    (["dpo.lr=nan"], "dpo", "dpo.lr"),
+    (["optimizer.keep_fraction=0"], "optimizer", "optimizer.keep_fraction"),
+    (["model=tiny", "model.hidden_size=62"], "model", "model.hidden_size"),
+    (["model=tiny", "model.num_layers=0"], "model", "model.num_layers"),
+    # The rest of each group's numbers.
+    (["dpo.lr=0"], "dpo", "dpo.lr"),
+    (["dpo.epochs=0"], "dpo", "dpo.epochs"),
+    (["dpo.warmup_steps=-1"], "dpo", "dpo.warmup_steps"),
+    (["dpo.weight_decay=-0.1"], "dpo", "dpo.weight_decay"),
+    (["dpo.max_grad_norm=0"], "dpo", "dpo.max_grad_norm"),
+    (["dpo.save_every=-1"], "dpo", "dpo.save_every"),
+    (["dpo.last_k=-1"], "dpo", "dpo.last_k"),
+    (["dpo=simpo", "dpo.gamma=nan"], "dpo", "dpo.gamma"),
+    (["dpo=cdpo", "dpo.label_smoothing=0.5"], "dpo", "dpo.label_smoothing"),
+    (["optimizer.step_size=0"], "optimizer", "optimizer.step_size"),
+    (["optimizer.threshold=-0.1"], "optimizer", "optimizer.threshold"),
+    (["optimizer.clip_threshold=-1"], "optimizer", "optimizer.clip_threshold"),
+    (["optimizer.keep_fraction=1.5"], "optimizer", "optimizer.keep_fraction"),
+    (["optimizer.perturbation_batch=0"], "optimizer", "optimizer.perturbation_batch"),
+    (["optimizer.save_every=-1"], "optimizer", "optimizer.save_every"),
+    (["optimizer.batch_size=2.5"], "optimizer", "optimizer.batch_size"),
+    (["optimizer.radius=inf"], "optimizer", "optimizer.radius"),
+    (["optimizer=compo_lowrank", "optimizer.directions.rank=0"], "optimizer", "directions.rank"),
+    (["optimizer=compo_support", "optimizer.directions.top_k=0"], "optimizer", "directions.top_k"),
+    (["data.max_length=0"], "data", "data.max_length"),
+    (["data.max_prompt_length=-5"], "data", "data.max_prompt_length"),
+    (["splitter.delta=-1"], "splitter", "splitter.delta"),
+    (["splitter.batch_size=0"], "splitter", "splitter.batch_size"),
+    (["splitter=ches", "splitter.fraction=nan"], "splitter", "splitter.fraction"),
+    (["splitter=confidence", "splitter.threshold=1.5"], "splitter", "splitter.threshold"),
+    (["eval.batch_size=0"], "eval", "eval.batch_size"),
+    (["oracle=generative", "oracle.max_new_tokens=0"], "oracle", "oracle.max_new_tokens"),
+    (["oracle=generative", "oracle.temperature=nan"], "oracle", "oracle.temperature"),
+    (["oracle=sample_scored", "oracle.num_samples=1"], "oracle", "oracle.num_samples"),
+    (["oracle=openai_judge", "oracle.judge.timeout=0"], "oracle", "oracle.judge.timeout"),
+    (["oracle=openai_judge", "oracle.judge.max_retries=-1"], "oracle", "oracle.judge.max_retries"),
+]
+
+
+def _group(overrides, group):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", *overrides])
+    return cfg[group]
+
+
+@pytest.mark.parametrize(("overrides", "group", "key"), BAD, ids=[" ".join(o) for o, _, _ in BAD])
+def test_bad_setting_is_one_line_naming_the_key(overrides, group, key, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")  # so the judge gets as far as its settings
+    with pytest.raises(CompoError) as info:
+        built = _build(_group(overrides, group), group)
+        if group == "model":
+            built.load()
+    message = str(info.value)
+    assert key in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("seed", "abc"), ("seed", -1), ("seed", 1.5), ("device", "cuda:7")]
+)
+def test_top_level_settings_are_checked(key, value):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", f"{key}={value}"])
+    if key == "device" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the device")
+    with pytest.raises(CompoError, match=f"^{key}"):
+        check_run_settings(cfg)
+
+
+def test_good_defaults_pass_every_group():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny"])
+    check_run_settings(cfg)
+    for group in ("data", "splitter", "dpo", "optimizer", "oracle", "eval"):
+        _build(cfg[group], group)
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "ok"),
+    [
+        (1, {"integer": True, "ge": 1}, True),
+        (True, {"integer": True, "ge": 0}, False),
+        (2.0, {"integer": True, "ge": 0}, False),
+        (math.nan, {"gt": 0}, False),
+        (math.inf, {"gt": 0}, False),
+        ("0.1", {"gt": 0}, False),
+        (0.0, {"ge": 0, "lt": 1}, True),
+        (1.0, {"ge": 0, "lt": 1}, False),
+        (None, {"gt": 0, "optional": True}, True),
+        (None, {"gt": 0}, False),
+    ],
+)
+def test_number_domain(value, kwargs, ok):
+    if ok:
+        assert settings.number("k", value, **kwargs) == value
+    else:
+        with pytest.raises(settings.SettingError, match=r"^k must be"):
+            settings.number("k", value, **kwargs)
+
+
+def test_number_message_names_the_range():
+    with pytest.raises(settings.SettingError) as info:
+        settings.number("optimizer.keep_fraction", 0, gt=0, le=1, optional=True)
+    assert str(info.value) == (
+        "optimizer.keep_fraction must be a finite number in (0, 1] or null, got 0"
+    )
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_no_checkpoint_with_nan_or_inf_weights(tiny, tmp_path, bad):
+    model, tokenizer = tiny
+    with torch.no_grad():
+        model.lm_head.weight[3, 5] = bad
+    with pytest.raises(CompoError, match=r"lm_head\.weight"):
+        save_checkpoint(model, tokenizer, tmp_path / "checkpoint")
+    assert not (tmp_path / "checkpoint").exists()
