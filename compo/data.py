@@ -1,7 +1,7 @@
 """Preference pairs: loading and validating files (tokenization: :mod:`compo.encoding`).
 
-Supported files (read through ``datasets``): JSONL, JSON (an array of objects), CSV and Parquet,
-in the public schemas:
+Supported files: JSONL, JSON (an array of objects, or one object per line), CSV and Parquet, in the
+public schemas:
 
 * string fields ``prompt``, ``chosen``, ``rejected`` (e.g. UltraFeedback-binarized's ``prompt``);
 * ``chosen``/``rejected`` as chat-message lists sharing the prompt turns (HH-RLHF and UltraFeedback
@@ -15,6 +15,12 @@ Optional fields: ``id`` (default ``<file stem>-<row>``), ``confidence`` in [0, 1
 every other field is kept in ``metadata``. Rows are numbered from 1 in file order (for JSONL
 without blank lines, the row is the line number).
 
+Each row keeps the types its file gives it: in JSON a reply must be a string (``42`` is an error of
+that row), ids are strings or integers; a CSV cell is always text (``42``, ``None``, ``N/A`` and
+``007`` are kept as written, also in ``metadata``) except ``confidence``, read as a number (an
+empty cell: not given). Parquet columns have the types stored in the file. Files are read afresh on
+every load: nothing is cached.
+
 A bad row (missing or empty field, wrong type, identical chosen and rejected, undecodable bytes,
 invalid JSON) stops the load with one line naming file, row and field, or, with
 ``on_error="skip"``, is returned in :attr:`LoadResult.rejected` with its reason.
@@ -22,6 +28,7 @@ invalid JSON) stops the load with one line naming file, row and field, or, with
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -34,7 +41,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from compo.encoding import encode_pairs
+from compo import settings
+from compo.encoding import CHAT_TEMPLATE_MODES, encode_pairs
 from compo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,7 +50,7 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 ON_ERROR = ("raise", "skip")
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
@@ -129,13 +137,13 @@ class LoadResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_with_datasets(path: Path, builder: str) -> list[dict[str, Any]]:
-    import datasets
+# Every format is read row by row with each value's own type, and nothing is cached. Readers that
+# infer one type per column (pyarrow for JSON, pandas for CSV, both behind ``datasets``) let one odd
+# value retype or reject the whole column, blamed on the wrong row, turn CSV replies such as "None"
+# or "N/A" into missing values, and report errors in their own 0-based numbering; ``datasets``
+# also caches by path and mtime, so a file rewritten with the same mtime was read stale.
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    return list(ds)
+_NUMERIC_CSV_COLUMNS = ("confidence",)  # every other CSV cell stays text, as written
 
 
 def _first_line(exc: BaseException) -> str:
@@ -143,15 +151,26 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _scan_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yields (row, record or RowError) line by line; used to locate what ``datasets`` rejected."""
+def _decode(path: Path, raw: bytes) -> str:
+    """A whole file as text (a leading byte-order mark dropped), or a DataError naming the line."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line}: undecodable bytes (not UTF-8); fix the file"
+        ) from None
+
+
+def _read_jsonl(raw: bytes) -> Iterator[tuple[int, Any]]:
+    """Yields (row, record or RowError) per non-blank line, so a bad line spoils only its row."""
     row = 0
-    for raw in path.read_bytes().splitlines():
-        if not raw.strip():
+    for line in raw.removeprefix(codecs.BOM_UTF8).splitlines():
+        if not line.strip():
             continue
         row += 1
         try:
-            text = raw.decode("utf-8")
+            text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             yield (
                 row,
@@ -164,55 +183,106 @@ def _scan_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             yield row, RowError(None, f"invalid JSON: {exc.msg} at column {exc.colno}")
 
 
-def _scan_csv(path: Path) -> Iterator[tuple[int, Any]]:
-    raw = path.read_bytes()
+def _read_json(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
+    """Rows of a JSON array or, as ``datasets`` also accepts under ``.json``, of JSON Lines."""
+    text = _decode(path, raw)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        # A CSV row may span lines, so rows after a bad byte cannot be recovered reliably.
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("{"):  # several objects, one per line
+            yield from _read_jsonl(raw)
+            return
         raise DataError(
-            f"{path}: line {line}: undecodable bytes (not UTF-8); fix the file"
-        ) from exc
-    yield from enumerate(csv.DictReader(io.StringIO(text)), start=1)
+            f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}"
+        ) from None
+    if isinstance(data, dict) and len(text.strip().splitlines()) == 1:
+        data = [data]  # JSON Lines with a single line
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, or one object per line")
+    yield from enumerate(data, start=1)
+
+
+def _read_csv(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
+    """Yields (row, record or RowError) per non-blank CSV record; cells stay text, except numbers.
+
+    An empty numeric cell means the value is not given (its default applies); a non-numeric one is
+    kept as text for the row's validation to reject.
+    """
+    # The default limit (128 KiB per cell) would reject long replies that pandas accepted.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    reader = csv.reader(io.StringIO(_decode(path, raw), newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        duplicates = sorted({name for name in header if header.count(name) > 1})
+        if duplicates:
+            raise DataError(f"{path}: line 1: columns appear more than once: {duplicates}")
+        row = 0
+        for cells in reader:
+            if not cells:  # a blank line, skipped like pandas does
+                continue
+            row += 1
+            if len(cells) != len(header):
+                yield row, RowError(None, f"has {len(cells)} cells, the header has {len(header)}")
+                continue
+            record: dict[str, Any] = dict(zip(header, cells, strict=True))
+            for name in _NUMERIC_CSV_COLUMNS:
+                if name in record:
+                    record[name] = _csv_number(record[name])
+            yield row, record
+    except csv.Error as exc:  # e.g. a NUL byte or an unterminated quote: rows after it are lost
+        raise DataError(f"{path}: line {reader.line_num}: unreadable CSV: {exc}") from None
+
+
+def _csv_number(cell: str) -> float | str | None:
+    """A CSV cell as a finite number, None when empty, else the cell's text for validation to
+    reject (so ``nan`` stays text in the row and in ``rejected_rows.jsonl``, which is JSON)."""
+    if not cell.strip():
+        return None
+    try:
+        number = float(cell)
+    except ValueError:
+        return cell
+    return number if math.isfinite(number) else cell
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a Parquet file, typed by the schema stored in the file (nothing is inferred)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: unreadable Parquet file: {_first_line(exc)}") from None
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yields ``(row, record)`` pairs of a file; ``record`` is a RowError for unreadable rows.
+    """Yields ``(row, record)`` pairs of a file, rows numbered from 1; ``record`` is a RowError for
+    an unreadable row.
+
+    The file is read afresh on every call (no cache), and every row keeps its own value types.
 
     Raises:
         DataError: The file is missing, has an unknown extension or cannot be read at all.
     """
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(
-            f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_BUILDERS)}"
-        )
-    try:
-        records = _read_with_datasets(path, builder)
-    except Exception as exc:  # arrow/pandas errors name neither row nor field: locate them below
-        log.debug("datasets could not read %s (%s); scanning row by row", path, exc)
-        if path.suffix.lower() == ".jsonl":
-            yield from _scan_jsonl(path)
-            return
-        if builder == "csv":
-            yield from _scan_csv(path)
-            return
-        if builder == "json":
-            try:
-                data = json.loads(path.read_bytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as inner:
-                raise DataError(f"{path}: unreadable JSON file: {_first_line(inner)}") from inner
-            if not isinstance(data, list):
-                raise DataError(
-                    f"{path}: expected a JSON array of objects (or use .jsonl)"
-                ) from exc
-            yield from enumerate(data, start=1)
-            return
-        raise DataError(f"{path}: unreadable {builder} file: {_first_line(exc)}") from exc
-    yield from enumerate(records, start=1)
+    suffix = path.suffix.lower()
+    if suffix not in _FORMATS:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_FORMATS)}")
+    if suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    raw = path.read_bytes()
+    if suffix == ".jsonl":
+        yield from _read_jsonl(raw)
+    elif suffix == ".json":
+        yield from _read_json(path, raw)
+    else:
+        yield from _read_csv(path, raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +344,8 @@ def _confidence(record: dict[str, Any]) -> float:
     if value is None:
         return 1.0
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RowError("confidence", f"expected a number, got {type(value).__name__}")
+        got = repr(value) if isinstance(value, str) else type(value).__name__
+        raise RowError("confidence", f"expected a number, got {got}")
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise RowError("confidence", f"must be in [0, 1], got {value}")
     return float(value)
@@ -285,6 +356,10 @@ def _prompt_and_replies(record: dict[str, Any]) -> tuple[str | list[Message], st
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if value is None:
             raise RowError(name, "is missing")
+        # A JSON number is not a reply: the file says it is a number, so the row is at fault (a
+        # CSV cell is always text, so "42" there is a valid reply).
+        if not isinstance(value, str | list):
+            raise RowError(name, f"expected a string or chat messages, got {type(value).__name__}")
     if isinstance(chosen, str) and isinstance(rejected, str):
         if prompt is None and chosen.startswith("\n\nHuman:"):
             chosen_msgs = _parse_hh_transcript(chosen, "chosen")
@@ -297,8 +372,9 @@ def _prompt_and_replies(record: dict[str, Any]) -> tuple[str | list[Message], st
     elif isinstance(chosen, list) and isinstance(rejected, list):
         chosen_msgs, rejected_msgs = _messages(chosen, "chosen"), _messages(rejected, "rejected")
     else:
-        bad = "chosen" if not isinstance(chosen, str | list) else "rejected"
-        raise RowError(bad, "chosen and rejected must both be strings or both be message lists")
+        raise RowError(
+            "rejected", "chosen and rejected must both be strings or both be message lists"
+        )
     chosen_turns, chosen_reply = _split_conversation(chosen_msgs, "chosen")
     rejected_turns, rejected_reply = _split_conversation(rejected_msgs, "rejected")
     if chosen_turns != rejected_turns:
@@ -421,6 +497,15 @@ class DataSpec:
     max_prompt_length: int = 256
     chat_template: str = "auto"
     limit: int | None = None
+
+    def __post_init__(self) -> None:
+        settings.choice("data.on_error", self.on_error, ON_ERROR)
+        settings.choice("data.chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
+        settings.number("data.max_length", self.max_length, integer=True, ge=1)
+        settings.number(
+            "data.max_prompt_length", self.max_prompt_length, integer=True, ge=1, lt=self.max_length
+        )
+        settings.number("data.limit", self.limit, integer=True, ge=1, optional=True)
 
     def load(self) -> LoadResult:
         return load_pairs(self.path, self.on_error, self.limit)

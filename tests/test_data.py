@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
-from compo.data import PreferencePair, load_pairs
+from compo.clicks import clicks_to_pairs
+from compo.data import PreferencePair, iter_records, load_pairs
 from compo.encoding import encode_pairs
 from compo.errors import DataError
 
@@ -139,6 +145,184 @@ def test_unreadable_and_unknown_files(tmp_path):
 def test_duplicate_ids_are_errors(write_jsonl):
     with pytest.raises(DataError, match="duplicate id"):
         load_pairs(write_jsonl([{**GOOD, "id": "a"}, {**GOOD, "id": "a"}]))
+
+
+def _write_rows(path, rows):
+    """Writes dict rows in the format named by the path's extension."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+# Type inference over a whole column must not change what any single row holds.
+
+
+def test_one_float_id_is_an_error_of_its_own_row_only(write_jsonl):
+    path = write_jsonl([{**GOOD, "id": 1}, {**GOOD, "id": 2.5}, {**GOOD, "id": 3}])
+    result = load_pairs(path, on_error="skip")
+    assert [p.id for p in result.pairs] == ["1", "3"]
+    assert [(r.row, r.field) for r in result.rejected] == [(2, "id")]
+    with pytest.raises(DataError, match=r"row 2: field 'id': expected a string or integer"):
+        load_pairs(path)
+
+
+def test_one_float_count_leaves_the_other_rows_untouched(write_jsonl):
+    rows = [
+        {**GOOD, "chosen": c, "clicks": n} for c, n in [("Blue.", 1), ("Red.", 2.5), ("Tan.", 3)]
+    ]
+    pairs = load_pairs(write_jsonl(rows)).pairs
+    assert [type(p.metadata["clicks"]) for p in pairs] == [int, float, int]
+    # A click log: one float click index is its own row's error, not every row's.
+    log_rows = [{"prompt": "Q?", "responses": ["a", "b"], "clicks": c} for c in ([1], [1.5], [1])]
+    path = write_jsonl(log_rows, name="clicks.jsonl")
+    result = clicks_to_pairs(iter_records(path), str(path), on_error="skip")
+    assert [(r.row, r.field) for r in result.rejected] == [(2, "clicks")]
+    assert result.stats["n_impressions"] == 2
+
+
+def test_csv_cells_are_text_never_missing_values_or_numbers(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text(
+        "id,prompt,chosen,rejected,confidence\n"
+        "007,Name a color.,None,N/A,0.5\n"
+        "2,NA,42,41,\n"
+        "3,What is 6 x 7?,null,NaN,1\n"
+    )
+    pairs = load_pairs(path).pairs
+    assert [(p.id, p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("007", "Name a color.", "None", "N/A"),
+        ("2", "NA", "42", "41"),
+        ("3", "What is 6 x 7?", "null", "NaN"),
+    ]
+    assert [p.confidence for p in pairs] == [0.5, 1.0, 1.0]  # an empty cell: not given
+
+
+def test_csv_rejected_row_keeps_its_text(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\nQ,Blue.,Red.\nQ,None,None\n")
+    (bad,) = load_pairs(path, on_error="skip").rejected
+    assert (bad.row, bad.field) == (2, "rejected")
+    assert bad.record == {"prompt": "Q", "chosen": "None", "rejected": "None"}
+
+
+def test_csv_confidence_is_a_number_checked_per_row(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text(
+        "prompt,chosen,rejected,confidence\nQ,a,b,0.25\nQ,c,b,high\nQ,d,b,1.5\nQ,e,b,1\nQ,f,b,nan\n"
+    )
+    result = load_pairs(path, on_error="skip")
+    assert [(p.chosen, p.confidence) for p in result.pairs] == [("a", 0.25), ("e", 1.0)]
+    assert [(r.row, r.field) for r in result.rejected] == [
+        (2, "confidence"),
+        (3, "confidence"),
+        (5, "confidence"),
+    ]
+    assert result.rejected[2].record["confidence"] == "nan"  # text: rejected_rows.jsonl is JSON
+    with pytest.raises(DataError, match=r"row 2: field 'confidence': expected a number"):
+        load_pairs(path)
+
+
+def test_csv_row_with_extra_cells_is_an_error_of_its_own_row(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\nQ,a,b\nQ,c,b,extra\nQ,d,b\n")
+    result = load_pairs(path, on_error="skip")
+    assert [p.chosen for p in result.pairs] == ["a", "d"]
+    assert [(r.row, r.field) for r in result.rejected] == [(2, None)]
+    assert "4 cells" in result.rejected[0].reason
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_json_number_as_reply_is_an_error_of_its_own_row(tmp_path, fmt):
+    rows = [GOOD, {**GOOD, "chosen": 42}, {**GOOD, "rejected": 41.5}, GOOD]
+    result = load_pairs(_write_rows(tmp_path / f"pairs.{fmt}", rows), on_error="skip")
+    assert len(result.pairs) == 2
+    assert [(r.row, r.field, r.reason) for r in result.rejected] == [
+        (2, "chosen", "expected a string or chat messages, got int"),
+        (3, "rejected", "expected a string or chat messages, got float"),
+    ]
+
+
+def test_json_lines_under_a_json_name_still_load(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "chosen": "Red."}) + "\n")
+    assert [p.chosen for p in load_pairs(path).pairs] == ["Blue.", "Red."]
+
+
+# Invalid JSON: one message, with compo's numbering, and nothing else printed or logged.
+
+INVALID_JSON = [
+    (
+        "jsonl",
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n' * 2 + '{"prompt": "q", "chosen": \n',
+    ),
+    ("json", '[\n{"prompt": "q", "chosen": "a", "rejected": "b"},\n{"prompt": "q", "chosen": }\n]'),
+]
+
+
+@pytest.mark.parametrize(("fmt", "text"), INVALID_JSON)
+def test_invalid_json_is_reported_once_with_compo_numbering(tmp_path, caplog, capfd, fmt, text):
+    path = tmp_path / f"broken.{fmt}"
+    path.write_text(text)
+    with caplog.at_level(logging.DEBUG), pytest.raises(DataError) as err:
+        load_pairs(path)
+    where = "row 3: invalid JSON" if fmt == "jsonl" else "line 3, column 27: invalid JSON"
+    assert str(err.value).startswith(f"{path}: {where}")
+    assert "\n" not in str(err.value)
+    out, errs = capfd.readouterr()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "row 2" not in out + errs + logged and "pyarrow" not in (out + errs + logged).lower()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+COMPO = [sys.executable, "-m", "compo", "model=tiny"]
+
+
+def test_cli_prints_invalid_json_once(tmp_path, write_jsonl):
+    data = write_jsonl([GOOD, GOOD, '{"prompt": "q", "chosen": '], name="bad.jsonl")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [*COMPO, f"data.path={data}", "optimizer=none", "eval=none", f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"compo: error: {data}: row 3: invalid JSON: Expecting value at column 27 "
+        "(data.on_error=skip sets such rows aside)"
+    ]
+    logs = "".join(p.read_text() for p in run_dir.rglob("*.log"))
+    everything = proc.stdout + proc.stderr + logs
+    assert "row 2" not in everything and "pyarrow" not in everything.lower()
+
+
+# A file's content, not its path and mtime, decides what is loaded.
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
+def test_file_rewritten_with_the_same_mtime_is_read_again(tmp_path, fmt):
+    path = _write_rows(
+        tmp_path / f"pairs.{fmt}", [{**GOOD, "chosen": "Blue.", "rejected": "Green"}]
+    )
+    assert load_pairs(path).pairs[0].chosen == "Blue."
+    before = path.stat()
+    for chosen, rejected in [("Green", "Blue."), ("Turquoise.", "Blue.")]:  # same size, then not
+        _write_rows(path, [{**GOOD, "chosen": chosen, "rejected": rejected}])
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert load_pairs(path).pairs[0].chosen == chosen
 
 
 def test_encoding_applies_chat_template_and_ends_replies_with_eos(tiny):
