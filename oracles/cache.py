@@ -1,7 +1,9 @@
 """A persistent verdict cache shared by reruns and sweep jobs (sqlite, safe across processes).
 
-Keys are sha256 digests of (judge model, prompt template, prompt, first response, second
-response); values are a verdict with its confidence and reason. Nothing secret is stored: the key
+Keys are sha256 digests of (judge identity, prompt, first response, second response); the judge
+identity holds everything else that determines a verdict (endpoint, model, prompt template,
+sampling settings), so verdicts of a local test server never answer for the real API. Values are a
+verdict with its confidence and reason. Nothing secret is stored: the key
 material is the text being judged, never credentials. Looking up the swapped pair returns the
 negated verdict, so a comparison is paid for once whichever side is "current".
 """
@@ -39,9 +41,9 @@ def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
     return db
 
 
-def cache_key(model: str, template: str, prompt: str, first: str, second: str) -> str:
-    """sha256 of the JSON list of the five strings (unambiguous, unlike plain concatenation)."""
-    blob = json.dumps([model, template, prompt, first, second], ensure_ascii=False)
+def cache_key(judge: str, prompt: str, first: str, second: str) -> str:
+    """sha256 of the JSON list of the four strings (unambiguous, unlike plain concatenation)."""
+    blob = json.dumps([judge, prompt, first, second], ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -62,11 +64,11 @@ class VerdictCache:
             "confidence REAL, reason TEXT, created REAL)",
         )
 
-    def get(self, model: str, template: str, prompt: str, current: str, perturbed: str):
-        """The cached judgement of (current, perturbed), else None."""
+    def get(self, judge: str, prompt: str, current: str, perturbed: str):
+        """The cached judgement of (current, perturbed) by ``judge`` (its identity), else None."""
         keys = (
-            cache_key(model, template, prompt, current, perturbed),
-            cache_key(model, template, prompt, perturbed, current),
+            cache_key(judge, prompt, current, perturbed),
+            cache_key(judge, prompt, perturbed, current),
         )
         with self._lock:
             for sign, key in zip((1, -1), keys, strict=True):
@@ -77,9 +79,9 @@ class VerdictCache:
                     return Judgement(Verdict(sign * row[0]), row[1], row[2])
         return None
 
-    def put(self, model: str, template: str, prompt: str, current: str, perturbed: str, judgement):
-        """Stores a judgement of (current, perturbed)."""
-        key = cache_key(model, template, prompt, current, perturbed)
+    def put(self, judge: str, prompt: str, current: str, perturbed: str, judgement) -> None:
+        """Stores ``judge``'s judgement of (current, perturbed)."""
+        key = cache_key(judge, prompt, current, perturbed)
         with self._lock, self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",

@@ -16,6 +16,7 @@ appears in no config, log, cache, trace or exception.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -26,7 +27,7 @@ import time
 import openai
 from joblib import Parallel, delayed
 
-from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Verdict
+from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Verdict, settings
 from oracles.cache import VerdictCache
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ USER_TEMPLATE = (
     "Which response is better? Reply with exactly one of: A, B, TIE."
 )
 TEMPLATE_ID = "compo-pairwise-v1\n" + SYSTEM_PROMPT + "\n" + USER_TEMPLATE
+TEMPERATURE = 0.0  # greedy: a verdict should not depend on the sampler's luck
 _ANSWER = re.compile(r"^(A|B|TIE)$")
 _TRANSIENT = (
     openai.RateLimitError,
@@ -117,15 +119,35 @@ class OpenAIJudge(OutputJudge):
         cache_path: str | None = None,
         seed: int = 0,
     ) -> None:
+        key = "oracle.judge"
         self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
-        self.timeout, self.max_retries = float(timeout), int(max_retries)
-        self.backoff_base, self.backoff_max = float(backoff_base), float(backoff_max)
-        self.max_concurrency, self.max_requests, self.max_tokens = (
-            max_concurrency,
-            max_requests,
-            max_tokens,
+        self.timeout = settings.number(f"{key}.timeout", timeout, gt=0)
+        self.max_retries = settings.number(f"{key}.max_retries", max_retries, integer=True, ge=0)
+        self.backoff_base = settings.number(f"{key}.backoff_base", backoff_base, ge=0)
+        self.backoff_max = settings.number(f"{key}.backoff_max", backoff_max, ge=0)
+        for name, value in (
+            ("max_concurrency", max_concurrency),
+            ("max_requests", max_requests),
+            ("max_tokens", max_tokens),
+            ("max_consecutive_failures", max_consecutive_failures),
+            ("reply_tokens", reply_tokens),
+        ):
+            settings.number(f"{key}.{name}", value, integer=True, ge=1)
+        settings.number(f"{key}.seed", seed, integer=True, ge=0)
+        self.max_concurrency, self.max_requests = max_concurrency, max_requests
+        self.max_tokens, self.reply_tokens = max_tokens, reply_tokens
+        self.max_consecutive_failures = max_consecutive_failures
+        # Everything besides the texts that decides a verdict: the verdict cache's key.
+        self.identity = json.dumps(
+            {
+                "endpoint": self.where,
+                "model": model,
+                "template": TEMPLATE_ID,
+                "temperature": TEMPERATURE,
+                "reply_tokens": reply_tokens,
+            },
+            sort_keys=True,
         )
-        self.max_consecutive_failures, self.reply_tokens = max_consecutive_failures, reply_tokens
         self.use_cache, self.cache_path = cache, cache_path
         self._cache: VerdictCache | None = None
         self._client: openai.OpenAI | None = None
@@ -253,7 +275,7 @@ class OpenAIJudge(OutputJudge):
                 reply = self.client().chat.completions.create(
                     model=self.model,
                     messages=messages,
-                    temperature=0.0,
+                    temperature=TEMPERATURE,
                     max_tokens=self.reply_tokens,
                     timeout=self.timeout,
                 )
@@ -278,9 +300,12 @@ class OpenAIJudge(OutputJudge):
             finally:
                 with self._lock:
                     self.request_seconds += time.perf_counter() - started
+            answer, reason = self._read(reply)
+            if answer is None:  # an invalid reply is a failed request, not a success
+                break
             with self._lock:
                 self._consecutive_failures = 0
-            return self._read(reply)
+            return answer, reason
         self._failed(reason)
         return None, reason
 
@@ -334,11 +359,7 @@ class OpenAIJudge(OutputJudge):
                 with self._lock:
                     self.counts["identical"] += 1
                 continue
-            hit = (
-                None
-                if cache is None
-                else cache.get(self.model, TEMPLATE_ID, prompt, current, perturbed)
-            )
+            hit = None if cache is None else cache.get(self.identity, prompt, current, perturbed)
             if hit is not None:
                 out[i] = hit
                 with self._lock:
@@ -351,18 +372,26 @@ class OpenAIJudge(OutputJudge):
             for i in todo:
                 prompt, current, perturbed = items[i]
                 tasks += [(prompt, current, perturbed), (prompt, perturbed, current)]
-            answers = Parallel(n_jobs=min(self.max_concurrency, len(tasks)), prefer="threads")(
-                delayed(self.ask)(*task) for task in tasks
-            )
+            answers = self._ask_all(tasks)
+            # A batch in which every request failed holds no information: returned as ties, an
+            # optimizer would commit the iteration and never ask again. Ask again instead; each
+            # round adds to the consecutive failures, so a judge that stays down stops the run.
+            while all(answer is None for answer, _ in answers):
+                answers = self._ask_all(tasks)
             for j, i in enumerate(todo):
                 judgement = self._combine(answers[2 * j], answers[2 * j + 1])
                 out[i] = judgement
                 # Failures are not cached (a rerun should ask again); real answers are.
                 if cache is not None and not judgement.reason.startswith("abstain"):
-                    cache.put(self.model, TEMPLATE_ID, *items[i], judgement)
+                    cache.put(self.identity, *items[i], judgement)
             with self._lock:
                 self.counts["calls"] += len(todo)
         return out  # type: ignore[return-value]
+
+    def _ask_all(self, tasks: list[tuple[str, str, str]]) -> list[tuple[str | None, str]]:
+        return Parallel(n_jobs=min(self.max_concurrency, len(tasks)), prefer="threads")(
+            delayed(self.ask)(*task) for task in tasks
+        )
 
     def usage(self) -> dict[str, float]:
         """Counters for ``metrics.json`` (requests include retries; seconds are wall time)."""

@@ -123,12 +123,18 @@ def test_failure_abstains_or_raises_never_invents(make, name, monkeypatch, tmp_p
         with pytest.raises(CompoError, match=r"oracle\.reward_model"):
             judge.judge(PROMPT, GOOD, BAD)
     elif name == "openai_judge":
-        judge = OpenAIJudge(base_url="http://127.0.0.1:9/v1", api_key_env="COMPO_TEST_KEY")
-        judge.max_retries, judge.backoff_base, judge.max_consecutive_failures = 1, 0.01, 100
-        judge.use_cache = False
-        result = judge.judge(PROMPT, GOOD, BAD)
-        assert result.verdict == Verdict.TIE and result.reason.startswith("abstain")
-        assert judge.usage()["abstentions"] == 1
+        # Nothing answers: the comparison is asked again until the failure budget stops the run.
+        judge = OpenAIJudge(
+            base_url="http://127.0.0.1:9/v1",
+            api_key_env="COMPO_TEST_KEY",
+            max_retries=1,
+            backoff_base=0.01,
+            max_consecutive_failures=4,
+            cache=False,
+        )
+        with pytest.raises(CompoError, match=r"4 requests .* failed in a row"):
+            judge.judge(PROMPT, GOOD, BAD)
+        assert judge.usage()["abstentions"] == 0 and judge.usage()["failed_requests"] == 4
     else:
         judge = make(name, answers="")  # input closed: no answer to give
         with pytest.raises(OracleError, match="input closed"):

@@ -102,23 +102,26 @@ def test_retries_429_500_and_timeouts(serve, judge_for):
 
 
 def test_malformed_replies_abstain_and_are_counted(serve, judge_for):
-    judge = judge_for(serve(faults=["malformed", "badjson"]), cache=False, max_concurrency=1)
+    # One order of the comparison gets a malformed reply, the other a real answer: an abstention.
+    judge = judge_for(serve(faults=["malformed"]), cache=False, max_concurrency=1)
     result = judge.judge(PROMPT, GOOD, BAD)
     assert result.verdict == Verdict.TIE and result.reason.startswith("abstain")
     usage = judge.usage()
-    assert usage["invalid_replies"] >= 1 and usage["abstentions"] == 1
+    assert usage["invalid_replies"] == 1 and usage["abstentions"] == 1
     # Abstentions are not cached: asking again (server healthy now) gives the real verdict.
     judge.use_cache = True
     assert judge.judge(PROMPT, GOOD, BAD).verdict == Verdict.CURRENT_BETTER
 
 
 def test_retries_exhausted_abstain_then_stop(serve, judge_for):
-    server = serve(faults=["500"], repeat_faults=True)
-    judge = judge_for(server, max_retries=1, cache=False, max_consecutive_failures=4)
+    server = serve(faults=["500", "500"])  # the first request fails twice, its retry too
+    judge = judge_for(server, max_retries=1, cache=False, max_concurrency=1)
     first = judge.judge(PROMPT, GOOD, BAD)
     assert first.verdict == Verdict.TIE and "HTTP 500" in first.reason
-    with pytest.raises(CompoError, match="failed in a row"):
-        judge.judge(PROMPT, GOOD + "!", BAD)
+    server = serve(faults=["500"], repeat_faults=True)
+    down = judge_for(server, max_retries=1, cache=False, max_consecutive_failures=4)
+    with pytest.raises(CompoError, match=r"4 requests .* failed in a row"):
+        down.judge(PROMPT, GOOD, BAD)
 
 
 def test_budget_stops_the_run_with_a_clear_message(serve, judge_for):
@@ -196,3 +199,56 @@ def test_key_never_reaches_config_logs_trace_or_cache(serve, judge_for, tmp_path
     assert KEY not in caplog.text
     rows = sqlite3.connect(run.path / "verdicts.sqlite").execute("SELECT * FROM verdicts")
     assert all(KEY not in str(row) for row in rows)
+
+
+class Chatty:
+    """A judge that never answers in the required format (e.g. a wrong model behind the URL)."""
+
+    name = "chatty"
+
+    def chat(self, messages, max_tokens):
+        return "I think the first one", 10, 5
+
+
+def test_cache_key_holds_the_endpoint_and_sampling_settings(serve, judge_for):
+    local, other = serve(), serve()  # two endpoints serving the same model name
+    assert local.model_name == other.model_name and local.url != other.url
+    judge_for(local).judge(PROMPT, GOOD, BAD)
+    elsewhere = judge_for(other)
+    elsewhere.judge(PROMPT, GOOD, BAD)
+    assert elsewhere.usage()["requests"] == 2 and elsewhere.usage()["cache_hits"] == 0
+    longer = judge_for(local, reply_tokens=8)  # other sampling settings, other verdicts
+    longer.judge(PROMPT, GOOD, BAD)
+    assert longer.usage()["requests"] == 2 and longer.usage()["cache_hits"] == 0
+    same = judge_for(local)
+    same.judge(PROMPT, GOOD, BAD)
+    assert same.usage()["requests"] == 0 and same.usage()["cache_hits"] == 1
+
+
+def test_a_judge_that_never_answers_validly_stops_the_run(serve, judge_for):
+    judge = judge_for(serve(Chatty()), cache=False, max_consecutive_failures=6)
+    with pytest.raises(CompoError, match=r"6 requests .* failed in a row .*invalid reply"):
+        for i in range(10):
+            judge.judge(PROMPT, GOOD + "!" * i, BAD)
+    assert judge.usage()["invalid_replies"] == 6
+
+
+def test_malformed_replies_do_not_reset_the_failure_count(serve, judge_for):
+    # Alternating 500s and malformed bodies: every request fails, none may reset the count.
+    server = serve(faults=["500", "malformed"], repeat_faults=True)
+    judge = judge_for(
+        server, cache=False, max_retries=0, max_concurrency=1, max_consecutive_failures=4
+    )
+    with pytest.raises(CompoError, match=r"4 requests .* failed in a row"):
+        for i in range(4):
+            judge.judge(PROMPT, GOOD + "!" * i, BAD)
+
+
+def test_a_batch_whose_requests_all_failed_is_asked_again(serve, judge_for):
+    # Both requests of the only comparison fail; the comparison is asked again (counting toward
+    # max_consecutive_failures) instead of coming back as a tie an optimizer would commit.
+    server = serve(faults=["malformed", "badjson"])
+    judge = judge_for(server, cache=False, max_concurrency=1)
+    result = judge.judge(PROMPT, GOOD, BAD)
+    assert result.verdict == Verdict.CURRENT_BETTER
+    assert judge.usage()["failed_requests"] == 2 and judge.usage()["requests"] == 4
