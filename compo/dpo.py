@@ -58,6 +58,7 @@ def _save_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, 
         return
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().contiguous().cpu() for n in names}
+    state.check_finite(tensors.items(), f"resume state {state_dir}")
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     payloads = {
@@ -183,6 +184,27 @@ class DPOTrainer:
         self.seed, self.resume, self.save_every = seed, resume, save_every
         self.ref_batch_size, self.cache_trunk = ref_batch_size, cache_trunk
         self._cache: FrozenTrunkCache | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """What the trained weights depend on (recorded in ``dpo_state/`` and checked on resume)."""
+        return {
+            "loss": self.loss_name,
+            **self.hparams,
+            "per_token": self.per_token,
+            "weight_by_confidence": self.weight_by_confidence,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "warmup_steps": self.warmup_steps,
+            "schedule": self.schedule,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "max_grad_norm": self.max_grad_norm,
+            "scope": self.scope,
+            "last_k": self.last_k,
+            "bf16": self.bf16,
+            "seed": self.seed,
+        }
 
     def _logps(self, scores: SequenceScores) -> Tensor:
         return scores.mean_logps if self.per_token else scores.sum_logps
@@ -317,11 +339,18 @@ class DPOTrainer:
         steps_per_epoch = math.ceil(len(pairs) / per_step)
         total = steps_per_epoch * self.epochs
         identity = {"n_pairs": len(pairs), "total_steps": total, "loss": self.loss_name}
+        # A state continues only the run that wrote it: same settings, same pairs and labels
+        # (and confidences when they weight the loss), same starting weights.
+        setup = {
+            "settings": self.settings(),
+            "data": state.digest_pairs(pairs, confidences if self.weight_by_confidence else None),
+            "start": state.digest_tensors(p for _, p in sorted(model.named_parameters())),
+        }
         state_dir = out.path / "dpo_state"
         step = 0
         if self.resume:
             # Verified before use: a truncated or altered file is a CompoError, never loaded.
-            step = _load_state(state_dir, model, names, optimizer, identity) or 0
+            step = _load_state(state_dir, model, names, optimizer, setup) or 0
             if step:
                 log.info("dpo: resuming from %s at step %d of %d", state_dir, step, total)
         if distributed.is_main():  # rows after the last commit (or all, on a fresh start) rerun
@@ -396,17 +425,22 @@ class DPOTrainer:
                 row.update({k: v / len(rows) for k, v in sums.items()})
                 row.update(grad_norm=grad_norm, n_pairs=len(rows), tokens=step_tokens)
                 trace.write(row)
+                if not math.isfinite(row["loss"]):  # stop now, not after the remaining steps
+                    raise CompoError(
+                        f"dpo: the loss is {row['loss']} at step {step}: the run diverged "
+                        "(lower dpo.lr) or the model holds NaN/inf; nothing saved"
+                    )
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
                 if self.save_every and step % self.save_every == 0 and step < total:
-                    _save_state(state_dir, model, names, optimizer, {**identity, "step": step})
+                    _save_state(state_dir, model, names, optimizer, {**setup, "step": step})
         bar.close()
         model.eval()
         if self.gradient_checkpointing:
             disable = getattr(model, "activation_checkpointing_disable", None)
             (disable or model.gradient_checkpointing_disable)()
         if step > start_step:
-            _save_state(state_dir, model, names, optimizer, {**identity, "step": step})
+            _save_state(state_dir, model, names, optimizer, {**setup, "step": step})
         self._cache = None  # frees the recorded states
         train_seconds = time.perf_counter() - train_started
         metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)

@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -36,8 +35,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from compo import settings
-from compo.errors import CompoError, ModelLoadError
+from compo import settings, state
+from compo.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -336,25 +335,6 @@ class TinyModel:
         return _finish(model, tokenizer, self.device)
 
 
-def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
-    """Raises :class:`CompoError` naming the first tensor holding NaN or inf.
-
-    A diverged run must not leave a model that loads and generates garbage, nor resume from one;
-    every checkpoint and every resume state goes through this before it is written.
-
-    Args:
-        tensors: (name, tensor) pairs, e.g. ``model.named_parameters()``.
-        what: What was about to be written, for the message.
-    """
-    for name, tensor in tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CompoError(
-                f"{what} not written: {name} has {bad} NaN/inf of {tensor.numel()} entries "
-                "(the run diverged: lower the step size or learning rate)"
-            )
-
-
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
     """Saves model and tokenizer in HF format (safetensors), replacing ``path`` atomically.
 
@@ -366,7 +346,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     Returns:
         ``path``.
     """
-    check_finite(model.named_parameters(), f"checkpoint {path}")
+    state.check_finite(model.named_parameters(), f"checkpoint {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -5,7 +5,11 @@ then ``progress.json`` (atomically, last) recording every file's name and sha256
 the files of earlier commits. Whenever the process dies (even SIGKILL, between any two writes),
 ``progress.json`` names complete files of one step, so a rerun resumes from the last commit.
 Loading hashes the bytes before parsing them: a truncated or altered file raises one
-:class:`CompoError` naming it and is never deserialised.
+:class:`CompoError` naming it and is never deserialised. ``progress.json`` carries the sha256 of
+its own content and the step its files are named after, so an edited field (an iteration count
+moved by hand) or a malformed structure is refused the same way. Nothing with a NaN or inf weight
+is committed (:func:`check_finite`), and a state is resumed only by the setup that wrote it
+(:func:`fingerprint`, checked by :func:`check_identity`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,52 @@ def _write_file(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def check_finite(tensors: Iterable[tuple[str, Any]], what: str) -> None:
+    """Raises :class:`CompoError` naming the first tensor holding NaN or inf.
+
+    A diverged run must not leave a model that loads and generates garbage, nor a state to resume
+    from; every checkpoint and every resume state goes through this before it is written.
+
+    Args:
+        tensors: (name, tensor) pairs, e.g. ``model.named_parameters()``.
+        what: What was about to be written, for the message.
+    """
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            bad = int((~tensor.isfinite()).sum())
+            raise CompoError(
+                f"{what} not written: {name} has {bad} NaN/inf of {tensor.numel()} entries "
+                "(the run diverged: lower the step size or learning rate)"
+            )
+
+
+def digest_tensors(tensors: Iterable[Any]) -> str:
+    """sha256 of tensors' fp32 values, in order."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def digest_pairs(pairs: Sequence[Any], extra: Sequence[Any] | None = None) -> str:
+    """sha256 of encoded pairs (ids and token ids: swapping chosen and rejected changes it)."""
+    rows = [
+        (p.pair_id, list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids)) for p in pairs
+    ]
+    return hashlib.sha256(json.dumps([rows, extra]).encode()).hexdigest()
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``parts`` (settings, data digest, start-weight digest)."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _checksum(progress: dict) -> str:
+    body = {k: v for k, v in progress.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def commit(state_dir: Path, step: int, payloads: dict[str, tuple[str, bytes]], progress: dict):
     """Writes one consistent state.
 
@@ -52,8 +102,10 @@ def commit(state_dir: Path, step: int, payloads: dict[str, tuple[str, bytes]], p
         file_name = f"{name}-{step:08d}.{suffix}"
         _write_file(state_dir / file_name, data)
         files[name] = {"file": file_name, "sha256": sha256_bytes(data), "bytes": len(data)}
+    record = {**progress, "step": step, "files": files}
+    record["checksum"] = _checksum(record)
     # The commit point: until this rename, the previous progress.json and its files stand.
-    atomic_write_json(state_dir / PROGRESS, {**progress, "files": files})
+    atomic_write_json(state_dir / PROGRESS, record)
     keep = {f["file"] for f in files.values()} | {PROGRESS}
     for stale in state_dir.iterdir():
         if stale.name not in keep:
@@ -73,13 +125,9 @@ def load(state_dir: Path) -> tuple[dict[str, Any], dict[str, bytes]] | None:
     marker = state_dir / PROGRESS
     if not marker.is_file():
         return None
-    try:
-        progress = json.loads(marker.read_text(encoding="utf-8"))
-        files = progress["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CompoError(f"{marker}: corrupt resume state ({exc}); delete {state_dir}") from None
+    progress = _read_progress(marker)
     blobs = {}
-    for name, entry in files.items():
+    for name, entry in progress["files"].items():
         path = state_dir / entry["file"]
         if not path.is_file():
             raise CompoError(f"{path}: missing; the resume state is incomplete, delete {state_dir}")
@@ -93,14 +141,65 @@ def load(state_dir: Path) -> tuple[dict[str, Any], dict[str, bytes]] | None:
     return progress, blobs
 
 
+def _read_progress(marker: Path) -> dict[str, Any]:
+    """``progress.json``, its structure and checksum verified (one CompoError line otherwise)."""
+
+    def corrupt(reason: str) -> CompoError:
+        return CompoError(
+            f"{marker}: corrupt resume state ({reason}); delete {marker.parent} to start over"
+        )
+
+    try:
+        progress = json.loads(marker.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise corrupt(f"not JSON: {exc}") from None
+    if not isinstance(progress, dict):
+        raise corrupt("not a JSON object")
+    if progress.get("checksum") != _checksum(progress):
+        raise corrupt("its checksum does not match its content: edited or from another version")
+    step, files = progress.get("step"), progress.get("files")
+    if not isinstance(step, int) or isinstance(step, bool) or not isinstance(files, dict):
+        raise corrupt("'step' must be an integer and 'files' an object")
+    for name, entry in files.items():
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("file"), str)
+            and isinstance(entry.get("sha256"), str)
+            and type(entry.get("bytes")) is int
+        )
+        if not ok:
+            raise corrupt(f"entry {name!r} needs file, sha256 and bytes")
+        # The files are named after the step they hold: the step is bound to the hashed files.
+        if entry["file"] != f"{name}-{step:08d}.{entry['file'].rpartition('.')[2]}":
+            raise corrupt(f"file {entry['file']!r} does not hold step {step}")
+        if Path(entry["file"]).name != entry["file"]:
+            raise corrupt(f"file {entry['file']!r} is not inside the state directory")
+    return progress
+
+
 def check_identity(state_dir: Path, progress: dict, expect: dict, option: str) -> None:
-    """Refuses state written by a different setup (one line: which key, which values)."""
+    """Refuses state written by a different setup (one line: which key, which values).
+
+    ``expect`` maps keys to values or to dicts of settings; a differing setting is named
+    (``lr``), a differing digest (``data``, ``start``, ``fingerprint``) is described.
+    """
+    digests = {
+        "data": "the data (pairs, labels or confidences) differ",
+        "start": "the starting weights differ",
+        "fingerprint": "its settings, data or starting weights differ",
+    }
     for key, value in expect.items():
-        if progress.get(key) != value:
-            raise CompoError(
-                f"{state_dir}: written for {key}={progress.get(key)!r}, this run has {value!r}; "
-                f"use a new run dir or {option}=false"
-            )
+        found = progress.get(key)
+        if found == value:
+            continue
+        if isinstance(value, dict) and isinstance(found, dict):
+            name = next(k for k in sorted(set(value) | set(found)) if found.get(k) != value.get(k))
+            what = f"written with {name}={found.get(name)!r}, this run has {value.get(name)!r}"
+        elif key in digests:
+            what = f"written by another setup: {digests[key]}"
+        else:
+            what = f"written for {key}={found!r}, this run has {value!r}"
+        raise CompoError(f"{state_dir}: {what}; use a new run dir or {option}=false")
 
 
 def truncate_trace(path: Path, keep: Callable[[dict], bool]) -> list[dict]:

@@ -266,3 +266,70 @@ def test_a_torn_trace_line_is_dropped_on_resume(tmp_path):
     rows = state.truncate_trace(trace, lambda r: r["iteration"] < 2)
     assert rows == [{"iteration": 0}, {"iteration": 1}]
     assert trace.read_text() == '{"iteration": 0}\n{"iteration": 1}\n'
+
+
+def _train_dpo(model, encoded, pad, out, **kwargs):
+    settings = {"lr": 1e-3, "batch_size": 2, "save_every": 1, **kwargs}
+    return DPOTrainer(**settings).train(model, encoded, pad, out)
+
+
+@pytest.mark.parametrize(
+    "change", [{"lr": 2e-3}, {"beta": 0.5}, {"weight_decay": 0.1}, "flipped_labels", "other_model"]
+)
+def test_dpo_state_of_other_settings_or_data_is_refused(tiny, easy_encoded, tmp_path, change):
+    model, tokenizer = tiny
+    out, pad = RunDir(tmp_path), tokenizer.pad_token_id
+    _train_dpo(model, easy_encoded, pad, out)
+    fresh, kwargs, encoded = TinyModel(seed=0).load()[0], {}, easy_encoded
+    if change == "flipped_labels":  # same prompts and replies, labels swapped
+        encoded = [
+            type(p)(**{**vars(p), "chosen_ids": p.rejected_ids, "rejected_ids": p.chosen_ids})
+            for p in easy_encoded
+        ]
+    elif change == "other_model":
+        fresh = TinyModel(seed=1).load()[0]
+    else:
+        kwargs = change
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    with pytest.raises(CompoError, match="dpo.resume=false"):
+        _train_dpo(fresh, encoded, pad, out, **kwargs)
+    assert all(torch.equal(p, before[n]) for n, p in fresh.named_parameters())  # nothing loaded
+
+
+def test_dpo_state_of_the_same_settings_resumes(tiny, easy_encoded, tmp_path):
+    model, tokenizer = tiny
+    out, pad = RunDir(tmp_path), tokenizer.pad_token_id
+    _train_dpo(model, easy_encoded, pad, out)
+    metrics = _train_dpo(TinyModel(seed=0).load()[0], easy_encoded, pad, out)
+    assert metrics["resumed_from_step"] == metrics["total_steps"] and metrics["steps_run"] == 0
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda p: [],
+        lambda p: {**p, "files": 3},
+        lambda p: {**p, "files": {"w": "w-00000001.bin"}},
+        lambda p: {**p, "files": {"w": {**p["files"]["w"], "bytes": "5"}}},
+        lambda p: {k: v for k, v in p.items() if k != "step"},
+        lambda p: {**p, "step": 7},  # an edited step: no longer bound to the hashed files
+        lambda p: {**p, "iteration": 9},  # any edited field
+    ],
+    ids=["list", "files-int", "entry-str", "bytes-str", "no-step", "step-edited", "field-edited"],
+)
+def test_malformed_or_edited_progress_is_one_line(tmp_path, edit):
+    state.commit(tmp_path, 1, {"w": ("bin", b"first")}, {"iteration": 1})
+    marker = tmp_path / "progress.json"
+    marker.write_text(json.dumps(edit(json.loads(marker.read_text()))))
+    with pytest.raises(CompoError, match="progress.json") as info:
+        state.load(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_no_resume_state_with_nan_or_inf_weights(tiny, easy_encoded, tmp_path):
+    model, tokenizer = tiny
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(CompoError, match="NaN"):
+        _train_dpo(model, easy_encoded[:2], tokenizer.pad_token_id, RunDir(tmp_path))
+    assert not (tmp_path / "dpo_state").exists()

@@ -9,8 +9,6 @@ directions are regenerated from (seed, t, i), so nothing else is needed to conti
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,13 +22,6 @@ from compo.errors import CompoError
 from compo.zo.scope import Scope
 
 
-def _tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(t.detach().float().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def fingerprint(settings: dict[str, Any], scope: Scope, pairs: Sequence) -> str:
     """sha256 of what the iterations depend on: settings, pairs, perturbed names and start weights.
 
@@ -38,20 +29,14 @@ def fingerprint(settings: dict[str, Any], scope: Scope, pairs: Sequence) -> str:
     (another DPO result, another seed). ``epochs`` and ``max_iterations`` are left out by the
     caller: they only extend or cut the list of batches, so a longer rerun continues.
     """
-    pair_ids = [
-        (p.pair_id, list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids)) for p in pairs
-    ]
-    blob = json.dumps(
+    return state.fingerprint(
         {
             "settings": settings,
-            "pairs": hashlib.sha256(json.dumps(pair_ids).encode()).hexdigest(),
+            "pairs": state.digest_pairs(pairs),
             "blocks": [(n, list(s)) for n, s in zip(scope.names, scope.shapes, strict=True)],
-            "start": _tensor_digest(scope.masters()),
-        },
-        sort_keys=True,
-        default=str,
+            "start": state.digest_tensors(scope.masters()),
+        }
     )
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 class CompoState:
@@ -106,6 +91,7 @@ class CompoState:
         continues with it instead of searching at an iteration an uninterrupted run would not.
         """
         tensors = {b.name: b.master.detach().float().contiguous().cpu() for b in scope.blocks}
+        state.check_finite(tensors.items(), f"resume state {self.dir}")
         progress = {
             "iteration": done,
             "n_iterations": len(batches),
