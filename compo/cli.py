@@ -38,7 +38,7 @@ from compo.errors import CompoError
 from compo.evaluate import PreferenceEval, likelihood_displacement, preference_metrics
 from compo.interfaces import ComparisonOracle, OracleError
 from compo.models import save_checkpoint
-from compo.rundir import RunDir, atomic_write_text, write_jsonl
+from compo.rundir import RunDir, atomic_write_text, lock_run_dir, write_jsonl
 from compo.scoring import SequenceScores
 from compo.splitter import Split, record_split
 
@@ -142,28 +142,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     Returns:
         The metrics also written to ``metrics.json``.
     """
-    started = time.perf_counter()
     check_run_settings(cfg)
+    # Rank 0 alone writes the run dir, so it alone holds the lock (other ranks only read state).
+    with lock_run_dir(run_dir) if distributed.is_main() else contextlib.nullcontext():
+        return _run_locked(cfg, run_dir)
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
     main_rank = distributed.is_main()
     # Other ranks compute the same things and write nothing; they read resume state only.
     out = RunDir(run_dir) if main_rank else distributed.ReadOnlyRunDir(run_dir)
     if main_rank:
         atomic_write_text(out.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
+    # Every stage is built (each checks its settings) before any file or model is read, so a
+    # bad setting fails in a second and leaves nothing behind.
     data = _build(cfg.data, "data")
-    loaded = data.load()
-    if loaded.rejected and main_rank:
-        write_jsonl(out.path / "rejected_rows.jsonl", [r.to_dict() for r in loaded.rejected])
-    out.log_metrics("data", {"n_pairs": len(loaded.pairs), "n_rows_rejected": len(loaded.rejected)})
-
     model_loader = _build(cfg.model, "model")
-    log.info("loading model %s", model_loader.name)
-    policy, tokenizer = model_loader.load()
-    encoded, truncation = data.encode(loaded.pairs, tokenizer)
-    out.log_metrics("data", truncation.as_metrics())
-
-    # Every stage is built, and the oracle checked (API key, endpoint, reward model path), before
-    # any expensive work, so a bad choice fails in seconds.
     evaluator = _build(cfg.eval, "eval")
     splitter = _build(cfg.splitter, "splitter")
     trainer = _build(cfg.dpo, "dpo")
@@ -173,12 +169,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise CompoError(
             "optimizer: ComPO needs a comparison oracle; choose e.g. oracle=likelihood"
         )
+    if optimizer is not None and not isinstance(oracle, ComparisonOracle):
+        raise CompoError(
+            f"oracle: {type(oracle).__name__} does not implement "
+            "compo.interfaces.ComparisonOracle (subclass it for the default hooks)"
+        )
+
+    loaded = data.load()
+    if loaded.rejected and main_rank:
+        write_jsonl(out.path / "rejected_rows.jsonl", [r.to_dict() for r in loaded.rejected])
+    out.log_metrics("data", {"n_pairs": len(loaded.pairs), "n_rows_rejected": len(loaded.rejected)})
+
+    log.info("loading model %s", model_loader.name)
+    policy, tokenizer = model_loader.load()
+    encoded, truncation = data.encode(loaded.pairs, tokenizer)
+    out.log_metrics("data", truncation.as_metrics())
+
+    # The oracle is checked (API key, endpoint, reward model path) before any expensive work.
     if optimizer is not None:
-        if not isinstance(oracle, ComparisonOracle):
-            raise CompoError(
-                f"oracle: {type(oracle).__name__} does not implement "
-                "compo.interfaces.ComparisonOracle (subclass it for the default hooks)"
-            )
         oracle.bind(tokenizer, out)
         oracle.check()
     # The policy as loaded is the reference model: its scores serve every stage. They come from

@@ -3,18 +3,23 @@
 Every run dir holds ``metrics.json`` (flat ``stage.name`` keys), ``config.yaml`` (the resolved
 config), ``trace/<stage>.jsonl`` (one row per step) and, when a stage changed the model,
 ``checkpoint/``. Whole files are written to a temporary name and renamed, so a reader (or a crash)
-never sees half a file; JSONL traces are appended one complete line per ``write``.
+never sees half a file; JSONL traces are appended one complete line per ``write``. A run holds
+:func:`lock_run_dir` for its whole life, so two runs never write one directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from compo.errors import CompoError
 
 
 def _jsonable(value: Any) -> Any:
@@ -58,6 +63,37 @@ def write_jsonl(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:
     atomic_write_text(
         path, "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in rows)
     )
+
+
+@contextlib.contextmanager
+def lock_run_dir(path: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on the run dir (``<path>/.lock``) for the ``with`` block.
+
+    Two runs in one directory would interleave trace rows, overwrite each other's metrics and
+    resume from each other's state. The lock is ``flock``, so the kernel drops it when its holder
+    dies (even by SIGKILL): a stale lock file never blocks a rerun. The holder's pid is written
+    into the file for the refusal message.
+
+    Raises:
+        CompoError: Another process holds the lock.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            raise CompoError(
+                f"run dir {path} is in use by pid {holder} (another compo run); "
+                "wait for it to finish or choose another hydra.run.dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (unlinking it would race a new holder)
 
 
 class TraceWriter:

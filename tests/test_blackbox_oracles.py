@@ -367,3 +367,15 @@ def test_human_on_the_web_page_teaches_through_compo(tmp_path):
         labelled and usage["judge.asked"] >= len(set(labelled)) and usage["judge.abstentions"] == 0
     )
     assert summary["n_applied"] > 0 and summary["n_decisive"] > 0
+
+
+def test_oracle_trace_survives_the_optimizers_trace_truncation(tmp_path):
+    # bind() opens trace/oracle.jsonl before ComPO truncates the traces for a fresh start; a
+    # writer holding the replaced file's handle used to write every row into a deleted file.
+    _, _, _, oracle, run_dir = _train(
+        tmp_path, _generative(), radius=4.0, num_directions=4, max_iterations=2, epochs=1
+    )
+    lines = (run_dir.path / "trace" / "oracle.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == oracle.usage()["queries"] == 8
+    assert sorted({r["iteration"] for r in rows}) == [0, 1]

@@ -67,3 +67,50 @@ def test_missing_model_and_bad_option_are_one_line_errors(tmp_path):
     proc = _compo(tmp_path / "b", "data.on_error=ignore")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.on_error" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+HOLD_LOCK = """
+import sys, time
+from compo.rundir import lock_run_dir
+with lock_run_dir(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_busy_run_dir_is_refused_naming_the_holder(tmp_path, write_jsonl):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = _compo(run_dir, "optimizer=none", "dpo=none", "splitter=none", "eval=none")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"compo: error: run dir {run_dir} is in use by pid {holder.pid} (another compo run); "
+            "wait for it to finish or choose another hydra.run.dir"
+        ]
+        assert not (run_dir / "metrics.json").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock, no stale lock file blocks reruns
+        holder.wait()
+    proc = _compo(run_dir, "optimizer=none", "dpo=none", "splitter=none", "eval=none")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bad_settings_stop_before_any_work_in_one_line(tmp_path):
+    # Each used to save a model (NaN, or trained on nothing) with exit 0, or end in a traceback.
+    cases = {
+        "optimizer.step_size=nan": "optimizer.step_size must be a finite number > 0, got nan",
+        "optimizer.num_directions=lots": "optimizer.num_directions must be an integer >= 1",
+        "seed=abc": "seed must be an integer >= 0, got 'abc'",
+        "device=cuda:7": "device=cuda:7: this machine has no such device",
+    }
+    for i, (override, message) in enumerate(cases.items()):
+        run_dir = tmp_path / str(i)
+        proc = _compo(run_dir, "optimizer=compo_tiny", override)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"compo: error: {message}"), lines
+        assert not (run_dir / "checkpoint").exists() and not (run_dir / "metrics.json").exists()
