@@ -34,6 +34,10 @@ a = 1: uniform). One unopposed click gives 0.75, three give 0.9375; a 3-to-1 spl
 Pairs with exactly equal evidence in both directions carry no preference: they are counted and
 reported, not written.
 
+Numeric flags are checked when parsed (``--eta`` and ``--min-dwell`` finite and >= 0, ``--prior``
+in (0, 1e6], each ``--propensities`` value in (0, 1]); ``--out`` and the rejected-rows file must be
+writable files other than the input. Such mistakes end in a one-line error, exit status 2.
+
 Malformed rows follow ``compo.data``'s rules: the run stops with one line naming file, row and
 field (exit status 2), or with ``--on-error skip`` the row goes to the rejected-rows file with the
 reason. Nothing is dropped silently.
@@ -49,8 +53,9 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,9 @@ log = logging.getLogger(__name__)
 
 RULES = ("skip_above", "skip_next")
 CORRECTIONS = ("none", "ipw")
+# Beyond this the prior swamps any click log (every confidence rounds to 0.5) and the incomplete
+# beta function loses accuracy; at 1e6 it still matches scipy to 1e-8.
+MAX_PRIOR = 1e6
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,8 +118,12 @@ def regularized_beta(a: float, b: float, x: float) -> float:
 
 def beta_confidence(wins: float, losses: float, prior: float = 1.0) -> float:
     """P(theta > 1/2) for theta ~ Beta(prior + wins, prior + losses)."""
-    if prior <= 0 or wins < 0 or losses < 0:
-        raise ValueError("need prior > 0 and non-negative wins and losses")
+    # Written so that NaN fails too: it would come out as a null confidence.
+    if not (0 < prior <= MAX_PRIOR and 0 <= wins < math.inf and 0 <= losses < math.inf):
+        raise ValueError(
+            f"need prior in (0, {MAX_PRIOR:g}] and finite non-negative wins and losses, "
+            f"got prior={prior}, wins={wins}, losses={losses}"
+        )
     return 1.0 - regularized_beta(prior + wins, prior + losses, 0.5)
 
 
@@ -288,6 +300,13 @@ def clicks_to_pairs(
         raise CompoError(f"on_error: {on_error!r} is not one of ['raise', 'skip']")
     if propensities is not None and not all(0 < p <= 1 for p in propensities):
         raise CompoError("propensities: every value must be in (0, 1]")
+    # Comparisons written so that NaN fails them.
+    if not 0 <= eta < math.inf:
+        raise CompoError(f"eta: must be a finite number >= 0, got {eta}")
+    if min_dwell is not None and not 0 <= min_dwell < math.inf:
+        raise CompoError(f"min_dwell: must be a finite number of seconds >= 0, got {min_dwell}")
+    if not 0 < prior <= MAX_PRIOR:
+        raise CompoError(f"prior: must be in (0, {MAX_PRIOR:g}], got {prior}")
     evidence: dict[tuple[str, str, str], _Evidence] = {}
     derived: list[tuple[tuple[str, str, str], int, float]] = []  # key, winner side, raw weight
     rejected: list[RejectedRow] = []
@@ -319,9 +338,23 @@ def clicks_to_pairs(
             key = (prompt_key, *texts)
             ev = evidence.setdefault(key, _Evidence(imp.prompt, texts))
             ev.impressions.add(row)
-            raw = 1.0 / prop[position] if correction == "ipw" else 1.0
+            raw = 1.0
+            if correction == "ipw":
+                p_k = prop[position]
+                raw = 1.0 / p_k if p_k > 0 else math.inf
+                if not math.isfinite(raw):
+                    fix = "larger --propensities" if propensities else f"an --eta below {eta:g}"
+                    raise CompoError(
+                        f"ipw: the propensity of position {position} ({p_k:.3g}) is too small to "
+                        f"invert in floating point; use {fix}"
+                    )
             derived.append((key, 0 if texts[0] == a else 1, raw))
     mean = sum(w for *_, w in derived) / len(derived) if derived else 1.0
+    if not math.isfinite(mean):  # each 1/p_k is finite, their sum need not be
+        raise CompoError(
+            "ipw: the position weights 1/p_k sum beyond floating-point range; use larger "
+            + ("--propensities" if propensities else "positions' propensities (a smaller --eta)")
+        )
     for key, side, raw in derived:
         evidence[key].wins[side] += 1
         evidence[key].weight[side] += raw / mean
@@ -361,6 +394,36 @@ def clicks_to_pairs(
 # --------------------------------------------------------------------------------------------
 
 
+def _number(valid: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse ``type``: a finite float for which ``ok`` holds, described by ``valid``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _propensity_list(text: str) -> list[float]:
+    """An argparse ``type``: comma-separated examination propensities, each in (0, 1]."""
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            values.append(math.nan)
+    if not all(0 < v <= 1 for v in values):  # also false for NaN
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated numbers in (0, 1], one per position, got {text!r}"
+        )
+    return values
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="compo-clicks", description="Click logs -> preference pairs with a confidence."
@@ -369,13 +432,85 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output pairs (JSONL)")
     p.add_argument("--rule", choices=RULES, default="skip_above")
     p.add_argument("--correction", choices=CORRECTIONS, default="none")
-    p.add_argument("--eta", type=float, default=1.0, help="p_k = (1/(k+1))**eta")
-    p.add_argument("--propensities", type=str, default=None, help="comma-separated p_0,p_1,...")
-    p.add_argument("--min-dwell", type=float, default=None, help="shorter clicks do not count")
-    p.add_argument("--prior", type=float, default=1.0, help="a of the Beta(a, a) prior")
+    p.add_argument(
+        "--eta",
+        type=_number("a finite number >= 0", lambda v: v >= 0),
+        default=1.0,
+        help="p_k = (1/(k+1))**eta; 0: no position bias",
+    )
+    p.add_argument(
+        "--propensities", type=_propensity_list, default=None, help="comma-separated p_0,p_1,..."
+    )
+    p.add_argument(
+        "--min-dwell",
+        type=_number("a finite number of seconds >= 0", lambda v: v >= 0),
+        default=None,
+        help="shorter clicks do not count",
+    )
+    p.add_argument(
+        "--prior",
+        type=_number(f"a number in (0, {MAX_PRIOR:g}]", lambda v: 0 < v <= MAX_PRIOR),
+        default=1.0,
+        help="a of the Beta(a, a) prior",
+    )
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     p.add_argument("--rejected", type=Path, default=None, help="default: <out>.rejected.jsonl")
     return p.parse_args(argv)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True if ``a`` and ``b`` name one file, however spelled (relative, ``..``, symlinks)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links, case-insensitive file systems
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _check_writable(what: str, path: Path) -> None:
+    """Raises CompoError unless ``path`` can become a file; missing parents are created later."""
+    if path.is_dir():
+        raise CompoError(f"{what}: {path} is a directory, not a file name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CompoError(f"{what}: cannot create {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CompoError(f"{what}: cannot create {path}: {ancestor} is not writable")
+
+
+def _destinations(args: argparse.Namespace) -> tuple[Path, str] | None:
+    """Checks where the run will write, before any work.
+
+    Returns:
+        The rejected-rows file and how to name it in messages; None without ``--on-error skip``.
+
+    Raises:
+        CompoError: A destination is the input, a directory, or cannot be created.
+    """
+    _check_writable("--out", args.out)
+    if _same_file(args.out, args.input):
+        raise CompoError(f"--out: {args.out} is the input {args.input}; it would be overwritten")
+    if args.on_error != "skip":
+        return None  # the first bad row stops the run: no rejected-rows file
+    rejected = args.rejected or args.out.with_suffix(".rejected.jsonl")
+    what = "--rejected" if args.rejected else "rejected-rows file (from --out; set --rejected)"
+    _check_writable(what, rejected)
+    if _same_file(rejected, args.input):
+        raise CompoError(f"{what}: {rejected} is the input {args.input}; it would be overwritten")
+    if _same_file(rejected, args.out):
+        raise CompoError(f"{what}: {rejected} is also --out")
+    return rejected, what
+
+
+def _write(what: str, path: Path, rows: list[dict[str, Any]]) -> None:
+    """Writes ``rows`` atomically; an OS failure becomes one line naming ``what``."""
+    try:
+        write_jsonl(path, rows)
+    except OSError as exc:
+        raise CompoError(f"{what}: cannot write {path}: {exc.strerror or exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -383,34 +518,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
-        propensities = None
-        if args.propensities:
-            try:
-                propensities = [float(v) for v in args.propensities.split(",")]
-            except ValueError:
-                raise CompoError(
-                    f"--propensities: not a list of numbers: {args.propensities!r}"
-                ) from None
+        rejected_to = _destinations(args)
         result = clicks_to_pairs(
             iter_records(args.input),
             str(args.input),
             rule=args.rule,
             correction=args.correction,
             eta=args.eta,
-            propensities=propensities,
+            propensities=args.propensities,
             min_dwell=args.min_dwell,
             prior=args.prior,
             on_error=args.on_error,
         )
         if not result.pairs:
             raise DataError(f"{args.input}: no preference pair could be derived ({result.stats})")
+        # Rejected rows first: a pairs file, once there, always comes with its rejected rows.
+        if result.rejected:
+            rejected_path, what = rejected_to  # rows are only set aside with --on-error skip
+            _write(what, rejected_path, [r.to_dict() for r in result.rejected])
+        _write("--out", args.out, result.pairs)
     except CompoError as exc:
         print(f"compo-clicks: error: {exc}", file=sys.stderr)
         return 2
-    write_jsonl(args.out, result.pairs)
     if result.rejected:
-        rejected_path = args.rejected or args.out.with_suffix(".rejected.jsonl")
-        write_jsonl(rejected_path, [r.to_dict() for r in result.rejected])
         print(f"compo-clicks: {len(result.rejected)} bad rows set aside in {rejected_path}")
     print("compo-clicks: " + ", ".join(f"{k}={v}" for k, v in result.stats.items()))
     print(f"compo-clicks: wrote {args.out}")

@@ -143,7 +143,8 @@ def test_cli_raise_exits_2_with_one_line(write_jsonl, tmp_path, capsys):
 
 
 def test_cli_skip_writes_rejected_and_loadable_pairs(write_jsonl, tmp_path):
-    path = write_jsonl([imp([2]), imp([5]), imp([1], prompt="Other?")])
+    # Not the fixture's default name pairs.jsonl: that is --out, which would overwrite the input.
+    path = write_jsonl([imp([2]), imp([5]), imp([1], prompt="Other?")], name="clicks.jsonl")
     out = tmp_path / "pairs.jsonl"
     assert main([str(path), "--out", str(out), "--on-error", "skip", "--correction", "ipw"]) == 0
     rejected = [json.loads(line) for line in out.with_suffix(".rejected.jsonl").open()]
@@ -152,3 +153,169 @@ def test_cli_skip_writes_rejected_and_loadable_pairs(write_jsonl, tmp_path):
     assert len(loaded.pairs) == 3
     assert all(0.5 < p.confidence < 1 for p in loaded.pairs)
     assert loaded.pairs[0].metadata["n_impressions"] == 1
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    """Runs compo-clicks in-process: (exit status, stderr); argparse errors exit via SystemExit."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--prior", "nan"),  # was written as "confidence": null, which compo reads as 1.0
+        ("--prior", "inf"),
+        ("--prior", "-inf"),
+        ("--prior", "0"),  # was a ValueError traceback
+        ("--prior", "-1"),
+        ("--prior", "1e308"),  # was an OverflowError traceback
+        ("--prior", "abc"),
+        ("--eta", "nan"),
+        ("--eta", "inf"),
+        ("--eta", "-1"),  # was accepted: propensities above 1
+        ("--min-dwell", "nan"),  # was accepted: every click silently dropped
+        ("--min-dwell", "inf"),
+        ("--min-dwell", "-1"),
+        ("--propensities", "1,nan"),
+        ("--propensities", "1,inf"),
+        ("--propensities", "1,0"),
+        ("--propensities", "1,-0.5"),
+        ("--propensities", "1,1.5"),
+        ("--propensities", "1,,0.5"),
+        ("--propensities", ""),  # was silently ignored
+    ],
+)
+def test_cli_rejects_numbers_outside_their_domain_at_parse_time(
+    write_jsonl, tmp_path, capsys, flag, value
+):
+    path = write_jsonl([imp([2], n=3)], name="clicks.jsonl")
+    out = tmp_path / "out.jsonl"
+    argv = [path, "--out", out, "--correction", "ipw", f"{flag}={value}"]  # = lets "-inf" through
+    code, err = _cli(argv, capsys)
+    assert code == 2, err
+    # argparse's own format: the usage, then one line naming flag, value and valid range.
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("compo-clicks: error: ") and flag in last and repr(value) in last, err
+    assert not out.exists()
+
+
+def test_cli_accepts_the_edges_of_each_domain(write_jsonl, tmp_path, capsys):
+    path = write_jsonl([imp([2], n=3, dwell=[0.0])], name="clicks.jsonl")
+    edges = [["--eta", "0"], ["--min-dwell", "0"], ["--prior", "1e-6"], ["--prior", "1e6"]]
+    for extra in [*edges, ["--propensities", "1,0.5,1e-3"]]:
+        argv = [path, "--out", tmp_path / "o.jsonl", "--correction", "ipw", *extra]
+        code, err = _cli(argv, capsys)
+        assert code == 0, (extra, err)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--eta", "1000"],  # p_2 = 3 ** -1000 underflows to 0: was a ZeroDivisionError traceback
+        ["--propensities", "1,1,1e-320"],  # 1 / p_2 overflows: was "confidence": null
+        # Two weights of 1e308 sum to inf: every weight became 0, every pair a tie.
+        ["--propensities", "1,1,1e-308"],
+    ],
+)
+def test_cli_position_weights_out_of_float_range_end_in_one_line(
+    write_jsonl, tmp_path, capsys, extra
+):
+    path = write_jsonl([imp([2], n=3)], name="clicks.jsonl")
+    out = tmp_path / "out.jsonl"
+    code, err = _cli([path, "--out", out, "--correction", "ipw", *extra], capsys)
+    assert code == 2, err
+    assert err.startswith("compo-clicks: error: ") and "\n" not in err, err
+    assert extra[0] in err
+    assert not out.exists()
+
+
+def test_cli_refuses_to_overwrite_its_input(write_jsonl, tmp_path, capsys, monkeypatch):
+    path = write_jsonl([imp([2], n=3)], name="log.jsonl")
+    original = path.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(path)
+    monkeypatch.chdir(tmp_path)
+    for out in (path, "log.jsonl", "sub/../log.jsonl", "./log.jsonl", "link.jsonl"):
+        code, err = _cli([path, "--out", out], capsys)
+        assert code == 2, (out, err)
+        assert "--out" in err and "input" in err and "\n" not in err, err
+        assert path.read_bytes() == original, out
+    assert (tmp_path / "link.jsonl").is_symlink()
+
+
+def test_cli_refuses_a_rejected_file_that_would_overwrite_input_or_out(
+    write_jsonl, tmp_path, capsys
+):
+    # The default rejected file of --out x.jsonl is x.rejected.jsonl: here, the input itself.
+    path = write_jsonl([imp([2], n=3), imp([7])], name="log.rejected.jsonl")
+    original = path.read_bytes()
+    out = tmp_path / "log.jsonl"
+    code, err = _cli([path, "--out", out, "--on-error", "skip"], capsys)
+    assert code == 2 and "rejected" in err and "input" in err and "\n" not in err, err
+    assert path.read_bytes() == original and not out.exists()
+    code, err = _cli([path, "--out", out, "--on-error", "skip", "--rejected", out], capsys)
+    assert code == 2 and "--rejected" in err and "--out" in err, err
+    assert path.read_bytes() == original and not out.exists()
+
+
+def _leftovers(directory):
+    return sorted(p.name for p in directory.rglob(".*"))  # atomic writes' temporary files
+
+
+@pytest.mark.parametrize("where", ["directory", "under_a_file", "rejected_under_a_file"])
+def test_cli_unwritable_out_ends_in_one_line(write_jsonl, tmp_path, capsys, where):
+    path = write_jsonl([imp([2], n=3), imp([7])], name="clicks.jsonl")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("not a directory\n")
+    argv = [path, "--on-error", "skip", "--out"]
+    if where == "directory":
+        argv += [tmp_path / "adir"]
+    elif where == "under_a_file":
+        argv += [tmp_path / "afile" / "pairs.jsonl"]
+    else:
+        argv += [tmp_path / "pairs.jsonl", "--rejected", tmp_path / "afile" / "bad.jsonl"]
+    code, err = _cli(argv, capsys)
+    assert code == 2, err
+    assert err.startswith("compo-clicks: error: ") and "\n" not in err, err
+    flag = "--rejected" if where.startswith("rejected") else "--out"
+    assert flag in err
+    # Nothing written: not the pairs without their rejected rows, no temporary file.
+    assert not (tmp_path / "pairs.jsonl").exists()
+    assert list((tmp_path / "adir").iterdir()) == [] and _leftovers(tmp_path) == []
+
+
+def test_cli_write_failure_ends_in_one_line(write_jsonl, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import compo.clicks
+
+    def full_disk(path, rows):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(compo.clicks, "write_jsonl", full_disk)
+    path = write_jsonl([imp([2], n=3)], name="clicks.jsonl")
+    code, err = _cli([path, "--out", tmp_path / "pairs.jsonl"], capsys)
+    assert code == 2, err
+    assert err.startswith("compo-clicks: error: ") and "\n" not in err, err
+    assert "No space left" in err and "pairs.jsonl" in err
+
+
+def test_console_script_prints_one_line_for_a_bad_number(write_jsonl, tmp_path):
+    import subprocess
+    import sys
+
+    path = write_jsonl([imp([2], n=3)], name="clicks.jsonl")
+    proc = subprocess.run(
+        [sys.executable, "-m", "compo.clicks", str(path), "--out", str(tmp_path / "o.jsonl"),
+         "--prior", "nan"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "--prior" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o.jsonl").exists()
