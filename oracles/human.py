@@ -9,6 +9,11 @@ answered ``1``, ``2``, ``tie`` or ``skip`` (skip abstains). Every comparison and
 sqlite queue as soon as it exists, so a restart of either side loses no label, and a comparison
 labelled before is not asked again. The web page binds to 127.0.0.1 and needs the one-time token
 printed in its URL.
+
+A label is posted to ``/label`` (the page's form) or ``/api/label`` (JSON), with the token in the
+URL (``?token=...``): a request without the right token is refused (403) before its body is read.
+Bodies are at most ``MAX_BODY`` bytes of UTF-8 and must arrive within
+``LabelServer.request_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Ve
 from oracles.cache import open_sqlite
 
 ANSWERS = ("1", "2", "tie", "skip")
+MAX_BODY = 64 * 1024  # a label is under 200 bytes; anything near this is not a label
 
 
 class LabelQueue:
@@ -117,8 +123,7 @@ background:#f4f4f4;padding:.6em}}button{{font-size:1.1em;margin-right:.6em}}</st
 <h1>compo-label</h1><p id="pending">{n} comparison(s) waiting</p>{body}</body></html>"""
 _ITEM = """<h2>Prompt</h2><pre id="prompt">{prompt}</pre>
 <h2>Response 1</h2><pre id="first">{first}</pre><h2>Response 2</h2><pre id="second">{second}</pre>
-<form method="post" action="/label"><input type="hidden" name="token" value="{token}">
-<input type="hidden" name="id" value="{id}">
+<form method="post" action="/label?token={token}"><input type="hidden" name="id" value="{id}">
 <button name="answer" value="1">1 is better</button><button name="answer" value="2">2 is better
 </button><button name="answer" value="tie">tie</button><button name="answer" value="skip">skip
 </button></form>"""
@@ -126,6 +131,11 @@ _ITEM = """<h2>Prompt</h2><pre id="prompt">{prompt}</pre>
 
 class _LabelHandler(BaseHTTPRequestHandler):
     server: LabelServer
+
+    def setup(self) -> None:
+        # A client that announces a body and never sends it must not hold a thread forever.
+        self.timeout = self.server.request_timeout
+        super().setup()
 
     def log_message(self, fmt: str, *args: Any) -> None:
         pass  # the URL carries the token: keep it out of the terminal and the logs
@@ -139,11 +149,43 @@ class _LabelHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _refuse(self, status: int, message: str) -> None:
+        """Replies ``status`` and closes: what is left of the body must not pass as a request."""
+        self.close_connection = True
+        self._send(status, message + "\n", "text/plain; charset=utf-8")
+
     def _ok(self, token: str | None) -> bool:
-        if token and hmac.compare_digest(token, self.server.token):
+        # Bytes: compare_digest raises TypeError on str with non-ASCII characters.
+        if token and hmac.compare_digest(token.encode(), self.server.token.encode()):
             return True
-        self._send(403, "forbidden: open the URL with the token that compo-label printed\n")
+        self._refuse(403, "forbidden: open the URL with the token that compo-label printed")
         return False
+
+    def _body(self) -> str | None:
+        """The request body as text, or None once an error reply has been sent."""
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        text = lengths[0].strip()
+        # isdecimal alone would let int() take non-ASCII digits.
+        if len(set(lengths)) > 1 or not (text.isascii() and text.isdecimal()):
+            self._refuse(400, "bad request: Content-Length must be one non-negative integer")
+            return None
+        length = int(text)
+        if length > MAX_BODY:
+            self._refuse(413, f"request body too large: {length} bytes, at most {MAX_BODY}")
+            return None
+        try:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            self._refuse(408, "request timeout: the body did not arrive in time")
+            return None
+        if len(data) < length:  # the client hung up mid-body: nobody is left to answer
+            self.close_connection = True
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._refuse(400, "bad request: the body is not UTF-8")
+            return None
 
     def do_GET(self) -> None:
         url = urlparse(self.path)
@@ -161,23 +203,28 @@ class _LabelHandler(BaseHTTPRequestHandler):
             self._send(404, "not found\n")
 
     def do_POST(self) -> None:
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+        url = urlparse(self.path)
+        if not self._ok((parse_qs(url.query).get("token") or [None])[0]):
+            return
+        raw = self._body()
+        if raw is None:
+            return
         if self.headers.get("Content-Type", "").startswith("application/json"):
             try:
-                form = {k: str(v) for k, v in json.loads(raw).items()}
-            except (ValueError, AttributeError):
-                form = {}
+                parsed = json.loads(raw)
+            except (ValueError, RecursionError):
+                self._refuse(400, "bad request: the body is not JSON")
+                return
+            form = {k: str(v) for k, v in parsed.items()} if isinstance(parsed, dict) else {}
         else:
             form = {k: v[0] for k, v in parse_qs(raw).items()}
-        if not self._ok(form.get("token")):
-            return
-        if urlparse(self.path).path not in ("/label", "/api/label"):
+        if url.path not in ("/label", "/api/label"):
             self._send(404, "not found\n")
             return
         answer, key = form.get("answer", ""), form.get("id", "")
         if answer not in ANSWERS or not self.server.queue.label(key, answer):
             self._send(400, f"bad label: id {key!r}, answer {answer!r}\n")
-        elif self.path.startswith("/api/"):
+        elif url.path.startswith("/api/"):
             self._send(200, json.dumps({"ok": True}), "application/json")
         else:
             self.send_response(303)
@@ -187,13 +234,20 @@ class _LabelHandler(BaseHTTPRequestHandler):
 
 
 class LabelServer(ThreadingHTTPServer):
-    """Serves the labelling page for ``queue`` on 127.0.0.1; ``url`` includes the token."""
+    """Serves the labelling page for ``queue`` on 127.0.0.1; ``url`` includes the token.
+
+    Args:
+        queue: The comparisons to label.
+        port: Port on 127.0.0.1 (0: any free port).
+        request_timeout: Seconds a client may take to send a request before it is dropped.
+    """
 
     daemon_threads = True
 
-    def __init__(self, queue: LabelQueue, port: int = 0) -> None:
+    def __init__(self, queue: LabelQueue, port: int = 0, request_timeout: float = 30.0) -> None:
         super().__init__(("127.0.0.1", port), _LabelHandler)
         self.queue, self.token = queue, secrets.token_urlsafe(18)
+        self.request_timeout = request_timeout
 
     @property
     def url(self) -> str:

@@ -328,7 +328,13 @@ def test_human_on_the_web_page_teaches_through_compo(tmp_path):
 
     from oracles.human import HumanJudge
 
-    judge = HumanJudge(mode="web", queue_path=str(tmp_path / "labels.sqlite"), poll_seconds=0.02)
+    # wait_seconds: a labeller that stopped (a refused request) fails the test instead of hanging.
+    judge = HumanJudge(
+        mode="web",
+        queue_path=str(tmp_path / "labels.sqlite"),
+        poll_seconds=0.02,
+        wait_seconds=120,
+    )
     judge.check()
     base = judge.server.url.split("/?")[0]
     token = judge.server.url.split("token=")[1]
@@ -343,9 +349,9 @@ def test_human_on_the_web_page_teaches_through_compo(tmp_path):
                 pending = json.loads(reply.read())
             for item in pending:  # prefers the shorter response, like the tests' scorer
                 answer = "1" if len(item["first"]) <= len(item["second"]) else "2"
-                body = json.dumps({"token": token, "id": item["id"], "answer": answer}).encode()
+                body = json.dumps({"id": item["id"], "answer": answer}).encode()
                 request = urllib.request.Request(
-                    f"{base}/api/label", body, {"Content-Type": "application/json"}
+                    f"{base}/api/label?token={token}", body, {"Content-Type": "application/json"}
                 )
                 urllib.request.urlopen(request).close()
                 labelled.append(item["id"])

@@ -291,7 +291,7 @@ def test_dpo_state_of_other_settings_or_data_is_refused(tiny, easy_encoded, tmp_
     else:
         kwargs = change
     before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
-    with pytest.raises(CompoError, match="dpo.resume=false"):
+    with pytest.raises(CompoError, match=r"dpo\.resume=false"):
         _train_dpo(fresh, encoded, pad, out, **kwargs)
     assert all(torch.equal(p, before[n]) for n, p in fresh.named_parameters())  # nothing loaded
 
@@ -321,7 +321,7 @@ def test_malformed_or_edited_progress_is_one_line(tmp_path, edit):
     state.commit(tmp_path, 1, {"w": ("bin", b"first")}, {"iteration": 1})
     marker = tmp_path / "progress.json"
     marker.write_text(json.dumps(edit(json.loads(marker.read_text()))))
-    with pytest.raises(CompoError, match="progress.json") as info:
+    with pytest.raises(CompoError, match=r"progress\.json") as info:
         state.load(tmp_path)
     assert "\n" not in str(info.value)
 
