@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlparse
 
-from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Verdict
+from compo.interfaces import Judgement, OracleError, OutputJudge, Verdict, settings
 from oracles.cache import open_sqlite
 
 ANSWERS = ("1", "2", "tie", "skip")
@@ -294,14 +294,16 @@ class HumanJudge(OutputJudge):
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
     ) -> None:
-        if mode not in ("terminal", "web"):
-            raise CompoError(f"oracle.human: mode must be 'terminal' or 'web', got {mode!r}")
+        key = "oracle.judge"
+        settings.choice(f"{key}.mode", mode, ("terminal", "web"))
+        settings.number(f"{key}.seed", seed, integer=True, ge=0)
+        settings.number(f"{key}.port", port, integer=True, ge=0, le=65535)
+        settings.number(f"{key}.wait_seconds", wait_seconds, gt=0, optional=True)
+        settings.number(f"{key}.poll_seconds", poll_seconds, gt=0)
+        settings.number(f"{key}.max_invalid", max_invalid, integer=True, ge=1)
         self.mode, self.queue_path, self.port, self.serve = mode, queue_path, port, serve
-        self.wait_seconds, self.poll_seconds, self.max_invalid = (
-            wait_seconds,
-            poll_seconds,
-            max_invalid,
-        )
+        self.wait_seconds, self.poll_seconds = wait_seconds, poll_seconds
+        self.max_invalid = max_invalid
         self.stdin, self.stdout = stdin, stdout
         self._rng = random.Random(seed)
         self.queue: LabelQueue | None = None

@@ -67,6 +67,12 @@ BAD = [
     (["oracle=sample_scored", "oracle.num_samples=1"], "oracle", "oracle.num_samples"),
     (["oracle=openai_judge", "oracle.judge.timeout=0"], "oracle", "oracle.judge.timeout"),
     (["oracle=openai_judge", "oracle.judge.max_retries=-1"], "oracle", "oracle.judge.max_retries"),
+    (["oracle=human", "oracle.judge.poll_seconds=0"], "oracle", "oracle.judge.poll_seconds"),
+    (["oracle=human", "oracle.judge.wait_seconds=nan"], "oracle", "oracle.judge.wait_seconds"),
+    (["oracle=human", "oracle.judge.port=70000"], "oracle", "oracle.judge.port"),
+    (["oracle=human", "oracle.judge.mode=browser"], "oracle", "oracle.judge.mode"),
+    (["oracle=reward_model", "oracle.judge.epsilon=-1"], "oracle", "oracle.judge.epsilon"),
+    (["oracle=scorer", "oracle.judge.epsilon=nan"], "oracle", "oracle.judge.epsilon"),
 ]
 
 
