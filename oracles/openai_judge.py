@@ -8,9 +8,12 @@
 
 Each comparison is asked in both orders; only a consistent pair of answers is a verdict (an LLM
 judge favours one position), anything else is a tie with a reason. Transient failures (429, 5xx,
-timeouts, dropped connections) are retried with exponential backoff and jitter; a request and
-token budget stops the run with a clear message when spent, and verdicts are cached on disk so
-reruns and sweep jobs do not pay twice. The API key is read from the environment at call time and
+timeouts, dropped connections) are retried with exponential backoff and jitter; a reply that is no
+valid answer counts as a failed request too. ``max_consecutive_failures`` failed requests in a row
+stop the run, and a batch whose requests all failed is asked again rather than returned as ties. A
+request and token budget stops the run with a clear message when spent, and verdicts are cached on
+disk, keyed on the judge's identity (endpoint, model, template, sampling settings) and the texts,
+so reruns and sweep jobs do not pay twice. The API key is read from the environment at call time and
 appears in no config, log, cache, trace or exception.
 """
 
