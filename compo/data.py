@@ -36,7 +36,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,10 +44,10 @@ from typing import Any
 from compo import settings
 from compo.encoding import CHAT_TEMPLATE_MODES, encode_pairs
 from compo.errors import DataError
+from compo.types import Message, PreferencePair
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 ON_ERROR = ("raise", "skip")
 _FORMATS = (".jsonl", ".json", ".csv", ".parquet")
@@ -57,37 +57,6 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 def default_data_path() -> Path:
     """The embedded default data set shipped inside the package."""
     return Path(str(resources.files("compo") / "assets" / "default_pairs.jsonl"))
-
-
-@dataclass
-class PreferencePair:
-    """One preference judgement: ``chosen`` is preferred to ``rejected`` as a reply to ``prompt``.
-
-    Attributes:
-        id: Unique within a data set.
-        prompt: A plain string, or the chat messages that precede the reply.
-        chosen: The preferred reply.
-        rejected: The other reply.
-        confidence: How much the label is trusted, in [0, 1] (e.g. from click counts).
-        metadata: Every other field of the source row.
-    """
-
-    id: str
-    prompt: str | list[Message]
-    chosen: str
-    rejected: str
-    confidence: float = 1.0
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "prompt": self.prompt,
-            "chosen": self.chosen,
-            "rejected": self.rejected,
-            "confidence": self.confidence,
-            "metadata": self.metadata,
-        }
 
 
 class RowError(Exception):

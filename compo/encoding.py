@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from compo.errors import DataError
-
-if TYPE_CHECKING:  # compo.data builds on this module; the pair types are annotations here
-    from compo.data import Message, PreferencePair
+from compo.types import Message, PreferencePair
 
 log = logging.getLogger(__name__)
 
