@@ -23,9 +23,11 @@ Outside code may implement the protocols structurally; subclassing them gives th
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from compo import settings  # domain checks of numeric settings, for oracles' constructors
@@ -40,6 +42,9 @@ __all__ = [
     "OutputJudge",
     "Verdict",
     "aggregate",
+    "byte_tokenizer",
+    "default_cache_dir",
+    "load_language_model",
     "local_generator",
     "settings",
 ]
@@ -206,3 +211,40 @@ def local_generator(*key: int, device: Any = "cpu") -> Any:
     gen = torch.Generator(device=device)
     gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     return gen
+
+
+# --------------------------------------------------------------------------------------------
+# What compo lends oracles: its cache directory and its model loaders (imported lazily, so an
+# oracle that only speaks HTTP never loads torch or transformers).
+# --------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$COMPO_CACHE_DIR``, else ``$XDG_CACHE_HOME/compo``, else ``~/.cache/compo``."""
+    if os.environ.get("COMPO_CACHE_DIR"):
+        return Path(os.environ["COMPO_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "compo"
+
+
+def load_language_model(spec: str) -> tuple[str, Any, Any]:
+    """A causal LM's name, the model and its tokenizer.
+
+    Args:
+        spec: ``smollm2`` (the embedded default), ``tiny`` (random, offline) or a local directory.
+
+    Raises:
+        CompoError: The model is not installed or cannot be loaded.
+    """
+    from compo.models import EmbeddedSmolLM2, PretrainedModel, TinyModel
+
+    known = {"smollm2": EmbeddedSmolLM2, "tiny": TinyModel}
+    loader = known[spec]() if spec in known else PretrainedModel(spec)
+    return loader.name, *loader.load()
+
+
+def byte_tokenizer() -> Any:
+    """compo's offline byte-level tokenizer with a ChatML template (what tiny models use)."""
+    from compo.models import build_byte_tokenizer
+
+    return build_byte_tokenizer()

@@ -37,6 +37,7 @@ from transformers import (
 
 from compo import settings, state
 from compo.errors import ModelLoadError
+from compo.interfaces import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,6 @@ class ModelLoader(Protocol):
     name: str
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]: ...
-
-
-def default_cache_dir() -> Path:
-    """Returns ``$COMPO_CACHE_DIR``, else ``$XDG_CACHE_HOME/compo``, else ``~/.cache/compo``."""
-    if os.environ.get("COMPO_CACHE_DIR"):
-        return Path(os.environ["COMPO_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "compo"
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -17,13 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-from oracles.base import Judgement, Verdict
+from compo.interfaces import Judgement, Verdict, default_cache_dir
 
 
 def default_verdict_cache() -> Path:
     """``<compo cache dir>/verdicts.sqlite``."""
-    from compo.models import default_cache_dir  # lazy: the HTTP judge needs no torch
-
     return default_cache_dir() / "verdicts.sqlite"
 
 
@@ -52,7 +50,7 @@ class VerdictCache:
 
     Args:
         path: The sqlite file; created with its directory. ``None``: the default under
-            :func:`compo.models.default_cache_dir`.
+            :func:`compo.interfaces.default_cache_dir`.
     """
 
     def __init__(self, path: str | Path | None = None) -> None:

@@ -463,7 +463,7 @@ class GenerativeOracle(TextOracle):
             return []
         results = list(self.judge.judge_batch(asks))
         for r in results:
-            if not isinstance(getattr(r, "verdict", None), Verdict):
+            if not (isinstance(r, Judgement) and isinstance(r.verdict, Verdict)):
                 raise OracleError(f"judge returned {r!r}, not a Judgement with a Verdict")
             if r.verdict == Verdict.TIE:
                 self.counts["judge_ties"] += 1

@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlparse
 
-from compo.interfaces import Judgement, OracleError, OutputJudge, Verdict, settings
+from compo.interfaces import (
+    Judgement,
+    OracleError,
+    OutputJudge,
+    Verdict,
+    default_cache_dir,
+    settings,
+)
 from oracles.cache import open_sqlite
 
 ANSWERS = ("1", "2", "tie", "skip")
@@ -49,8 +56,6 @@ class LabelQueue:
 
     def __init__(self, path: str | Path | None = None) -> None:
         if path is None:
-            from compo.models import default_cache_dir  # lazy: compo-label starts without torch
-
             path = default_cache_dir() / "labels.sqlite"
         self.path = Path(path)
         self._lock = threading.Lock()

@@ -26,6 +26,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from compo.interfaces import CompoError, load_language_model
+
 log = logging.getLogger(__name__)
 
 FAULTS = ("ok", "429", "500", "delay", "malformed", "badjson")
@@ -58,12 +60,7 @@ class ModelBackend:
     """
 
     def __init__(self, spec: str) -> None:
-        from compo.models import EmbeddedSmolLM2, PretrainedModel, TinyModel
-
-        loader = {"smollm2": EmbeddedSmolLM2, "tiny": TinyModel}.get(spec)
-        loader = loader() if loader else PretrainedModel(spec)
-        self.name = loader.name
-        self.model, self.tokenizer = loader.load()
+        self.name, self.model, self.tokenizer = load_language_model(spec)
         self._lock = threading.Lock()  # one generation at a time: CPU-bound, not thread-safe
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, int, int]:
@@ -268,11 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                              key, args.model_name)  # fmt: skip
     except (ValueError, OSError) as exc:
         parser.exit(2, f"compo-judge-server: error: {exc}\n")
-    except Exception as exc:  # CompoError from model loading: one line, no traceback
-        from compo.errors import CompoError
-
-        if not isinstance(exc, CompoError):
-            raise
+    except CompoError as exc:  # from model loading: one line, no traceback
         parser.exit(2, f"compo-judge-server: error: {exc}\n")
     print(f"compo-judge-server: listening on {server.url} (model {server.model_name})", flush=True)
     try:

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from compo.interfaces import CompoError, Judgement, OutputJudge, Verdict, settings
+from compo.interfaces import (
+    CompoError,
+    Judgement,
+    OutputJudge,
+    Verdict,
+    byte_tokenizer,
+    settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +37,7 @@ def build_tiny_reward_model(seed: int = 0, hidden_size: int = 32):
     """A random 1-layer ``LlamaForSequenceClassification`` with the byte tokenizer (offline)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from compo.models import build_byte_tokenizer
-
-    tokenizer = build_byte_tokenizer()
+    tokenizer = byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

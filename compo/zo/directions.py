@@ -149,6 +149,9 @@ class DirectionBatch:
 class DirectionSampler(Protocol):
     """Builds directions ``indices`` of ``iteration`` for blocks of the given shapes."""
 
+    #: Whether :meth:`sample` needs the output-layer rows the pairs touch (``support``).
+    needs_support: bool
+
     def sample(
         self,
         seed: int,
