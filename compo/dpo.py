@@ -1,8 +1,10 @@
 """First-order stage: DPO and its variants on the clean pairs.
 
 The loss is one of :data:`compo.losses.LOSSES`, chosen by ``dpo.loss``. Reference log-probs are
-computed once before training (or handed in by the cli, which scored the same model for
-``eval.before``), so no reference model stays in memory while training.
+computed once before training (or taken from the run's :class:`compo.reference.ReferenceScores`,
+with the frozen blocks' output recorded on the way), so no reference model stays in memory while
+training. :meth:`DPOTrainer.fit` is the stage the recipe calls; :meth:`DPOTrainer.train` is the
+same on encoded pairs, for use as a library.
 
 Each optimizer step appends a row to ``trace/dpo.jsonl`` with the loss, reward margin, accuracy
 and the batch's mean log pi(y+) and log pi(y-), so likelihood displacement shows as it happens.
@@ -34,6 +36,7 @@ from compo.errors import CompoError
 from compo.losses import LOSSES
 from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
+from compo.stages import Job, Outcome
 from compo.trunk import FrozenTrunkCache, set_trainable, transformer_blocks
 
 log = logging.getLogger(__name__)
@@ -183,7 +186,24 @@ class DPOTrainer:
         self.gradient_checkpointing, self.bf16 = gradient_checkpointing, bf16
         self.seed, self.resume, self.save_every = seed, resume, save_every
         self.ref_batch_size, self.cache_trunk = ref_batch_size, cache_trunk
-        self._cache: FrozenTrunkCache | None = None
+
+    def fit(self, job: Job, rows: Sequence[int]) -> Outcome:
+        """The first-order stage: trains on the pairs at ``rows`` (the clean split)."""
+        if not rows:
+            log.warning("dpo: skipped: the splitter left no clean pairs")
+            return Outcome({"dpo": {"skipped_reason": "no clean pairs"}})
+        ready = job.reference.ready  # reused when an earlier stage computed them
+        metrics = self.train(
+            job.policy,
+            [job.encoded[i] for i in rows],
+            job.pad_token_id,
+            job.out,
+            confidences=[job.pairs[i].confidence for i in rows],
+            reference=job.reference.rows(rows) if ready else None,
+            trunk=job.reference.trunk if ready else None,
+        )
+        job.reference.trunk = None  # frees the recorded states: no later stage reads them
+        return Outcome({"dpo": metrics}, changed=True)
 
     def settings(self) -> dict[str, Any]:
         """What the trained weights depend on (recorded in ``dpo_state/`` and checked on resume)."""
@@ -234,23 +254,22 @@ class DPOTrainer:
         blocks = len(transformer_blocks(model)) if self.scope == "last_k" else 0
         return self.cache_trunk and 0 < self.last_k < blocks
 
-    def trunk_recorder(self, model: nn.Module) -> Any:
-        """``model``, or a view of it recording the frozen blocks' output while it scores.
+    def frozen_trunk(self, model: nn.Module) -> FrozenTrunkCache | None:
+        """An empty cache of the blocks this stage freezes, or None when it trains them all.
 
-        Scoring the pairs with it before training (the cli's ``eval.before``) saves
-        :meth:`prepare` a full forward pass over them.
+        Filled while the reference scores are computed (see :class:`compo.reference`), it saves
+        :meth:`prepare` a full forward pass and every training step the frozen blocks.
         """
-        if not self._uses_cache(model):
-            return model
-        self._cache = FrozenTrunkCache(model, self.last_k)
-        return self._cache.filling()
+        return FrozenTrunkCache(model, self.last_k) if self._uses_cache(model) else None
 
     def reference_logps(self, model, pairs, pad_token_id) -> tuple[Tensor, Tensor]:
         """Reference log-probs of ``pairs`` (zeros for reference-free losses)."""
         ref, _ = self.prepare(model, pairs, pad_token_id)
         return ref
 
-    def prepare(self, model, pairs, pad_token_id, reference=None) -> tuple[tuple, Any]:
+    def prepare(
+        self, model, pairs, pad_token_id, reference=None, trunk: FrozenTrunkCache | None = None
+    ) -> tuple[tuple, Any]:
         """Reference log-probs of ``pairs`` and the model (or cached view) to train with.
 
         Args:
@@ -258,13 +277,14 @@ class DPOTrainer:
             pairs: Encoded pairs.
             pad_token_id: Padding id.
             reference: (chosen, rejected) scores already computed under ``model``, if any.
+            trunk: A frozen-trunk cache filled while those scores were computed, if any.
 
         Returns:
             ``((ref_chosen, ref_rejected), scorer)``.
         """
-        cache = self._cache if self._cache is not None and self._cache.model is model else None
+        cache = trunk if trunk is not None and trunk.model is model else None
         if cache is not None and cache.covers(pairs):
-            # Recorded while the cli scored eval.before: the reference costs only the top blocks.
+            # Recorded with the reference scores: the reference costs only the top blocks.
             reference = score_pairs(cache.cached(), pairs, pad_token_id, desc="dpo/reference")
         elif self._uses_cache(model):
             cache = FrozenTrunkCache(model, self.last_k)
@@ -307,6 +327,7 @@ class DPOTrainer:
         out: RunDir,
         confidences: Sequence[float] | None = None,
         reference: tuple[SequenceScores, SequenceScores] | None = None,
+        trunk: FrozenTrunkCache | None = None,
     ) -> dict[str, Any]:
         """Trains ``model`` in place on encoded ``pairs``.
 
@@ -318,6 +339,7 @@ class DPOTrainer:
             confidences: Per-pair confidence, needed with ``weight_by_confidence``.
             reference: (chosen, rejected) scores of ``pairs`` under the starting model, if already
                 computed; otherwise they are computed here, before any update.
+            trunk: The frozen blocks' output, recorded while ``reference`` was computed.
 
         Returns:
             Flat metrics for ``dpo.*``.
@@ -325,7 +347,7 @@ class DPOTrainer:
         started = time.perf_counter()
         device = next(model.parameters()).device
         names = set_trainable(model, self.scope, self.last_k)
-        ref, scorer = self.prepare(model, pairs, pad_token_id, reference)
+        ref, scorer = self.prepare(model, pairs, pad_token_id, reference, trunk)
         weights = None
         if self.weight_by_confidence:
             if confidences is None:
@@ -441,7 +463,6 @@ class DPOTrainer:
             (disable or model.gradient_checkpointing_disable)()
         if step > start_step:
             _save_state(state_dir, model, names, optimizer, {**setup, "step": step})
-        self._cache = None  # frees the recorded states
         train_seconds = time.perf_counter() - train_started
         metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
         metrics["seconds"] = round(time.perf_counter() - started, 3)

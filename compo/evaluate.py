@@ -17,6 +17,8 @@ import torch
 
 from compo import settings
 from compo.scoring import SequenceScores, score_pairs
+from compo.splitter import Split
+from compo.stages import Job, Outcome, ReferenceScores
 
 
 def preference_metrics(chosen: SequenceScores, rejected: SequenceScores) -> dict[str, float]:
@@ -80,6 +82,27 @@ class PreferenceEval:
     def score(self, model: Any, pairs: Sequence, pad_token_id: int, desc: str = "eval"):
         """Returns (chosen, rejected) scores of ``pairs`` under ``model``."""
         return score_pairs(model, pairs, pad_token_id, batch_size=self.batch_size, desc=desc)
+
+    def reference(
+        self, model: Any, encoded: Sequence, pad_token_id: int, trunk: Any = None
+    ) -> ReferenceScores:
+        """The starting scores double as ``eval.before``: one pass serves every stage."""
+        return ReferenceScores(model, encoded, pad_token_id, self.batch_size, "eval/before", trunk)
+
+    def before(self, job: Job) -> Outcome:
+        """``eval.before``: accuracy and log-probs of every pair under the starting policy."""
+        return Outcome({"eval.before": preference_metrics(*job.reference.get())})
+
+    def after(self, job: Job, split: Split) -> Outcome:
+        """``eval.after`` and the likelihood displacement on each side of the split."""
+        after = self.score(job.policy, job.encoded, job.pad_token_id, desc="eval/after")
+        metrics = {"eval.after": preference_metrics(*after)}
+        for side, rows in (("clean", split.clean), ("ambiguous", split.ambiguous)):
+            if rows:
+                rows_after = (after[0].take(rows), after[1].take(rows))
+                shift = likelihood_displacement(job.reference.rows(rows), rows_after)
+                metrics[f"eval.displacement.{side}"] = shift
+        return Outcome(metrics)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ class SequenceScores:
     targets: Tensor | None = None
     seq_index: Tensor | None = None
 
+    def take(self, rows: Sequence[int]) -> SequenceScores:
+        """The scores of the sequences at ``rows`` (per-token fields are not kept)."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        return SequenceScores(self.sum_logps[index], self.mean_logps[index], self.n_tokens[index])
+
 
 def output_layer(model: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
     """Returns (weight, bias) of the model's output layer, rejecting logit post-processing."""

@@ -1,12 +1,12 @@
 """Noise splitters: which preference pairs are clean (for DPO) and which are ambiguous (for ComPO).
 
 Every splitter gives each pair a score under the reference model (the policy as loaded) and calls
-a pair ambiguous by a rule on that score. They share one interface::
+a pair ambiguous by a rule on that score. They share :class:`compo.stages.Splitter`::
 
     splitter.split(model, pairs, encoded, pad_token_id, reference=None) -> Split
 
-where ``reference`` optionally carries (chosen, rejected) scores already computed under the same
-model (the cli passes the ``eval.before`` scores, so the likelihood-margin rule costs nothing).
+where ``reference`` is the run's :class:`compo.reference.ReferenceScores` (computed once and shared
+with ``eval.before`` and the first-order stage, so the likelihood-margin rule costs nothing).
 
 * :class:`LikelihoodMarginSplitter` - the ComPO paper's rule: ambiguous when
   ``|log pi_ref(y+|x) - log pi_ref(y-|x)| < delta``.
@@ -30,12 +30,11 @@ from torch import Tensor
 
 from compo import settings
 from compo.errors import CompoError
-from compo.rundir import RunDir, write_jsonl
+from compo.reference import ReferenceScores
+from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
 
 log = logging.getLogger(__name__)
-
-Reference = tuple[SequenceScores, SequenceScores]
 
 
 @dataclass
@@ -67,13 +66,18 @@ class Split:
     @classmethod
     def all_clean(cls, n: int) -> Split:
         """The split of ``splitter=none``: every pair is clean."""
-        return cls("none", None, torch.zeros(n, dtype=torch.bool))
+        return AllClean("none", None, torch.zeros(n, dtype=torch.bool))
+
+    def record(self, out: RunDir, pairs: Sequence) -> dict[str, Any]:
+        """Writes ``split/`` and returns the ``split.*`` metrics (see :func:`record_split`)."""
+        return record_split(out, pairs, self)
 
 
-def _check_reference(reference: Reference | None, n: int) -> Reference | None:
-    if reference is not None and reference[0].sum_logps.numel() != n:
-        raise ValueError("reference scores do not match the pairs")
-    return reference
+class AllClean(Split):
+    """The split of ``splitter=none``: nothing was split, so nothing is recorded."""
+
+    def record(self, out: RunDir, pairs: Sequence) -> dict[str, Any]:
+        return {}
 
 
 class LikelihoodMarginSplitter:
@@ -104,15 +108,16 @@ class LikelihoodMarginSplitter:
         pairs: Sequence,
         encoded: Sequence,
         pad_token_id: int,
-        reference: Reference | None = None,
+        reference: ReferenceScores | None = None,
     ) -> Split:
-        """Scores the margins (or reuses ``reference``); ambiguous if ``|margin| < delta``."""
-        reference = _check_reference(reference, len(encoded))
+        """Margins from ``reference`` (or a pass of its own); ambiguous if ``|margin| < delta``."""
         if reference is None:
-            reference = score_pairs(
-                model, encoded, pad_token_id, batch_size=self.batch_size, desc="split/margin"
+            reference = ReferenceScores(
+                model, encoded, pad_token_id, self.batch_size, "split/margin"
             )
-        chosen, rejected = reference
+        chosen, rejected = reference.get()
+        if chosen.sum_logps.numel() != len(encoded):
+            raise ValueError("reference scores do not match the pairs")
         if self.per_token:
             margin = chosen.mean_logps - rejected.mean_logps
         else:
@@ -186,7 +191,7 @@ class ChesSplitter:
         pairs: Sequence,
         encoded: Sequence,
         pad_token_id: int,
-        reference: Reference | None = None,
+        reference: ReferenceScores | None = None,
     ) -> Split:
         """Computes CHES of every pair (hidden states are needed, so ``reference`` is unused)."""
         chosen, rejected = score_pairs(
@@ -229,7 +234,7 @@ class ConfidenceSplitter:
         pairs: Sequence,
         encoded: Sequence,
         pad_token_id: int,
-        reference: Reference | None = None,
+        reference: ReferenceScores | None = None,
     ) -> Split:
         """Splits by each pair's ``confidence``; no model is run."""
         scores = torch.tensor([p.confidence for p in pairs], dtype=torch.float32)
@@ -245,12 +250,12 @@ def histogram(scores: Tensor, bins: int = 20) -> dict[str, list[float] | list[in
     return {"edges": [round(e, 6) for e in edges.tolist()], "counts": counts.long().tolist()}
 
 
-def record_split(out: RunDir, pairs: Sequence, split: Split) -> None:
-    """Writes ``split/clean.jsonl`` and ``split/ambiguous.jsonl`` and the ``split.*`` metrics."""
+def record_split(out: RunDir, pairs: Sequence, split: Split) -> dict[str, Any]:
+    """Writes ``split/clean.jsonl`` and ``split/ambiguous.jsonl``; returns ``split.*`` metrics."""
     scores = split.scores.tolist() if split.scores is not None else [None] * len(pairs)
     for side, indices in (("clean", split.clean), ("ambiguous", split.ambiguous)):
         rows = [{**pairs[i].to_dict(), "score": scores[i]} for i in indices]
-        write_jsonl(out.path / "split" / f"{side}.jsonl", rows)
+        out.write_rows(f"split/{side}", rows)
     n, n_amb = len(pairs), len(split.ambiguous)
     metrics: dict[str, Any] = {
         "rule": split.rule,
@@ -263,9 +268,9 @@ def record_split(out: RunDir, pairs: Sequence, split: Split) -> None:
         s = split.scores
         metrics.update(score_min=s.min().item(), score_mean=s.mean().item())
         metrics.update(score_max=s.max().item(), score_histogram=histogram(s))
-    out.log_metrics("split", metrics)
     log.info("split (%s): %d clean, %d ambiguous", split.rule, n - n_amb, n_amb)
     for side, count in (("clean", n - n_amb), ("ambiguous", n_amb)):
         if count == 0:
             stage = "first-order (dpo)" if side == "clean" else "zeroth-order (optimizer)"
             log.warning("split: no %s pairs; the %s stage will be skipped", side, stage)
+    return metrics

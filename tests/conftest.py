@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from compo.cli import CONFIG_DIR, run
 from compo.data import PreferencePair
 from compo.encoding import encode_pairs
 from compo.models import TinyModel
@@ -85,3 +87,16 @@ def write_jsonl(tmp_path):
         return path
 
     return _write
+
+
+def compose_config(*overrides: str):
+    """The config ``compo model=tiny <overrides>`` would run (Hydra's own node left out)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=["model=tiny", *overrides])
+
+
+def run_compo(run_dir, *overrides: str) -> dict:
+    """Runs ``compo model=tiny <overrides>`` in this process (no interpreter start, no Hydra app)
+    and returns its metrics. Subprocess tests are kept for what only a real process shows: exit
+    status, one-line errors, Hydra's own files, torchrun and SIGKILL."""
+    return run(compose_config(*overrides), Path(run_dir))

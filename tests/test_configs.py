@@ -87,3 +87,59 @@ def test_every_stage_group_has_a_none_option():
     for group in ("splitter", "dpo", "optimizer", "oracle", "eval"):
         assert (CONFIGS / group / "none.yaml").is_file(), group
     assert OWN_GROUPS  # the glob found our groups
+
+
+def _group_nodes():
+    """(file, composed node) of every option of our groups that builds an object."""
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        rel = path.relative_to(CONFIGS)
+        if rel.parent == Path(".") or rel.parts[0] in ("experiment", "hydra"):
+            continue
+        group = "/".join(rel.parent.parts)
+        overrides = [f"{group}={rel.stem}"]
+        if group == "oracle/judge":
+            overrides = ["oracle=sample_scored", f"oracle/judge={rel.stem}"]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=_required_overrides(overrides))
+        yield rel, OmegaConf.select(cfg, group.replace("/", "."))
+
+
+# Constructor arguments that are objects or streams handed over in code, never config values.
+CODE_ONLY = {"stdin", "stdout"}
+
+
+@pytest.mark.parametrize(
+    ("rel", "node"), list(_group_nodes()), ids=lambda x: str(x) if isinstance(x, Path) else ""
+)
+def test_every_constructor_argument_has_a_yaml_key(rel, node):
+    """The other direction of the binding check: a setting with no YAML key cannot be overridden
+    from the command line (`+key=` is needed, and a typo there passes silently)."""
+    params = inspect.signature(_resolve(node._target_)).parameters.values()
+    wanted = {
+        p.name
+        for p in params
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in CODE_ONLY
+    }
+    missing = sorted(wanted - set(node.keys()))
+    assert not missing, f"{rel}: no key for {missing}"
+
+
+def _top_command(path: Path) -> list[str]:
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("# @package")]
+    command = lines[0].removeprefix("# ").split("  ")[0].split("(")[0]
+    return command.split()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.name))
+def test_the_command_at_the_top_of_each_yaml_composes(path):
+    words = _top_command(path)
+    assert words[0] == "compo", words
+    overrides = [w for w in words[1:] if "=" in w and not w.startswith("-")]
+    if "-m" in words:  # a sweep: compose its first job (the first value of each swept key)
+        overrides = [w.split(",")[0] for w in overrides]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.resolve(job)
+    _check_targets(job, "cfg")

@@ -236,9 +236,9 @@ def test_trunk_recorded_while_scoring_is_reused(tiny, easy_encoded):
     pad = tokenizer.pad_token_id
     trainer = _trainer(scope="last_k", last_k=1)
     set_trainable(model, "last_k", 1)
-    before = score_pairs(trainer.trunk_recorder(model), easy_encoded, pad)
-    recorded = trainer._cache
-    assert recorded.covers(easy_encoded[1:3])
-    (ref_chosen, _), scorer = trainer.prepare(model, easy_encoded[1:3], pad, reference=None)
-    assert trainer._cache is recorded and scorer is not model
+    trunk = trainer.frozen_trunk(model)
+    before = score_pairs(trunk.filling(), easy_encoded, pad)
+    assert trunk.covers(easy_encoded[1:3])
+    (ref_chosen, _), scorer = trainer.prepare(model, easy_encoded[1:3], pad, trunk=trunk)
+    assert scorer is not model
     torch.testing.assert_close(ref_chosen, before[0].sum_logps[1:3], rtol=0, atol=1e-4)

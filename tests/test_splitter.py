@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from compo.cli import CONFIG_DIR, run
 from compo.data import PreferencePair
 from compo.errors import CompoError
+from compo.reference import ReferenceScores
 from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
 from compo.splitter import (
@@ -32,14 +33,13 @@ def _scores(sums, lengths) -> SequenceScores:
 def test_likelihood_margin_rule_on_given_reference():
     chosen = _scores([-10.0, -10.0, -10.0, -20.0], [10, 10, 2, 10])
     rejected = _scores([-12.5, -13.0, -14.0, -10.0], [10, 10, 10, 10])
-    split = LikelihoodMarginSplitter(delta=3.0).split(
-        None, [None] * 4, [None] * 4, 0, (chosen, rejected)
-    )
+    reference = ReferenceScores.given((chosen, rejected))
+    split = LikelihoodMarginSplitter(delta=3.0).split(None, [None] * 4, [None] * 4, 0, reference)
     # margins 2.5, 3.0, 4.0, -10.0: only |margin| < 3 is ambiguous (a wrong-way margin is not)
     assert split.scores.tolist() == [2.5, 3.0, 4.0, -10.0]
     assert split.ambiguous == [0] and split.clean == [1, 2, 3]
     per_token = LikelihoodMarginSplitter(delta=1.0, per_token=True)
-    split = per_token.split(None, [None] * 4, [None] * 4, 0, (chosen, rejected))
+    split = per_token.split(None, [None] * 4, [None] * 4, 0, reference)
     # per-token margins -1.0+1.25, -1.0+1.3, -5.0+1.4, -2.0+1.0 = 0.25, 0.3, -3.6, -1.0
     assert split.ambiguous == [0, 1] and split.clean == [2, 3]
 
@@ -96,14 +96,13 @@ def test_record_split_writes_both_sides_and_metrics(tmp_path):
         "likelihood_margin", torch.tensor([0.5, 4.0, -1.0]), torch.tensor([True, False, True]), 3.0
     )
     out = RunDir(tmp_path)
-    record_split(out, EASY_PAIRS[:3], split)
+    metrics = record_split(out, EASY_PAIRS[:3], split)
     clean = [json.loads(x) for x in (tmp_path / "split" / "clean.jsonl").read_text().splitlines()]
     ambiguous = (tmp_path / "split" / "ambiguous.jsonl").read_text().splitlines()
     assert [(r["id"], r["score"]) for r in clean] == [("p2", 4.0)]
     assert [json.loads(x)["id"] for x in ambiguous] == ["p1", "p3"]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["split.n_clean"] == 1 and metrics["split.n_ambiguous"] == 2
-    assert sum(metrics["split.score_histogram"]["counts"]) == 3
+    assert metrics["n_clean"] == 1 and metrics["n_ambiguous"] == 2
+    assert sum(metrics["score_histogram"]["counts"]) == 3
 
 
 def _cfg(data_path, *overrides):
@@ -138,7 +137,7 @@ def test_cli_split_and_dpo_end_to_end(easy_file, tmp_path):
 
 def test_without_eval_split_and_dpo_share_one_reference_pass(easy_file, tmp_path, monkeypatch):
     """eval=none: one reference pass serves both the splitter and DPO."""
-    from compo import dpo, evaluate
+    from compo import dpo, reference
 
     def not_here(*args, **kwargs):
         raise AssertionError("the splitter scored the pairs itself")
@@ -153,7 +152,7 @@ def test_without_eval_split_and_dpo_share_one_reference_pass(easy_file, tmp_path
         return score
 
     monkeypatch.setattr("compo.splitter.score_pairs", not_here)
-    monkeypatch.setattr("compo.evaluate.score_pairs", counting(evaluate.score_pairs))
+    monkeypatch.setattr("compo.reference.score_pairs", counting(reference.score_pairs))
     monkeypatch.setattr("compo.dpo.score_pairs", counting(dpo.score_pairs))
     shared = run(_cfg(easy_file, "splitter.delta=30", "eval=none"), tmp_path / "shared")
     # one pass over all 8 pairs; DPO reuses its rows of it (the other calls are training steps)

@@ -23,9 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from compo import distributed, settings, state
+from compo.data import load_pairs
 from compo.errors import CompoError
 from compo.interfaces import ComparisonOracle
 from compo.rundir import RunDir
+from compo.stages import Job, Outcome
 from compo.zo.directions import DirectionBatch, DirectionSampler, GaussianSphere
 from compo.zo.estimator import (
     TIE_RULES,
@@ -177,6 +179,30 @@ class ComPO:
         self.pairs_path, self.progress = pairs_path, progress
         self.resume, self.save_every = resume, save_every
 
+    needs_oracle = True
+
+    def fit(self, job: Job, rows: Sequence[int], oracle: ComparisonOracle) -> Outcome:
+        """The zeroth-order stage: ComPO on the pairs at ``rows`` (or on ``pairs_path``)."""
+        metrics: dict[str, Any] = {}
+        if self.pairs_path:
+            loaded = load_pairs(self.pairs_path, job.data.on_error)
+            if loaded.rejected:
+                job.out.write_rows(
+                    "rejected_rows.optimizer", [r.to_dict() for r in loaded.rejected]
+                )
+            metrics["n_rows_rejected"] = len(loaded.rejected)
+            pairs = job.data.encode(loaded.pairs, job.tokenizer)[0]
+        else:
+            pairs = [job.encoded[i] for i in rows]
+        if not pairs:
+            log.warning("compo: skipped: the splitter left no ambiguous pairs")
+            return Outcome({"compo": {**metrics, "skipped_reason": "no ambiguous pairs"}})
+        summary = self.run(job.policy, job.tokenizer, pairs, oracle, job.out)
+        return Outcome(
+            {"compo": {**metrics, **summary}, "oracle": oracle.usage()},
+            changed=bool(summary["changed"]),
+        )
+
     def settings(self) -> dict[str, Any]:
         """What the iterations' results depend on (for the resume fingerprint)."""
         ignored = {"epochs", "max_iterations", "progress", "pairs_path", "resume", "save_every"}
@@ -202,8 +228,7 @@ class ComPO:
         """Runs ComPO on ``pairs`` (encoded) and leaves the updated weights in ``policy``.
 
         Returns:
-            Summary metrics (also logged under ``compo.``), including ``changed``: whether any
-            step was applied (the cli then saves a checkpoint).
+            Summary metrics (``compo.*``), including ``changed``: whether any step was applied.
         """
         if not isinstance(oracle, ComparisonOracle):
             raise CompoError(
@@ -216,9 +241,7 @@ class ComPO:
         pairs = oracle.prepare(list(pairs))
         if not pairs:
             log.warning("compo: skipped: the oracle kept none of the pairs (see oracle.*)")
-            summary = {"changed": False, "skipped_reason": "oracle kept no pairs"}
-            run_dir.log_metrics("compo", summary)
-            return summary
+            return {"changed": False, "skipped_reason": "oracle kept no pairs"}
         scope = Scope(policy, self.modules)
         head = HeadEvaluator()
         pad = tokenizer.pad_token_id
@@ -271,7 +294,6 @@ class ComPO:
                 )
                 log.warning("compo: %s", warning)
                 summary["warning"] = warning
-        run_dir.log_metrics("compo", summary)
         return summary
 
     @staticmethod
@@ -352,7 +374,7 @@ class ComPO:
             est = self._expected(oracle)
         else:
             support = None
-            if _needs_support(self.sampler):
+            if self.sampler.needs_support:
                 support = oracle.support(self.sampler.top_k)
                 support = head.support(self.sampler.top_k) if support is None else support
             radius, search = self._iteration_radius(t, oracle, scope, support)
@@ -422,10 +444,6 @@ class ComPO:
         return Expected().estimate_from_limit(limit)
 
 
-def _needs_support(sampler) -> bool:
-    return bool(getattr(sampler, "needs_support", False))
-
-
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(values) / len(values) if values else None
@@ -461,8 +479,3 @@ def _summary(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         "delta_logp_rejected_mean": _mean(d_rejected),
         "seconds": round(seconds, 3),
     }
-
-
-def run_compo(policy, tokenizer, encoded_pairs, oracle, optimizer: ComPO, run_dir: RunDir):
-    """The cli's entry point: ``optimizer.run(...)``; returns the summary (``changed`` included)."""
-    return optimizer.run(policy, tokenizer, encoded_pairs, oracle, run_dir)

@@ -1,0 +1,87 @@
+"""The recipe: one run of compo, top to bottom.
+
+    pairs -> model -> tokens -> oracle checked -> reference scores -> eval.before -> split
+          -> first-order stage (clean pairs) -> ComPO (ambiguous pairs) -> checkpoint -> eval.after
+
+Every stage is an object built from its config group (see :mod:`compo.stages` for the contract);
+a group set to ``none`` builds a stage that does nothing, so this function has no branch per
+stage. It sees no config: :mod:`compo.cli` builds the stages and calls :func:`run_pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from compo import distributed
+from compo.data import DataSpec
+from compo.interfaces import ComparisonOracle
+from compo.models import ModelLoader, save_checkpoint
+from compo.rundir import RunDir
+from compo.stages import Evaluator, FirstOrderStage, Job, Outcome, Splitter, ZerothOrderStage
+
+log = logging.getLogger("compo")
+
+
+@dataclass
+class Stages:
+    """The objects one run is made of, each from its config group."""
+
+    data: DataSpec
+    model: ModelLoader
+    evaluator: Evaluator
+    splitter: Splitter
+    first_order: FirstOrderStage
+    zeroth_order: ZerothOrderStage
+    oracle: ComparisonOracle
+
+
+def _log(out: RunDir, outcome: Outcome) -> None:
+    for group, values in outcome.metrics.items():
+        out.log_metrics(group, values)
+
+
+def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
+    """Runs every stage on the data and returns the flat metrics (also in ``metrics.json``).
+
+    Args:
+        stages: The built stages (``none`` groups are do-nothing stages).
+        out: The run dir (a read-only view on ranks other than 0 under torchrun).
+    """
+    started = time.perf_counter()
+    loaded = stages.data.load()
+    if loaded.rejected:
+        out.write_rows("rejected_rows", [r.to_dict() for r in loaded.rejected])
+    out.log_metrics("data", {"n_pairs": len(loaded.pairs), "n_rows_rejected": len(loaded.rejected)})
+
+    log.info("loading model %s", stages.model.name)
+    policy, tokenizer = stages.model.load()
+    encoded, truncation = stages.data.encode(loaded.pairs, tokenizer)
+    out.log_metrics("data", truncation.as_metrics())
+    # The oracle is checked (API key, endpoint, reward model) before any expensive work.
+    stages.oracle.bind(tokenizer, out)
+    stages.oracle.check()
+
+    # The policy as loaded is the reference model. Its scores are computed once, by whichever
+    # stage asks first, recording the first-order stage's frozen blocks on the way.
+    trunk = stages.first_order.frozen_trunk(policy)
+    reference = stages.evaluator.reference(policy, encoded, tokenizer.pad_token_id, trunk)
+    job = Job(policy, tokenizer, stages.data, loaded.pairs, encoded, reference, out)
+    _log(out, stages.evaluator.before(job))
+
+    split = stages.splitter.split(policy, loaded.pairs, encoded, tokenizer.pad_token_id, reference)
+    out.log_metrics("split", split.record(out, loaded.pairs))
+    first = stages.first_order.fit(job, split.clean)
+    _log(out, first)
+    zeroth = stages.zeroth_order.fit(job, split.ambiguous, stages.oracle)
+    _log(out, zeroth)
+
+    # The checkpoint and eval.after are rank 0's alone: no collective operation follows.
+    if (first.changed or zeroth.changed) and distributed.is_main():
+        save_checkpoint(policy, tokenizer, out.checkpoint_dir)
+        log.info("checkpoint saved to %s", out.checkpoint_dir)
+        _log(out, stages.evaluator.after(job, split))
+    out.log_metrics("run", {"seconds": round(time.perf_counter() - started, 3)})
+    return out.metrics
