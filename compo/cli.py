@@ -65,7 +65,7 @@ def _build(node: DictConfig, group: str) -> Any:
 
 def check_run_settings(cfg: DictConfig) -> None:
     """Checks the top-level settings every group interpolates (``seed``, ``device``)."""
-    settings.number("seed", cfg.seed, integer=True, ge=0)
+    settings.seed("seed", cfg.seed)
     settings.device("device", cfg.device)
 
 

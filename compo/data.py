@@ -147,9 +147,12 @@ def _read_jsonl(raw: bytes) -> Iterator[tuple[int, Any]]:
             )
             continue
         try:
-            yield row, json.loads(text)
+            record = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield row, RowError(None, f"invalid JSON: {exc.msg} at column {exc.colno}")
+            record = RowError(None, f"invalid JSON: {exc.msg} at column {exc.colno}")
+        except (ValueError, RecursionError) as exc:  # a huge integer, nesting too deep
+            record = RowError(None, f"unreadable JSON: {_first_line(exc)}")
+        yield row, record
 
 
 def _read_json(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
@@ -164,6 +167,8 @@ def _read_json(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
         raise DataError(
             f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}"
         ) from None
+    except (ValueError, RecursionError) as exc:  # a huge integer, nesting too deep
+        raise DataError(f"{path}: unreadable JSON: {_first_line(exc)}") from None
     if isinstance(data, dict) and len(text.strip().splitlines()) == 1:
         data = [data]  # JSON Lines with a single line
     if not isinstance(data, list):
@@ -238,7 +243,8 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
         DataError: The file is missing, has an unknown extension or cannot be read at all.
     """
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        what = "is a directory" if path.is_dir() else "is not a regular file"
+        raise DataError(f"{path}: {what}" if path.exists() else f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in _FORMATS:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_FORMATS)}")
@@ -315,8 +321,9 @@ def _confidence(record: dict[str, Any]) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         got = repr(value) if isinstance(value, str) else type(value).__name__
         raise RowError("confidence", f"expected a number, got {got}")
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise RowError("confidence", f"must be in [0, 1], got {value}")
+    if not 0.0 <= value <= 1.0:  # false for NaN; no float() of a 400-digit integer
+        shown = str(value) if len(str(value)) <= 20 else f"{str(value)[:17]}..."
+        raise RowError("confidence", f"must be in [0, 1], got {shown}")
     return float(value)
 
 
@@ -359,6 +366,24 @@ def _prompt_and_replies(record: dict[str, Any]) -> tuple[str | list[Message], st
     return turns, chosen_reply, rejected_reply
 
 
+def _check_unicode(value: Any, field: str | None) -> None:
+    """Raises RowError for a lone surrogate (``"\\ud800"`` in JSON): not text any tokenizer or
+    UTF-8 file can hold."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RowError(
+                field, f"holds {value[exc.start]!r}, which is not valid Unicode text"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(item, field or str(key))
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item, field)
+
+
 def as_object(record: Any) -> dict[str, Any]:
     """A source row as a dict; raises its RowError (unreadable row) or one for a non-object."""
     if isinstance(record, RowError):
@@ -379,6 +404,7 @@ def pair_from_record(record: Any, default_id: str) -> PreferencePair:
         RowError: Naming the field at fault and why.
     """
     record = as_object(record)
+    _check_unicode(record, None)
     prompt, chosen, rejected = _prompt_and_replies(record)
     if chosen.strip() == rejected.strip():
         raise RowError("rejected", "is identical to chosen")
@@ -468,6 +494,7 @@ class DataSpec:
     limit: int | None = None
 
     def __post_init__(self) -> None:
+        settings.text("data.path", self.path, optional=True)
         settings.choice("data.on_error", self.on_error, ON_ERROR)
         settings.choice("data.chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
         settings.number("data.max_length", self.max_length, integer=True, ge=1)

@@ -73,7 +73,7 @@ def _save_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, 
 
 def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, expect: dict):
     """Restores a verified ``dpo_state/`` and returns its step; None when there is none."""
-    loaded = state.load(state_dir)
+    loaded = state.load(state_dir, ("trainable", "optimizer"))
     if loaded is None:
         return None
     progress, blobs = loaded
@@ -160,9 +160,18 @@ class DPOTrainer:
             ("warmup_steps", warmup_steps),
             ("save_every", save_every),
             ("last_k", last_k),
-            ("seed", seed),
         ):
             settings.number(f"dpo.{name}", value, integer=True, ge=0)
+        settings.seed("dpo.seed", seed)
+        for name, value in (
+            ("weight_by_confidence", weight_by_confidence),
+            ("gradient_checkpointing", gradient_checkpointing),
+            ("bf16", bf16),
+            ("resume", resume),
+            ("cache_trunk", cache_trunk),
+        ):
+            settings.flag(f"dpo.{name}", value)
+        settings.flag("dpo.per_token", per_token, optional=True)
         settings.number("dpo.beta", beta, gt=0)  # beta <= 0 trains nothing or the inverse
         settings.number("dpo.lr", lr, gt=0)
         settings.number("dpo.weight_decay", weight_decay, ge=0)

@@ -46,6 +46,7 @@ __all__ = [
     "default_cache_dir",
     "load_language_model",
     "local_generator",
+    "plain_settings",
     "settings",
 ]
 
@@ -166,6 +167,26 @@ class ComparisonOracle(Protocol):
     def usage(self) -> dict[str, Any]:
         """Counters for ``metrics.json`` (under ``oracle.``)."""
         return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What this oracle's verdicts depend on; part of ComPO's resume fingerprint, so a state
+        is never continued with another oracle or judge (default: :func:`plain_settings`)."""
+        return plain_settings(self)
+
+
+def plain_settings(obj: Any) -> dict[str, Any]:
+    """An object's class and its public attributes holding plain values, its ``judge`` included.
+
+    Constructors keep their settings as such attributes; counters live in dicts and run state in
+    private attributes, so neither is part of it.
+    """
+    out: dict[str, Any] = {"type": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+    for key, value in sorted(vars(obj).items()):
+        if key == "judge":
+            out[key] = plain_settings(value)
+        elif not key.startswith("_") and isinstance(value, str | int | float | bool | None):
+            out[key] = value
+    return out
 
 
 AGGREGATIONS = ("any", "majority", "all")

@@ -292,13 +292,13 @@ class TinyModel:
             ("hidden_size", hidden_size),
         ):
             settings.number(f"model.{key}", value, integer=True, ge=1)
-        settings.number("model.init_std", init_std, gt=0)
+        settings.number("model.init_std", init_std, gt=0, le=1)  # transformers' own bound
         if hidden_size % num_heads or num_heads % num_kv_heads:
             raise settings.SettingError(
                 f"model.hidden_size ({hidden_size}) must be a multiple of model.num_heads "
                 f"({num_heads}), and num_heads of model.num_kv_heads ({num_kv_heads})"
             )
-        self.seed = settings.number("model.seed", seed, integer=True, ge=0)
+        self.seed = settings.seed("model.seed", seed)
         self.device = settings.device("model.device", device)
         self.sizes = dict(
             hidden_size=hidden_size,

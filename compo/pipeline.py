@@ -11,6 +11,7 @@ stage. It sees no config: :mod:`compo.cli` builds the stages and calls :func:`ru
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,16 @@ class Stages:
 def _log(out: RunDir, outcome: Outcome) -> None:
     for group, values in outcome.metrics.items():
         out.log_metrics(group, values)
+
+
+def _checkpoint(out: RunDir, policy: Any, tokenizer: Any, changed: bool) -> None:
+    """Saves the policy if a stage changed it; else no checkpoint may stand for this run."""
+    if changed:
+        save_checkpoint(policy, tokenizer, out.checkpoint_dir)
+        log.info("checkpoint saved to %s", out.checkpoint_dir)
+    elif out.checkpoint_dir.exists():
+        shutil.rmtree(out.checkpoint_dir)
+        log.warning("run: no stage changed the model; removed the checkpoint/ of an earlier run")
 
 
 def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
@@ -79,9 +90,11 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     _log(out, zeroth)
 
     # The checkpoint and eval.after are rank 0's alone: no collective operation follows.
-    if (first.changed or zeroth.changed) and distributed.is_main():
-        save_checkpoint(policy, tokenizer, out.checkpoint_dir)
-        log.info("checkpoint saved to %s", out.checkpoint_dir)
+    changed = first.changed or zeroth.changed
+    if distributed.is_main():
+        _checkpoint(out, policy, tokenizer, changed)
+    if changed and distributed.is_main():
         _log(out, stages.evaluator.after(job, split))
+    out.log_metrics("run", {"model_changed": changed})
     out.log_metrics("run", {"seconds": round(time.perf_counter() - started, 3)})
     return out.metrics

@@ -43,7 +43,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        # backslashreplace: a lone surrogate in a rejected row is written as its escape, not lost.
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -55,13 +56,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(
+        path, json.dumps(_jsonable(obj), indent=2, sort_keys=True, default=str) + "\n"
+    )
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:
     """Writes a whole JSONL file atomically."""
     atomic_write_text(
-        path, "".join(json.dumps(_jsonable(r), ensure_ascii=False) + "\n" for r in rows)
+        path,
+        "".join(json.dumps(_jsonable(r), ensure_ascii=False, default=str) + "\n" for r in rows),
     )
 
 
@@ -78,8 +82,11 @@ def lock_run_dir(path: str | os.PathLike) -> Iterator[None]:
         CompoError: Another process holds the lock.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CompoError(f"cannot lock run dir {path}: {exc.strerror} ({exc.filename})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,8 +117,8 @@ class TraceWriter:
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Appends ``row`` as one complete line."""
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
+        with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as handle:
+            handle.write(json.dumps(_jsonable(row), ensure_ascii=False, default=str) + "\n")
 
     def close(self) -> None:
         """Nothing stays open between rows."""

@@ -10,7 +10,7 @@ and names the key as the user writes it (``optimizer.step_size``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from compo.errors import CompoError
@@ -62,18 +62,67 @@ def number(
     if value is None and optional:
         return None
     domain = _domain(integer, gt, ge, lt, le) + (" or null" if optional else "")
-    # bool is an int subclass; `true` for a count is a mistake, not 1.
+    # bool is an int subclass; `true` for a count is a mistake, not 1. Python ints are finite
+    # (and math.isfinite overflows on a 400-digit one).
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-        raise SettingError(f"{key} must be {domain}, got {value!r}")
+    finite = ok_type and (isinstance(value, int) or math.isfinite(value))
+    if isinstance(value, bool) or not finite:
+        raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
     if (
         (gt is not None and not value > gt)
         or (ge is not None and not value >= ge)
         or (lt is not None and not value < lt)
         or (le is not None and not value <= le)
     ):
-        raise SettingError(f"{key} must be {domain}, got {value!r}")
+        raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
+    if not integer and isinstance(value, int) and abs(value) > 1e308:  # beyond float range
+        raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
     return value if integer else float(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+
+
+def seed(key: str, value: Any) -> int:
+    """Returns ``value`` if it is a seed torch accepts: an integer in [0, 2**63 - 1]."""
+    return number(key, value, integer=True, ge=0, le=SEED_MAX)
+
+
+def flag(key: str, value: Any, *, optional: bool = False) -> bool | None:
+    """Returns ``value`` if it is true or false (or None when ``optional``).
+
+    A word such as ``no`` reaches a constructor as a string, and a non-empty string is truthy:
+    it would switch the option on.
+    """
+    if (value is None and optional) or isinstance(value, bool):
+        return value
+    domain = "true or false" + (" or null" if optional else "")
+    raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
+
+
+def text(key: str, value: Any, *, optional: bool = False) -> str | None:
+    """Returns ``value`` if it is a string (or None when ``optional``), e.g. a file path."""
+    if (value is None and optional) or isinstance(value, str):
+        return value
+    domain = "a string" + (" or null" if optional else "")
+    raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
+
+
+def names(key: str, value: Any) -> list[str]:
+    """Returns ``value`` as a list if it is a list of strings (``foo`` alone is not a list)."""
+    # Sequence: Hydra hands over a ListConfig, not a list.
+    if (
+        not isinstance(value, str)
+        and isinstance(value, Sequence)
+        and all(isinstance(v, str) for v in value)
+    ):
+        return list(value)
+    raise SettingError(f"{key} must be a list of names, e.g. [a.b, c.d], got {_shown(value)}")
 
 
 def choice(key: str, value: Any, options: Iterable[Any]) -> Any:
@@ -107,6 +156,7 @@ def device(key: str, value: Any) -> str:
         ),
         "mps": lambda: torch.backends.mps.is_available(),
     }
-    if not available.get(parsed.type, lambda: True)():
+    # Other types torch parses (xpu, meta, ...) are not devices compo runs on.
+    if not available.get(parsed.type, lambda: False)():
         raise SettingError(f"{key}={value}: this machine has no such device (use device=cpu)")
     return value

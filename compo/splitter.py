@@ -99,7 +99,7 @@ class LikelihoodMarginSplitter:
 
     def __init__(self, delta: float = 3.0, per_token: bool = False, batch_size: int = 8) -> None:
         self.delta = settings.number("splitter.delta", delta, ge=0)
-        self.per_token = per_token
+        self.per_token = settings.flag("splitter.per_token", per_token)
         self.batch_size = settings.number("splitter.batch_size", batch_size, integer=True, ge=1)
 
     def split(
@@ -182,7 +182,7 @@ class ChesSplitter:
             raise CompoError("splitter: set exactly one of splitter.fraction, splitter.threshold")
         self.fraction = settings.number("splitter.fraction", fraction, ge=0, le=1, optional=True)
         self.threshold = settings.number("splitter.threshold", threshold, optional=True)
-        self.normalize = normalize
+        self.normalize = settings.flag("splitter.normalize", normalize)
         self.batch_size = settings.number("splitter.batch_size", batch_size, integer=True, ge=1)
 
     def split(

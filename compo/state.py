@@ -112,8 +112,12 @@ def commit(state_dir: Path, step: int, payloads: dict[str, tuple[str, bytes]], p
             stale.unlink(missing_ok=True)
 
 
-def load(state_dir: Path) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+def load(state_dir: Path, files: Sequence[str]) -> tuple[dict[str, Any], dict[str, bytes]] | None:
     """The last committed state, verified; None when ``state_dir`` holds no commit.
+
+    Args:
+        state_dir: The directory.
+        files: The payload names a commit of this kind holds (all of them, no other).
 
     Returns:
         ``(progress, {name: bytes})`` with every file's sha256 checked.
@@ -123,9 +127,16 @@ def load(state_dir: Path) -> tuple[dict[str, Any], dict[str, bytes]] | None:
             does not match its recorded sha256.
     """
     marker = state_dir / PROGRESS
+    if state_dir.exists() and not state_dir.is_dir():
+        raise CompoError(f"{state_dir}: not a directory; remove it to start over")
     if not marker.is_file():
         return None
     progress = _read_progress(marker)
+    if sorted(progress["files"]) != sorted(files):
+        raise CompoError(
+            f"{marker}: corrupt resume state (files {sorted(progress['files'])}, expected "
+            f"{sorted(files)}); delete {state_dir} to start over"
+        )
     blobs = {}
     for name, entry in progress["files"].items():
         path = state_dir / entry["file"]

@@ -219,7 +219,7 @@ class TextOracle(ComparisonOracle):
     def __init__(self, judge: Any, max_new_tokens: int, temperature: float, seed: int) -> None:
         settings.number("oracle.max_new_tokens", max_new_tokens, integer=True, ge=1)
         settings.number("oracle.temperature", temperature, gt=0)
-        settings.number("oracle.seed", seed, integer=True, ge=0)
+        settings.seed("oracle.seed", seed)
         self.judge, self.max_new_tokens = judge, max_new_tokens
         self.temperature, self.seed = temperature, seed
         self.tokenizer = None
@@ -285,6 +285,8 @@ class GenerativeOracle(TextOracle):
         if query not in QUERIES:
             raise CompoError(f"oracle.query: {query!r} is not one of {QUERIES}")
         super().__init__(judge, max_new_tokens, temperature, seed)
+        settings.flag("oracle.do_sample", do_sample)
+        settings.flag("oracle.graded", graded)
         self.do_sample, self.aggregation, self.query, self.graded = (
             do_sample,
             aggregation,

@@ -25,6 +25,7 @@ import html
 import json
 import random
 import secrets
+import sqlite3
 import sys
 import threading
 import time
@@ -134,6 +135,15 @@ _ITEM = """<h2>Prompt</h2><pre id="prompt">{prompt}</pre>
 </button></form>"""
 
 
+def _is_text(value: str) -> bool:
+    """False for a string with a lone surrogate (JSON's ``"\\udc80"``): sqlite cannot store it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _LabelHandler(BaseHTTPRequestHandler):
     server: LabelServer
 
@@ -227,6 +237,9 @@ class _LabelHandler(BaseHTTPRequestHandler):
             self._send(404, "not found\n")
             return
         answer, key = form.get("answer", ""), form.get("id", "")
+        if not _is_text(key):
+            self._send(400, "bad label: the id is not valid Unicode text\n")
+            return
         if answer not in ANSWERS or not self.server.queue.label(key, answer):
             self._send(400, f"bad label: id {key!r}, answer {answer!r}\n")
         elif url.path.startswith("/api/"):
@@ -301,7 +314,8 @@ class HumanJudge(OutputJudge):
     ) -> None:
         key = "oracle.judge"
         settings.choice(f"{key}.mode", mode, ("terminal", "web"))
-        settings.number(f"{key}.seed", seed, integer=True, ge=0)
+        settings.seed(f"{key}.seed", seed)
+        settings.flag(f"{key}.serve", serve)
         settings.number(f"{key}.port", port, integer=True, ge=0, le=65535)
         settings.number(f"{key}.wait_seconds", wait_seconds, gt=0, optional=True)
         settings.number(f"{key}.poll_seconds", poll_seconds, gt=0)
@@ -397,7 +411,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queue", default=None, help="sqlite queue (default: compo cache dir)")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free)")
     args = parser.parse_args(argv)
-    server = LabelServer(LabelQueue(args.queue), args.port)
+    if not 0 <= args.port <= 65535:
+        parser.exit(2, f"compo-label: error: --port must be in [0, 65535], got {args.port}\n")
+    try:
+        server = LabelServer(LabelQueue(args.queue), args.port)
+    except (OSError, sqlite3.Error) as exc:  # port in use, queue not a sqlite file
+        parser.exit(2, f"compo-label: error: {exc}\n")
     print(f"compo-label: open {server.url}", flush=True)
     try:
         server.serve_forever()

@@ -136,7 +136,8 @@ class OpenAIJudge(OutputJudge):
             ("reply_tokens", reply_tokens),
         ):
             settings.number(f"{key}.{name}", value, integer=True, ge=1)
-        settings.number(f"{key}.seed", seed, integer=True, ge=0)
+        settings.seed(f"{key}.seed", seed)
+        settings.flag(f"{key}.cache", cache)
         self.max_concurrency, self.max_requests = max_concurrency, max_requests
         self.max_tokens, self.reply_tokens = max_tokens, reply_tokens
         self.max_consecutive_failures = max_consecutive_failures

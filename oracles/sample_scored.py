@@ -75,6 +75,7 @@ class SampleScoredOracle(TextOracle):
         if ranking not in RANKINGS:
             raise CompoError(f"oracle.ranking: {ranking!r} is not one of {RANKINGS}")
         super().__init__(judge, max_new_tokens, temperature, seed)
+        settings.flag("oracle.graded", graded)
         self.num_samples, self.ranking, self.graded = num_samples, ranking, graded
         self.counts = dict.fromkeys(
             ("iterations", "samples", "texts_scored", "judge_calls", "queries"), 0

@@ -100,7 +100,8 @@ class ScorerJudge(OutputJudge):
         self.scorer_name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "?")
         self._scorer = scorer if callable(scorer) else None
         self.epsilon = settings.number("oracle.judge.epsilon", epsilon, ge=0)
-        self.with_prompt, self.batched = with_prompt, batched
+        self.with_prompt = settings.flag("oracle.judge.with_prompt", with_prompt)
+        self.batched = settings.flag("oracle.judge.batched", batched)
         self._lock = threading.Lock()
         self.counts = {"calls": 0, "identical": 0, "abstentions": 0, "texts_scored": 0}
 

@@ -114,3 +114,15 @@ def test_bad_settings_stop_before_any_work_in_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"compo: error: {message}"), lines
         assert not (run_dir / "checkpoint").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_an_unlockable_run_dir_is_one_line(tmp_path):
+    from compo.errors import CompoError
+    from compo.rundir import lock_run_dir
+
+    (tmp_path / ".lock").mkdir()  # found by a hostile probe: IsADirectoryError
+    try:
+        with lock_run_dir(tmp_path):
+            raise AssertionError("locked a run dir whose lock file is a directory")
+    except CompoError as exc:
+        assert str(exc).startswith(f"cannot lock run dir {tmp_path}") and "\n" not in str(exc)

@@ -356,3 +356,63 @@ def test_identical_after_truncation_is_counted(tiny):
     pair = PreferencePair("x", "q", "same prefix, then A", "same prefix, then B")
     _, report = encode_pairs([pair], tokenizer, 8, 2, chat_template="never")
     assert report.n_identical_after_truncation == 1
+
+
+# ---------------------------------------------------------------- found by a hostile probe
+GOOD_ROW = {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "n": ' + "9" * 5000 + "}",  # int limit
+        "[" * 100_000 + "]" * 100_000,  # nesting deeper than the recursion limit
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "confidence": 1' + "0" * 400 + "}",
+        '{"prompt": "q\\ud800", "chosen": "a", "rejected": "b"}',  # a lone surrogate
+        '{"prompt": "q", "chosen": "a", "rejected": "b", "note": "\\udc80"}',
+    ],
+    ids=["huge-int", "deep", "huge-confidence", "surrogate-text", "surrogate-metadata"],
+)
+def test_hostile_rows_are_errors_of_their_own_row(write_jsonl, tmp_path, line):
+    path = write_jsonl([GOOD_ROW, line, {**GOOD_ROW, "chosen": "Red."}])
+    with pytest.raises(DataError, match=rf"{path.name}: row 2"):
+        load_pairs(path)
+    loaded = load_pairs(path, on_error="skip")
+    assert [p.chosen for p in loaded.pairs] == ["Blue.", "Red."]
+    assert [r.row for r in loaded.rejected] == [2]
+    write_jsonl_file = tmp_path / "rejected.jsonl"
+    from compo.rundir import write_jsonl as write_rows
+
+    write_rows(write_jsonl_file, [r.to_dict() for r in loaded.rejected])  # the record is writable
+
+
+def test_parquet_metadata_of_any_type_reaches_the_run_dir(tmp_path):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from compo.rundir import write_jsonl as write_rows
+
+    table = pa.table(
+        {
+            "prompt": ["q1", "q2"],
+            "chosen": ["a", "c"],
+            "rejected": ["b", "d"],
+            "when": [datetime.datetime(2026, 1, 1), datetime.datetime(2026, 1, 2)],
+            "blob": [b"\x00\x01", b"\xff"],
+        }
+    )
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(table, path)
+    pairs = load_pairs(path).pairs
+    write_rows(tmp_path / "split.jsonl", [p.to_dict() for p in pairs])  # used to raise TypeError
+    rows = [json.loads(x) for x in (tmp_path / "split.jsonl").read_text().splitlines()]
+    assert rows[0]["metadata"]["when"].startswith("2026-01-01")
+
+
+def test_a_directory_or_device_is_named_as_such(tmp_path):
+    with pytest.raises(DataError, match="is a directory"):
+        load_pairs(tmp_path)
+    with pytest.raises(DataError, match="is not a regular file"):
+        load_pairs("/dev/null")

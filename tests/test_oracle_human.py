@@ -281,3 +281,30 @@ def test_the_page_form_sends_its_token_in_the_url(server):
         connection.close()
     assert server.queue.get(key)["label"] == "2"
     assert _get(base + "/api/pending?token=" + server.token) == (200, "[]")
+
+
+# ---------------------------------------------------------------- found by a hostile probe
+@pytest.mark.parametrize(
+    "argv",
+    [["--port", "70000"], ["--port", "-5"], ["--queue", "DIR"], ["--queue", "NOTSQLITE"]],
+)
+def test_compo_label_bad_port_or_queue_is_one_line(tmp_path, capsys, argv):
+    from oracles.human import main
+
+    (tmp_path / "not.sqlite").write_text("this is not a database\n" * 100)
+    argv = [
+        {"DIR": str(tmp_path), "NOTSQLITE": str(tmp_path / "not.sqlite")}.get(a, a) for a in argv
+    ]
+    if "--queue" not in argv:
+        argv += ["--queue", str(tmp_path / "q.sqlite")]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and err[0].startswith("compo-label: error:"), err
+
+
+def test_a_label_with_an_unencodable_id_is_a_400(server, capsys):
+    body = b'{"id": "\\udc80", "answer": "1"}'
+    assert _raw(server, _post(f"/api/label?token={server.token}", body, ctype="json")) == 400
+    _still_serving(server)
+    assert "Traceback" not in capsys.readouterr().err

@@ -139,3 +139,14 @@ def test_multirun_over_two_oracles_with_joblib(tmp_path, mixed_pairs):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["compo.n_iterations"] == 2
     assert "oracle.queries" in json.loads((sweep / "1" / "metrics.json").read_text())
+
+
+def test_a_run_that_changes_nothing_leaves_no_stale_checkpoint(tmp_path, mixed_pairs):
+    # Found by a hostile probe: a rerun in the same dir with every stage off kept the earlier
+    # run's checkpoint/, next to metrics that say nothing was trained.
+    trained = run_compo(tmp_path, f"data.path={mixed_pairs}", *DPO, "optimizer=none")
+    assert trained["run.model_changed"] and (tmp_path / "checkpoint").is_dir()
+    idle = run_compo(
+        tmp_path, f"data.path={mixed_pairs}", "dpo=none", "optimizer=none", "eval=none"
+    )
+    assert idle["run.model_changed"] is False and not (tmp_path / "checkpoint").exists()

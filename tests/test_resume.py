@@ -253,7 +253,7 @@ def test_a_commit_interrupted_before_its_marker_leaves_the_previous_state(tmp_pa
     monkeypatch.setattr(state, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         state.commit(tmp_path, 2, {"w": ("bin", b"second")}, {"step": 2})
-    progress, blobs = state.load(tmp_path)
+    progress, blobs = state.load(tmp_path, ("w",))
     assert progress["step"] == 1 and blobs == {"w": b"first"}
     monkeypatch.undo()
     state.commit(tmp_path, 3, {"w": ("bin", b"third")}, {"step": 3})
@@ -322,7 +322,7 @@ def test_malformed_or_edited_progress_is_one_line(tmp_path, edit):
     marker = tmp_path / "progress.json"
     marker.write_text(json.dumps(edit(json.loads(marker.read_text()))))
     with pytest.raises(CompoError, match=r"progress\.json") as info:
-        state.load(tmp_path)
+        state.load(tmp_path, ("w",))
     assert "\n" not in str(info.value)
 
 
@@ -333,3 +333,62 @@ def test_no_resume_state_with_nan_or_inf_weights(tiny, easy_encoded, tmp_path):
     with pytest.raises(CompoError, match="NaN"):
         _train_dpo(model, easy_encoded[:2], tokenizer.pad_token_id, RunDir(tmp_path))
     assert not (tmp_path / "dpo_state").exists()
+
+
+def _compo_only_in_process(run_dir, pairs, *extra):
+    from conftest import run_compo
+
+    return run_compo(
+        run_dir, "eval=none", "splitter=none", "dpo=none", "optimizer=compo_tiny",
+        f"optimizer.pairs_path={pairs}", "optimizer.progress=false", *extra,
+    )  # fmt: skip
+
+
+def test_compo_state_of_another_oracle_is_refused(tmp_path, pairs_file):
+    # The likelihood oracle's state (and its radius) must not be continued with a judge.
+    _compo_only_in_process(tmp_path, pairs_file, "oracle=likelihood", "optimizer.max_iterations=2")
+    with pytest.raises(CompoError, match=r"optimizer\.resume=false"):
+        _compo_only_in_process(tmp_path, pairs_file, "oracle=scorer", "optimizer.max_iterations=4")
+
+
+def _forge(state_dir: Path, edit) -> None:
+    """Edits progress.json and recomputes its checksum, as a determined user could."""
+    marker = state_dir / "progress.json"
+    progress = edit(json.loads(marker.read_text()))
+    progress["checksum"] = state._checksum(progress)
+    marker.write_text(json.dumps(progress))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda p: {**p, "iteration": 0},  # would redo iterations on top of later weights
+        lambda p: {**p, "iteration": -5},
+        lambda p: {**p, "iteration": "abc"},
+        lambda p: {k: v for k, v in p.items() if k != "iteration"},
+        lambda p: {**p, "radius": "big"},
+        lambda p: {**p, "files": {}},
+    ],
+    ids=["iteration-0", "iteration-negative", "iteration-str", "no-iteration", "radius", "files"],
+)
+def test_forged_compo_progress_is_refused_in_one_line(tmp_path, pairs_file, edit):
+    _compo_only_in_process(tmp_path, pairs_file, "oracle=likelihood", "optimizer.max_iterations=2")
+    _forge(tmp_path / "compo_state", edit)
+    with pytest.raises(CompoError, match="compo_state") as info:
+        _compo_only_in_process(
+            tmp_path, pairs_file, "oracle=likelihood", "optimizer.max_iterations=3"
+        )
+    assert "\n" not in str(info.value)
+
+
+def test_forged_dpo_progress_without_its_optimizer_file_is_refused(tiny, easy_encoded, tmp_path):
+    model, tokenizer = tiny
+    out, pad = RunDir(tmp_path), tokenizer.pad_token_id
+    _train_dpo(model, easy_encoded, pad, out)
+
+    def drop_optimizer(p):
+        return {**p, "files": {k: v for k, v in p["files"].items() if k != "optimizer"}}
+
+    _forge(tmp_path / "dpo_state", drop_optimizer)
+    with pytest.raises(CompoError, match="dpo_state"):
+        _train_dpo(TinyModel(seed=0).load()[0], easy_encoded, pad, out)

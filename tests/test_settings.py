@@ -67,6 +67,19 @@ BAD = [
     (["oracle=sample_scored", "oracle.num_samples=1"], "oracle", "oracle.num_samples"),
     (["oracle=openai_judge", "oracle.judge.timeout=0"], "oracle", "oracle.judge.timeout"),
     (["oracle=openai_judge", "oracle.judge.max_retries=-1"], "oracle", "oracle.judge.max_retries"),
+    # Found by a hostile probe: booleans given as words, huge numbers, wrong types.
+    (["dpo.weight_by_confidence=no"], "dpo", "dpo.weight_by_confidence"),
+    (["dpo.per_token=maybe"], "dpo", "dpo.per_token"),
+    (["splitter.per_token=2"], "splitter", "splitter.per_token"),
+    (["splitter=ches", "splitter.normalize=nope"], "splitter", "splitter.normalize"),
+    (["optimizer.centred=yes"], "optimizer", "optimizer.centred"),
+    (["oracle=generative", "oracle.graded=1"], "oracle", "oracle.graded"),
+    (["model.init_std=1e30"], "model", "model.init_std"),
+    (["optimizer=compo_tiny", "optimizer.directions=5"], "optimizer", "optimizer.directions"),
+    (["data.path=5"], "data", "data.path"),
+    (["optimizer.pairs_path=5"], "optimizer", "optimizer.pairs_path"),
+    (["optimizer.modules=null"], "optimizer", "optimizer.modules"),
+    (["optimizer.modules=foo"], "optimizer", "optimizer.modules"),
     (["oracle=human", "oracle.judge.poll_seconds=0"], "oracle", "oracle.judge.poll_seconds"),
     (["oracle=human", "oracle.judge.wait_seconds=nan"], "oracle", "oracle.judge.wait_seconds"),
     (["oracle=human", "oracle.judge.port=70000"], "oracle", "oracle.judge.port"),
@@ -94,7 +107,17 @@ def test_bad_setting_is_one_line_naming_the_key(overrides, group, key, monkeypat
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("seed", "abc"), ("seed", -1), ("seed", 1.5), ("device", "cuda:7")]
+    ("key", "value"),
+    [
+        ("seed", "abc"),
+        ("seed", -1),
+        ("seed", 1.5),
+        ("seed", 2**64),  # torch.manual_seed overflows
+        ("seed", int("9" * 400)),  # math.isfinite overflows
+        ("device", "cuda:7"),
+        ("device", "xpu"),  # a device type torch knows but this build has not
+        ("device", "meta"),
+    ],
 )
 def test_top_level_settings_are_checked(key, value):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -146,6 +146,7 @@ class DirectionBatch:
         return DirectionBatch(pieces, torch.ones(1, device=tensors[0].device), [-1])
 
 
+@runtime_checkable
 class DirectionSampler(Protocol):
     """Builds directions ``indices`` of ``iteration`` for blocks of the given shapes."""
 

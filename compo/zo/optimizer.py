@@ -143,7 +143,23 @@ class ComPO:
             "optimizer.max_iterations", max_iterations, integer=True, ge=1, optional=True
         )
         settings.number("optimizer.save_every", save_every, integer=True, ge=0)
-        settings.number("optimizer.seed", seed, integer=True, ge=0)
+        settings.seed("optimizer.seed", seed)
+        for name, value in (
+            ("centred", centred),
+            ("antithetic", antithetic),
+            ("acceptance_check", acceptance_check),
+            ("trace_limit", trace_limit),
+            ("progress", progress),
+            ("resume", resume),
+        ):
+            settings.flag(f"optimizer.{name}", value)
+        settings.text("optimizer.pairs_path", pairs_path, optional=True)
+        modules = settings.names("optimizer.modules", modules)
+        if directions is not None and not isinstance(directions, DirectionSampler):
+            raise settings.SettingError(
+                f"optimizer.directions must be a direction sampler (e.g. optimizer="
+                f"compo_lowrank), got {type(directions).__name__}"
+            )
         # frac is in [0, 1]; threshold=1 never steps (a dry run measuring the oracle's frac).
         settings.number("optimizer.threshold", threshold, ge=0, le=1)
         settings.number("optimizer.step_size", step_size, gt=0)
@@ -247,7 +263,8 @@ class ComPO:
         pad = tokenizer.pad_token_id
         batches = self.batches(pairs)
         keeper = CompoState(
-            run_dir.path / "compo_state", fingerprint(self.settings(), scope, pairs)
+            run_dir.path / "compo_state",
+            fingerprint({**self.settings(), "oracle": oracle.describe()}, scope, pairs),
         )
         start = keeper.load(scope) if self.resume else 0
         if start > len(batches):

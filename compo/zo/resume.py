@@ -58,10 +58,22 @@ class CompoState:
             CompoError: The state is corrupt (see :func:`compo.state.load`) or was written by a
                 different setup.
         """
-        loaded = state.load(self.dir)
+        loaded = state.load(self.dir, ("weights",))
         if loaded is None:
             return 0
         progress, blobs = loaded
+        iteration, radius = progress.get("iteration"), progress.get("radius")
+        # The weights file is named after the step: the iteration count is bound to it.
+        if type(iteration) is not int or iteration != progress["step"]:
+            raise CompoError(
+                f"{self.dir / state.PROGRESS}: corrupt resume state (iteration {iteration!r} "
+                f"does not match step {progress['step']}); delete {self.dir} to start over"
+            )
+        if radius is not None and not (isinstance(radius, int | float) and 0 < radius < 1e308):
+            raise CompoError(
+                f"{self.dir / state.PROGRESS}: corrupt resume state (radius {radius!r}); "
+                f"delete {self.dir} to start over"
+            )
         state.check_identity(
             self.dir, progress, {"fingerprint": self.fingerprint}, "optimizer.resume"
         )
@@ -74,8 +86,8 @@ class CompoState:
             for block in scope.blocks:
                 block.master.copy_(tensors[block.name])
         scope.write_back()
-        self.radius = progress.get("radius")
-        return int(progress["iteration"])
+        self.radius = radius
+        return iteration
 
     def save(
         self,
