@@ -104,7 +104,7 @@ def test_bad_settings_stop_before_any_work_in_one_line(tmp_path):
     cases = {
         "optimizer.step_size=nan": "optimizer.step_size must be a finite number > 0, got nan",
         "optimizer.num_directions=lots": "optimizer.num_directions must be an integer >= 1",
-        "seed=abc": "seed must be an integer >= 0, got 'abc'",
+        "seed=abc": "seed must be an integer in [0, 9223372036854775807], got 'abc'",
         "device=cuda:7": "device=cuda:7: this machine has no such device",
     }
     for i, (override, message) in enumerate(cases.items()):
