@@ -424,8 +424,15 @@ def _propensity_list(text: str) -> list[float]:
     return values
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Reports a bad flag in one line (argparse prints the whole usage first); --help has it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="compo-clicks", description="Click logs -> preference pairs with a confidence."
     )
     p.add_argument("input", type=Path, help="impressions (JSONL, JSON, CSV or Parquet)")

@@ -173,7 +173,7 @@ class DPOTrainer:
             settings.flag(f"dpo.{name}", value)
         settings.flag("dpo.per_token", per_token, optional=True)
         settings.number("dpo.beta", beta, gt=0)  # beta <= 0 trains nothing or the inverse
-        settings.number("dpo.lr", lr, gt=0)
+        settings.number("dpo.lr", lr, gt=0, le=1)  # AdamW overflows on absurd rates
         settings.number("dpo.weight_decay", weight_decay, ge=0)
         settings.number("dpo.max_grad_norm", max_grad_norm, gt=0, optional=True)
         # eps = 0.5 makes cdpo's loss symmetric (nothing to learn) and divides rdpo's by zero.

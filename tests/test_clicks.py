@@ -317,5 +317,8 @@ def test_console_script_prints_one_line_for_a_bad_number(write_jsonl, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "--prior" in proc.stderr.strip().splitlines()[-1]
+    lines = proc.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1 and lines[0].startswith("compo-clicks: error: ") and "--prior" in lines[0]
+    )
     assert not (tmp_path / "o.jsonl").exists()

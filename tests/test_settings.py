@@ -37,6 +37,7 @@ BAD = [
     (["model=tiny", "model.num_layers=0"], "model", "model.num_layers"),
     # The rest of each group's numbers.
     (["dpo.lr=0"], "dpo", "dpo.lr"),
+    (["dpo.lr=1e300"], "dpo", "dpo.lr"),
     (["dpo.epochs=0"], "dpo", "dpo.epochs"),
     (["dpo.warmup_steps=-1"], "dpo", "dpo.warmup_steps"),
     (["dpo.weight_decay=-0.1"], "dpo", "dpo.weight_decay"),
