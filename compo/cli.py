@@ -56,6 +56,8 @@ def _build(node: DictConfig, group: str) -> Any:
         return instantiate(node)
     except InstantiationException as exc:
         cause = exc.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__  # a nested node (dpo.loss) failed inside its parent
         if isinstance(cause, CompoError):
             raise cause from None
         # Hydra's own message ends with "full_key: <group>"; the reason is the cause's.

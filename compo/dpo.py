@@ -15,7 +15,6 @@ and the step, committed with sha256 hashes (:mod:`compo.state`); a corrupt file 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 import logging
@@ -33,7 +32,8 @@ from tqdm.auto import tqdm
 
 from compo import distributed, settings, state
 from compo.errors import CompoError
-from compo.losses import LOSSES
+from compo.interfaces import plain_settings
+from compo.losses import LOSSES, PairwiseLoss
 from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
 from compo.stages import Job, Outcome
@@ -90,15 +90,11 @@ def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, 
 
 
 class DPOTrainer:
-    """Trains a policy on preference pairs with one of :data:`LOSSES`.
+    """Trains a policy on preference pairs with a loss of :mod:`compo.losses`.
 
     Args:
-        loss: A key of :data:`LOSSES`: dpo, cdpo, rdpo, ipo, simpo.
-        beta: Inverse temperature of the implicit reward.
-        label_smoothing: Assumed label-flip rate ``eps`` of cdpo and rdpo.
-        gamma: SimPO's target margin.
-        per_token: Mean instead of summed log-probs; None: the loss's own choice (mean for ipo and
-            simpo, summed for the others).
+        loss: A :class:`compo.losses.PairwiseLoss` (built from ``dpo.loss`` with its own
+            hyper-parameters), or a name of :data:`compo.losses.LOSSES` for its defaults.
         weight_by_confidence: Multiply each pair's loss by its ``confidence``.
         lr: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -122,11 +118,7 @@ class DPOTrainer:
 
     def __init__(
         self,
-        loss: str = "dpo",
-        beta: float = 0.1,
-        label_smoothing: float = 0.0,
-        gamma: float = 0.5,
-        per_token: bool | None = None,
+        loss: PairwiseLoss | str = "dpo",
         weight_by_confidence: bool = False,
         lr: float = 5e-6,
         weight_decay: float = 0.0,
@@ -146,7 +138,6 @@ class DPOTrainer:
         ref_batch_size: int = 8,
         cache_trunk: bool = True,
     ) -> None:
-        settings.choice("dpo.loss", loss, LOSSES)
         settings.choice("dpo.schedule", schedule, _SCHEDULES)
         settings.choice("dpo.scope", scope, ("all", "last_k"))
         for name, value in (
@@ -171,21 +162,16 @@ class DPOTrainer:
             ("cache_trunk", cache_trunk),
         ):
             settings.flag(f"dpo.{name}", value)
-        settings.flag("dpo.per_token", per_token, optional=True)
-        settings.number("dpo.beta", beta, gt=0)  # beta <= 0 trains nothing or the inverse
         settings.number("dpo.lr", lr, gt=0, le=1)  # AdamW overflows on absurd rates
         settings.number("dpo.weight_decay", weight_decay, ge=0)
         settings.number("dpo.max_grad_norm", max_grad_norm, gt=0, optional=True)
-        # eps = 0.5 makes cdpo's loss symmetric (nothing to learn) and divides rdpo's by zero.
-        settings.number("dpo.label_smoothing", label_smoothing, ge=0, lt=0.5)
-        settings.number("dpo.gamma", gamma, ge=0)
-        self.loss_name, self.loss = loss, LOSSES[loss]
-        hparams = {"beta": beta, "label_smoothing": label_smoothing, "gamma": gamma}
-        wanted = inspect.signature(self.loss.fn).parameters
-        self.hparams = {k: v for k, v in hparams.items() if k in wanted}
-        if label_smoothing and "label_smoothing" not in wanted:
-            log.warning("dpo.label_smoothing=%s is ignored by loss %s", label_smoothing, loss)
-        self.per_token = self.loss.per_token if per_token is None else per_token
+        if isinstance(loss, str):
+            loss = LOSSES[settings.choice("dpo.loss", loss, LOSSES)]()
+        if not isinstance(loss, PairwiseLoss):
+            raise settings.SettingError(
+                f"dpo.loss must be a loss of compo.losses (e.g. dpo=ipo), got {type(loss).__name__}"
+            )
+        self.loss, self.loss_name = loss, loss.name
         self.weight_by_confidence = weight_by_confidence
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_steps, self.schedule = warmup_steps, schedule
@@ -217,9 +203,7 @@ class DPOTrainer:
     def settings(self) -> dict[str, Any]:
         """What the trained weights depend on (recorded in ``dpo_state/`` and checked on resume)."""
         return {
-            "loss": self.loss_name,
-            **self.hparams,
-            "per_token": self.per_token,
+            "loss": plain_settings(self.loss),
             "weight_by_confidence": self.weight_by_confidence,
             "lr": self.lr,
             "weight_decay": self.weight_decay,
@@ -235,9 +219,6 @@ class DPOTrainer:
             "seed": self.seed,
         }
 
-    def _logps(self, scores: SequenceScores) -> Tensor:
-        return scores.mean_logps if self.per_token else scores.sum_logps
-
     def compute_loss(
         self,
         policy: tuple[SequenceScores, SequenceScores],
@@ -245,8 +226,7 @@ class DPOTrainer:
         weights: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Mean (optionally confidence-weighted) loss of a batch and its step statistics."""
-        pc, pr = self._logps(policy[0]), self._logps(policy[1])
-        losses, chosen_r, rejected_r = self.loss.fn(pc, pr, *reference, **self.hparams)
+        losses, chosen_r, rejected_r = self.loss(policy, reference)
         if weights is not None:
             losses = losses * weights
         margin = chosen_r - rejected_r
@@ -310,7 +290,7 @@ class DPOTrainer:
             )
         device = next(model.parameters()).device
         if self.loss.needs_reference:
-            ref = tuple(self._logps(s).detach().to(device) for s in reference)
+            ref = tuple(self.loss.logps(s).detach().to(device) for s in reference)
         else:
             ref = (torch.zeros(len(pairs), device=device), torch.zeros(len(pairs), device=device))
         if cache is None:

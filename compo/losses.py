@@ -1,91 +1,251 @@
-"""Stage-1 preference losses: small pure functions of policy and reference log-probs.
+"""First-order losses: one class per loss, its hyper-parameters in its own YAML (``dpo.loss``).
 
-Each takes the policy's log-probs of the chosen and rejected replies (``pc``, ``pr``) and the
-reference's (``rc``, ``rr``) plus its hyper-parameters, and returns per-pair losses and implicit
-rewards. :data:`LOSSES` maps each config name (``dpo.loss``) to one; a new loss is one function
-and one entry, with no branch to edit elsewhere.
+A loss receives the sequence scores it needs, the policy's (chosen, rejected)
+:class:`compo.scoring.SequenceScores` (summed and per-token log-probs, token counts) and the
+reference's log-probs when it uses them, and returns per-pair losses and implicit rewards. Options
+every pairwise loss has live in :class:`PairwiseLoss`: ``per_token`` (mean instead of summed
+log-probs) and ``rpo_alpha`` (an NLL term on the chosen reply, RPO, Pang et al. 2024). A loss with
+its own NLL term (CPO, ORPO, SFT) is one class like any other: the trainer never changes for it.
+
+Conventions: the NLL term is the chosen reply's mean per-token negative log-likelihood, averaged
+over pairs (TRL averages over all chosen tokens of a batch, which weights long replies more).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compo.errors import CompoError
+from compo import settings
+from compo.scoring import SequenceScores
 
 LossOutput = tuple[Tensor, Tensor, Tensor]  # per-pair loss, chosen rewards, rejected rewards
+Scores = tuple[SequenceScores, SequenceScores]  # (chosen, rejected)
 
 
-def _rewards(beta, pc, pr, rc, rr) -> tuple[Tensor, Tensor]:
-    return beta * (pc - rc).detach(), beta * (pr - rr).detach()
+class PairwiseLoss:
+    """A preference loss on (chosen, rejected) pairs, with the options every such loss shares.
+
+    Args:
+        beta: Inverse temperature of the implicit reward.
+        per_token: Mean instead of summed log-probs; None: the loss's own default.
+        rpo_alpha: Weight of the chosen reply's NLL added to the loss (None: off).
+    """
+
+    name = "pairwise"
+    #: Mean log-probs by default (IPO, SimPO) or summed ones.
+    default_per_token = False
+    #: Whether the loss reads the reference model's log-probs.
+    needs_reference = True
+
+    def __init__(
+        self, beta: float = 0.1, per_token: bool | None = None, rpo_alpha: float | None = None
+    ) -> None:
+        # beta <= 0 trains nothing, or the inverted objective.
+        self.beta = settings.number("dpo.loss.beta", beta, gt=0)
+        per_token = settings.flag("dpo.loss.per_token", per_token, optional=True)
+        self.per_token = self.default_per_token if per_token is None else per_token
+        self.rpo_alpha = settings.number("dpo.loss.rpo_alpha", rpo_alpha, ge=0, optional=True)
+
+    def logps(self, scores: SequenceScores) -> Tensor:
+        """The log-probs this loss compares: mean per token, or summed."""
+        return scores.mean_logps if self.per_token else scores.sum_logps
+
+    def __call__(self, policy: Scores, reference: tuple[Tensor, Tensor]) -> LossOutput:
+        """Per-pair losses and rewards of a batch.
+
+        Args:
+            policy: The policy's scores of the chosen and rejected replies.
+            reference: The reference's log-probs (as :meth:`logps` selects them; zeros for a loss
+                without reference).
+        """
+        loss, chosen_rewards, rejected_rewards = self.pair(
+            self.logps(policy[0]), self.logps(policy[1]), *reference
+        )
+        if self.rpo_alpha:
+            loss = loss + self.rpo_alpha * nll(policy[0])
+        return loss, chosen_rewards, rejected_rewards
+
+    def pair(self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> LossOutput:
+        """The loss on policy (``pc``, ``pr``) and reference (``rc``, ``rr``) log-probs."""
+        raise NotImplementedError
+
+    def rewards(self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
+        """DPO's implicit rewards ``beta * (log pi - log pi_ref)``, detached."""
+        return self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
 
 
-def dpo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> LossOutput:
-    """DPO (Rafailov et al. 2023): ``-log sigmoid(beta h)``, h = (pc - rc) - (pr - rr)."""
-    h = (pc - rc) - (pr - rr)
-    return -F.logsigmoid(beta * h), *_rewards(beta, pc, pr, rc, rr)
+def nll(chosen: SequenceScores) -> Tensor:
+    """The chosen reply's mean per-token negative log-likelihood, per pair."""
+    return -chosen.mean_logps
 
 
-def cdpo_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float
-) -> LossOutput:
+class DPO(PairwiseLoss):
+    """DPO (Rafailov et al. 2023): ``-log sigmoid(beta h)``, h = (pc - rc) - (pr - rr).
+
+    TRL calls it ``sigmoid`` (``dpo=sigmoid`` is the same file).
+    """
+
+    name = "dpo"
+
+    def pair(self, pc, pr, rc, rr) -> LossOutput:
+        h = (pc - rc) - (pr - rr)
+        return -F.logsigmoid(self.beta * h), *self.rewards(pc, pr, rc, rr)
+
+
+class _Smoothed(PairwiseLoss):
+    """A loss with an assumed label-flip rate ``label_smoothing`` in [0, 0.5)."""
+
+    def __init__(self, label_smoothing: float = 0.1, **options) -> None:
+        super().__init__(**options)
+        # eps = 0.5 makes cdpo's loss symmetric (nothing to learn) and divides rdpo's by zero.
+        self.label_smoothing = settings.number(
+            "dpo.loss.label_smoothing", label_smoothing, ge=0, lt=0.5
+        )
+
+
+class CDPO(_Smoothed):
     """Conservative DPO: ``(1 - eps) l(beta h) + eps l(-beta h)``, l = -log sigmoid."""
-    h = (pc - rc) - (pr - rr)
-    eps = label_smoothing
-    loss = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    return loss, *_rewards(beta, pc, pr, rc, rr)
+
+    name = "cdpo"
+
+    def pair(self, pc, pr, rc, rr) -> LossOutput:
+        h = (pc - rc) - (pr - rr)
+        eps = self.label_smoothing
+        loss = -(1 - eps) * F.logsigmoid(self.beta * h) - eps * F.logsigmoid(-self.beta * h)
+        return loss, *self.rewards(pc, pr, rc, rr)
 
 
-def rdpo_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_smoothing: float
-) -> LossOutput:
+class RDPO(_Smoothed):
     """Robust DPO (Chowdhury et al. 2024): ``((1-eps) l(beta h) - eps l(-beta h)) / (1 - 2 eps)``.
 
     ``eps`` is the assumed label-flip rate; the loss is an unbiased estimate of the clean DPO loss.
+    TRL calls it ``robust``.
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise CompoError(f"dpo.label_smoothing must be in [0, 0.5) for rdpo, got {label_smoothing}")
-    h = (pc - rc) - (pr - rr)
-    eps = label_smoothing
-    loss = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    return loss, *_rewards(beta, pc, pr, rc, rr)
+
+    name = "rdpo"
+
+    def pair(self, pc, pr, rc, rr) -> LossOutput:
+        h = (pc - rc) - (pr - rr)
+        eps = self.label_smoothing
+        loss = -(1 - eps) * F.logsigmoid(self.beta * h) + eps * F.logsigmoid(-self.beta * h)
+        return loss / (1 - 2 * eps), *self.rewards(pc, pr, rc, rr)
 
 
-def ipo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float) -> LossOutput:
-    """IPO (Azar et al. 2023): ``(h - 1/(2 beta))^2``; per-token log-probs by default (as TRL)."""
-    h = (pc - rc) - (pr - rr)
-    return (h - 1 / (2 * beta)) ** 2, *_rewards(beta, pc, pr, rc, rr)
+class IPO(PairwiseLoss):
+    """IPO (Azar et al. 2023): ``(h - 1/(2 beta))^2`` on per-token log-probs by default (as TRL)."""
+
+    name = "ipo"
+    # Summed log-probs make h ~ tens against a 1/(2 beta) target.
+    default_per_token = True
+
+    def pair(self, pc, pr, rc, rr) -> LossOutput:
+        h = (pc - rc) - (pr - rr)
+        return (h - 1 / (2 * self.beta)) ** 2, *self.rewards(pc, pr, rc, rr)
 
 
-def simpo_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, gamma: float
-) -> LossOutput:
+class Hinge(PairwiseLoss):
+    """SLiC's hinge (Zhao et al. 2023): ``max(0, 1 - beta h)``."""
+
+    name = "hinge"
+
+    def pair(self, pc, pr, rc, rr) -> LossOutput:
+        h = (pc - rc) - (pr - rr)
+        return torch.relu(1 - self.beta * h), *self.rewards(pc, pr, rc, rr)
+
+
+class SimPO(PairwiseLoss):
     """SimPO (Meng et al. 2024): ``-log sigmoid(beta (pc - pr) - gamma)`` on per-token log-probs.
 
-    Reference-free: ``rc``/``rr`` are ignored; the rewards are ``beta`` times the policy's
-    length-normalised log-probs.
+    Reference-free; the rewards are ``beta`` times the policy's length-normalised log-probs.
+
+    Args:
+        gamma: Target reward margin.
+        **options: Those of :class:`PairwiseLoss`.
     """
-    loss = -F.logsigmoid(beta * (pc - pr) - gamma)
-    return loss, beta * pc.detach(), beta * pr.detach()
+
+    name = "simpo"
+    default_per_token = True
+    needs_reference = False
+
+    def __init__(self, gamma: float = 0.5, **options) -> None:
+        super().__init__(**options)
+        self.gamma = settings.number("dpo.loss.gamma", gamma, ge=0)
+
+    def pair(self, pc, pr, rc, rr) -> LossOutput:
+        loss = -F.logsigmoid(self.beta * (pc - pr) - self.gamma)
+        return loss, self.beta * pc.detach(), self.beta * pr.detach()
 
 
-@dataclass(frozen=True)
-class Loss:
-    """A loss function and the log-probs it expects (summed, or mean per token)."""
+class CPO(PairwiseLoss):
+    """CPO (Xu et al. 2024): ``-log sigmoid(beta (pc - pr)) + cpo_alpha * NLL(chosen)``.
 
-    fn: Callable[..., LossOutput]
-    per_token: bool
-    needs_reference: bool = True
+    Reference-free. With ``per_token: true`` and ``gamma > 0`` it is TRL's SimPO-style CPO.
+
+    Args:
+        cpo_alpha: Weight of the chosen reply's NLL.
+        gamma: Target reward margin (0: plain CPO).
+        **options: Those of :class:`PairwiseLoss`.
+    """
+
+    name = "cpo"
+    needs_reference = False
+
+    def __init__(self, cpo_alpha: float = 1.0, gamma: float = 0.0, **options) -> None:
+        super().__init__(**options)
+        self.cpo_alpha = settings.number("dpo.loss.cpo_alpha", cpo_alpha, ge=0)
+        self.gamma = settings.number("dpo.loss.gamma", gamma, ge=0)
+
+    def __call__(self, policy: Scores, reference: tuple[Tensor, Tensor]) -> LossOutput:
+        loss, chosen_rewards, rejected_rewards = super().__call__(policy, reference)
+        return loss + self.cpo_alpha * nll(policy[0]), chosen_rewards, rejected_rewards
+
+    def pair(self, pc, pr, rc, rr) -> LossOutput:
+        loss = -F.logsigmoid(self.beta * (pc - pr) - self.gamma)
+        return loss, self.beta * pc.detach(), self.beta * pr.detach()
 
 
-LOSSES: dict[str, Loss] = {
-    "dpo": Loss(dpo_loss, per_token=False),
-    "cdpo": Loss(cdpo_loss, per_token=False),
-    "rdpo": Loss(rdpo_loss, per_token=False),
-    # TRL averages IPO's log-probs per token; summed ones make h ~ tens against a 1/(2 beta) target.
-    "ipo": Loss(ipo_loss, per_token=True),
-    "simpo": Loss(simpo_loss, per_token=True, needs_reference=False),
+class ORPO(PairwiseLoss):
+    """ORPO (Hong et al. 2024): ``NLL(chosen) - beta * log sigmoid(log odds ratio)``.
+
+    The odds come from per-token mean log-probs (``log odds(y) = m - log(1 - e^m)``); ``beta`` is
+    the paper's lambda. Reference-free; rewards are ``beta`` times the mean log-probs (as TRL).
+    """
+
+    name = "orpo"
+    default_per_token = True
+    needs_reference = False
+
+    def __call__(self, policy: Scores, reference: tuple[Tensor, Tensor]) -> LossOutput:
+        loss, chosen_rewards, rejected_rewards = super().__call__(policy, reference)
+        return loss + nll(policy[0]), chosen_rewards, rejected_rewards
+
+    def pair(self, pc, pr, rc, rr) -> LossOutput:
+        # log(1 - e^m) for m < 0, computed stably (expm1) as TRL does with log1p(-exp(m)).
+        log_odds = (pc - pr) - (torch.log(-torch.expm1(pc)) - torch.log(-torch.expm1(pr)))
+        loss = -self.beta * F.logsigmoid(log_odds)
+        return loss, self.beta * pc.detach(), self.beta * pr.detach()
+
+
+class SFT(PairwiseLoss):
+    """Supervised fine-tuning on the chosen reply: its mean per-token NLL (prompt masked).
+
+    The rejected reply is ignored; the rewards are the mean log-probs (for the trace only).
+    """
+
+    name = "sft"
+    default_per_token = True
+    needs_reference = False
+
+    def pair(self, pc, pr, rc, rr) -> LossOutput:
+        return -pc, pc.detach(), pr.detach()
+
+    def logps(self, scores: SequenceScores) -> Tensor:
+        return scores.mean_logps  # the NLL is per token whatever per_token says
+
+
+#: ``dpo.loss`` given as a name (library use, e.g. ``DPOTrainer(loss="ipo")``) builds its defaults.
+LOSSES: dict[str, type[PairwiseLoss]] = {
+    cls.name: cls for cls in (DPO, CDPO, RDPO, IPO, Hinge, SimPO, CPO, ORPO, SFT)
 }

@@ -114,14 +114,22 @@ CODE_ONLY = {"stdin", "stdout"}
 def test_every_constructor_argument_has_a_yaml_key(rel, node):
     """The other direction of the binding check: a setting with no YAML key cannot be overridden
     from the command line (`+key=` is needed, and a typo there passes silently)."""
-    params = inspect.signature(_resolve(node._target_)).parameters.values()
-    wanted = {
-        p.name
-        for p in params
-        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in CODE_ONLY
-    }
-    missing = sorted(wanted - set(node.keys()))
-    assert not missing, f"{rel}: no key for {missing}"
+    # The group's object and every object nested in it (dpo.loss, optimizer.directions).
+    nodes = [node, *(v for v in node.values() if isinstance(v, DictConfig) and "_target_" in v)]
+    for each in nodes:
+        target = _resolve(each._target_)
+        params = list(inspect.signature(target).parameters.values())
+        # A class taking **options passes them to its base: those need keys too.
+        for base in target.__mro__[1:] if isinstance(target, type) else []:
+            if any(p.kind == p.VAR_KEYWORD for p in params) and "__init__" in vars(base):
+                params += list(inspect.signature(base.__init__).parameters.values())[1:]
+        wanted = {
+            p.name
+            for p in params
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in CODE_ONLY
+        }
+        missing = sorted(wanted - set(each.keys()))
+        assert not missing, f"{rel}: no key for {missing} ({each._target_})"
 
 
 def _top_command(path: Path) -> list[str]:

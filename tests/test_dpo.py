@@ -11,9 +11,9 @@ import torch
 import compo.dpo
 from compo.dpo import DPOTrainer, lr_factor
 from compo.errors import CompoError
-from compo.losses import LOSSES
+from compo.losses import CDPO, CPO, DPO, IPO, ORPO, RDPO, SFT, Hinge, SimPO
 from compo.rundir import RunDir
-from compo.scoring import score_pairs
+from compo.scoring import SequenceScores, score_pairs
 from compo.trunk import set_trainable
 
 
@@ -39,52 +39,105 @@ def _trainer(**kwargs) -> DPOTrainer:
 LOGPS = (_t(-5.0), _t(-7.0), _t(-6.0), _t(-6.0))
 
 
+def _scores(sums, means):
+    """Chosen and rejected SequenceScores of one pair from (sum, mean) log-probs."""
+    return tuple(
+        SequenceScores(_t(s), _t(m), torch.tensor([max(1, round(s / m))]))
+        for s, m in zip(sums, means, strict=True)
+    )
+
+
 def test_dpo_loss_matches_formula():
-    loss, chosen_r, rejected_r = LOSSES["dpo"].fn(*LOGPS, beta=0.5)
+    loss, chosen_r, rejected_r = DPO(beta=0.5).pair(*LOGPS)
     assert loss.item() == pytest.approx(_l(0.5 * 2))
     assert chosen_r.item() == pytest.approx(0.5) and rejected_r.item() == pytest.approx(-0.5)
 
 
 def test_cdpo_loss_matches_formula():
-    loss, *_ = LOSSES["cdpo"].fn(*LOGPS, beta=0.5, label_smoothing=0.2)
+    loss, *_ = CDPO(beta=0.5, label_smoothing=0.2).pair(*LOGPS)
     assert loss.item() == pytest.approx(0.8 * _l(1.0) + 0.2 * _l(-1.0))
 
 
 def test_rdpo_loss_matches_formula_and_is_unbiased():
     eps = 0.2
-    loss, *_ = LOSSES["rdpo"].fn(*LOGPS, beta=0.5, label_smoothing=eps)
+    rdpo = RDPO(beta=0.5, label_smoothing=eps)
+    loss, *_ = rdpo.pair(*LOGPS)
     assert loss.item() == pytest.approx((0.8 * _l(1.0) - 0.2 * _l(-1.0)) / (1 - 2 * eps))
     # Chowdhury et al.'s point: averaged over a label flipped with probability eps, it is the
     # clean DPO loss.
     pc, pr, rc, rr = LOGPS
-    flipped, *_ = LOSSES["rdpo"].fn(pr, pc, rr, rc, beta=0.5, label_smoothing=eps)
+    flipped, *_ = rdpo.pair(pr, pc, rr, rc)
     assert ((1 - eps) * loss + eps * flipped).item() == pytest.approx(_l(1.0))
     with pytest.raises(CompoError, match="label_smoothing"):
-        LOSSES["rdpo"].fn(*LOGPS, beta=0.5, label_smoothing=0.5)
+        RDPO(beta=0.5, label_smoothing=0.5)
 
 
 def test_ipo_loss_matches_formula():
-    loss, *_ = LOSSES["ipo"].fn(*LOGPS, beta=0.25)
+    loss, *_ = IPO(beta=0.25).pair(*LOGPS)
     assert loss.item() == pytest.approx((2 - 1 / (2 * 0.25)) ** 2)
-    assert LOSSES["ipo"].per_token  # as TRL: IPO on length-averaged log-probs
+    assert IPO().per_token  # as TRL: IPO on length-averaged log-probs
+
+
+def test_hinge_loss_matches_formula():
+    loss, *_ = Hinge(beta=0.25).pair(*LOGPS)  # 1 - 0.25 * 2 = 0.5
+    assert loss.item() == pytest.approx(0.5)
+    assert Hinge(beta=1.0).pair(*LOGPS)[0].item() == 0.0  # margin beyond 1: no loss
 
 
 def test_simpo_loss_matches_formula_and_ignores_the_reference():
     pc, pr = _t(-1.0), _t(-1.5)  # already length-normalised
-    loss, chosen_r, _ = LOSSES["simpo"].fn(pc, pr, _t(3.0), _t(-9.0), beta=2.0, gamma=0.5)
+    loss, chosen_r, _ = SimPO(beta=2.0, gamma=0.5).pair(pc, pr, _t(3.0), _t(-9.0))
     assert loss.item() == pytest.approx(_l(2.0 * 0.5 - 0.5))
     assert chosen_r.item() == pytest.approx(-2.0)
-    assert LOSSES["simpo"].per_token and not LOSSES["simpo"].needs_reference
+    assert SimPO().per_token and not SimPO.needs_reference
+
+
+# Chosen: 4 tokens summing to -4 (mean -1); rejected: 2 tokens summing to -6 (mean -3).
+PAIR = _scores((-4.0, -6.0), (-1.0, -3.0))
+NO_REF = (_t(0.0), _t(0.0))
+
+
+def test_rpo_alpha_adds_the_chosen_nll_per_token():
+    plain, *_ = DPO(beta=0.5)(PAIR, NO_REF)
+    with_nll, *_ = DPO(beta=0.5, rpo_alpha=0.3)(PAIR, NO_REF)
+    assert plain.item() == pytest.approx(_l(0.5 * 2.0))  # summed: -4 - (-6) = 2
+    assert (with_nll - plain).item() == pytest.approx(0.3 * 1.0)  # mean NLL of chosen = 1
+
+
+def test_cpo_loss_matches_formula():
+    loss, chosen_r, _ = CPO(beta=0.5, cpo_alpha=2.0)(PAIR, NO_REF)
+    assert loss.item() == pytest.approx(_l(0.5 * 2.0) + 2.0 * 1.0)
+    assert chosen_r.item() == pytest.approx(0.5 * -4.0) and not CPO.needs_reference
+    simpo_style, *_ = CPO(beta=0.5, cpo_alpha=0.0, gamma=0.25, per_token=True)(PAIR, NO_REF)
+    assert simpo_style.item() == pytest.approx(_l(0.5 * 2.0 - 0.25))  # means: -1 - (-3) = 2
+
+
+def test_orpo_loss_matches_formula():
+    beta = 0.1
+    loss, *_ = ORPO(beta=beta)(PAIR, NO_REF)
+
+    def log_odds(m):
+        return m - math.log(1 - math.exp(m))
+
+    ratio = log_odds(-1.0) - log_odds(-3.0)
+    assert loss.item() == pytest.approx(1.0 + beta * _l(ratio))
+    assert ORPO().per_token and not ORPO.needs_reference
+
+
+def test_sft_loss_is_the_chosen_nll_and_ignores_the_rejected():
+    loss, *_ = SFT()(PAIR, NO_REF)
+    assert loss.item() == pytest.approx(1.0)
+    other = _scores((-4.0, -60.0), (-1.0, -30.0))
+    assert SFT()(other, NO_REF)[0].item() == loss.item()
 
 
 @pytest.mark.parametrize("name", ["dpo", "cdpo", "rdpo"])
 def test_loss_is_ln2_per_pair_at_initialisation(tiny, easy_encoded, name):
     model, tokenizer = tiny
-    trainer = DPOTrainer(loss=name, label_smoothing=0.1 if name != "dpo" else 0.0)
+    trainer = DPOTrainer(loss=name)
     ref = trainer.reference_logps(model, easy_encoded, tokenizer.pad_token_id)
     policy = score_pairs(model, easy_encoded, tokenizer.pad_token_id, requires_grad=True)
-    pc, pr = trainer._logps(policy[0]), trainer._logps(policy[1])
-    losses, *_ = trainer.loss.fn(pc, pr, *ref, **trainer.hparams)
+    losses, *_ = trainer.loss(policy, ref)
     assert losses.shape == (len(easy_encoded),)
     torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)), atol=1e-5, rtol=0)
 
@@ -137,7 +190,7 @@ def test_training_raises_preference_accuracy(tiny, easy_encoded, tmp_path):
     acc_before = (chosen.sum_logps > rejected.sum_logps).float().mean().item()
     assert acc_before < 1.0  # otherwise the test shows nothing
     out = RunDir(tmp_path)
-    metrics = _trainer(epochs=6, beta=0.5).train(model, easy_encoded, pad, out)
+    metrics = _trainer(epochs=6, loss=DPO(beta=0.5)).train(model, easy_encoded, pad, out)
     chosen, rejected = score_pairs(model, easy_encoded, pad)
     assert (chosen.sum_logps > rejected.sum_logps).float().mean().item() == 1.0
     assert metrics["loss_last"] < metrics["loss_first"] == pytest.approx(math.log(2), abs=1e-4)
@@ -148,12 +201,21 @@ def test_training_raises_preference_accuracy(tiny, easy_encoded, tmp_path):
     )
 
 
-@pytest.mark.parametrize("name", ["ipo", "cdpo", "rdpo", "simpo"])
+@pytest.mark.parametrize("name", ["ipo", "cdpo", "rdpo", "hinge", "simpo", "cpo", "orpo"])
 def test_every_loss_trains(tiny, easy_encoded, tmp_path, name):
     model, tokenizer = tiny
-    trainer = _trainer(loss=name, epochs=3, label_smoothing=0.1 if "dpo" in name else 0.0)
+    trainer = _trainer(loss=name, epochs=3)
     metrics = trainer.train(model, easy_encoded, tokenizer.pad_token_id, RunDir(tmp_path))
     assert metrics["reward_margin_last"] > metrics["reward_margin_first"]
+
+
+def test_sft_raises_the_chosen_likelihood(tiny, easy_encoded, tmp_path):
+    model, tokenizer = tiny
+    metrics = _trainer(loss="sft", epochs=3).train(
+        model, easy_encoded, tokenizer.pad_token_id, RunDir(tmp_path)
+    )
+    assert metrics["logp_chosen_last"] > metrics["logp_chosen_first"]
+    assert metrics["loss_last"] < metrics["loss_first"]
 
 
 def test_confidence_weighting_zero_weight_pair_contributes_nothing(tiny, easy_encoded, tmp_path):
