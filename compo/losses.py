@@ -4,8 +4,9 @@ A loss receives the sequence scores it needs, the policy's (chosen, rejected)
 :class:`compo.scoring.SequenceScores` (summed and per-token log-probs, token counts) and the
 reference's log-probs when it uses them, and returns per-pair losses and implicit rewards. Options
 every pairwise loss has live in :class:`PairwiseLoss`: ``per_token`` (mean instead of summed
-log-probs) and ``rpo_alpha`` (an NLL term on the chosen reply, RPO, Pang et al. 2024). A loss with
-its own NLL term (CPO, ORPO, SFT) is one class like any other: the trainer never changes for it.
+log-probs), ``rpo_alpha`` (an NLL term on the chosen reply, RPO, Pang et al. 2024) and
+``ld_alpha`` (length-desensitised log-probs, LD-DPO, Liu et al. 2024). A loss with its own NLL
+term (CPO, ORPO, SFT) is one class like any other: the trainer never changes for it.
 
 Conventions: the NLL term is the chosen reply's mean per-token negative log-likelihood, averaged
 over pairs (TRL averages over all chosen tokens of a batch, which weights long replies more).
@@ -31,6 +32,7 @@ class PairwiseLoss:
         beta: Inverse temperature of the implicit reward.
         per_token: Mean instead of summed log-probs; None: the loss's own default.
         rpo_alpha: Weight of the chosen reply's NLL added to the loss (None: off).
+        ld_alpha: Weight in [0, 1] of the tokens beyond the pair's shared length (None: off).
     """
 
     name = "pairwise"
@@ -40,16 +42,31 @@ class PairwiseLoss:
     needs_reference = True
 
     def __init__(
-        self, beta: float = 0.1, per_token: bool | None = None, rpo_alpha: float | None = None
+        self,
+        beta: float = 0.1,
+        per_token: bool | None = None,
+        rpo_alpha: float | None = None,
+        ld_alpha: float | None = None,
     ) -> None:
         # beta <= 0 trains nothing, or the inverted objective.
         self.beta = settings.number("dpo.loss.beta", beta, gt=0)
         per_token = settings.flag("dpo.loss.per_token", per_token, optional=True)
         self.per_token = self.default_per_token if per_token is None else per_token
         self.rpo_alpha = settings.number("dpo.loss.rpo_alpha", rpo_alpha, ge=0, optional=True)
+        self.ld_alpha = settings.number("dpo.loss.ld_alpha", ld_alpha, ge=0, le=1, optional=True)
+        if self.ld_alpha is not None and self.per_token:
+            raise settings.SettingError(
+                "dpo.loss.ld_alpha weighs summed log-probs: it needs dpo.loss.per_token=false"
+            )
 
     def logps(self, scores: SequenceScores) -> Tensor:
-        """The log-probs this loss compares: mean per token, or summed."""
+        """The log-probs this loss compares: mean per token, or summed.
+
+        With ``ld_alpha`` (LD-DPO, Liu et al. 2024), the tokens beyond the length both replies
+        share count ``ld_alpha`` times: ``shared + ld_alpha * (sum - shared)``, against verbosity.
+        """
+        if self.ld_alpha is not None:
+            return scores.head_logps + self.ld_alpha * (scores.sum_logps - scores.head_logps)
         return scores.mean_logps if self.per_token else scores.sum_logps
 
     def __call__(self, policy: Scores, reference: tuple[Tensor, Tensor]) -> LossOutput:

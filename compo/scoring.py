@@ -39,6 +39,8 @@ class SequenceScores:
             sequences concatenated in order, shape (N, d) with N = n_tokens.sum(), fp32.
         targets: The response token each row of ``hidden`` predicts, shape (N,).
         seq_index: Which sequence each row belongs to, shape (N,).
+        head_logps: If requested, the sum over each response's first ``head_tokens`` tokens
+            (for a pair: the length both replies share, see :func:`score_pairs`), shape (B,).
     """
 
     sum_logps: Tensor
@@ -47,11 +49,15 @@ class SequenceScores:
     hidden: Tensor | None = None
     targets: Tensor | None = None
     seq_index: Tensor | None = None
+    head_logps: Tensor | None = None
 
-    def take(self, rows: Sequence[int]) -> SequenceScores:
+    def take(self, rows: Sequence[int] | slice) -> SequenceScores:
         """The scores of the sequences at ``rows`` (per-token fields are not kept)."""
-        index = torch.tensor(list(rows), dtype=torch.long)
-        return SequenceScores(self.sum_logps[index], self.mean_logps[index], self.n_tokens[index])
+        index = rows if isinstance(rows, slice) else torch.tensor(list(rows), dtype=torch.long)
+        head = self.head_logps[index] if self.head_logps is not None else None
+        return SequenceScores(
+            self.sum_logps[index], self.mean_logps[index], self.n_tokens[index], head_logps=head
+        )
 
 
 def output_layer(model: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -123,6 +129,7 @@ def score_sequences(
     padding_side: str = "right",
     requires_grad: bool = False,
     return_hidden: bool = False,
+    head_tokens: Sequence[int] | None = None,
     chunk: int = 1024,
     desc: str | None = None,
 ) -> SequenceScores:
@@ -139,6 +146,7 @@ def score_sequences(
         padding_side: ``right`` or ``left``; both give the same numbers.
         requires_grad: Keep the autograd graph (training); otherwise runs under ``no_grad``.
         return_hidden: Also return the hidden states feeding the output layer.
+        head_tokens: Also return the sum over each response's first ``head_tokens[i]`` tokens.
         chunk: Rows per output-layer matmul.
         desc: Show a progress bar over batches with this label (None: no bar).
 
@@ -156,6 +164,7 @@ def score_sequences(
     device = weight.device
     order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(responses[i])))
     sums: list[Tensor] = []
+    heads: list[Tensor] = []
     pieces: list[tuple[Tensor, Tensor, Tensor]] = []
     with torch.set_grad_enabled(requires_grad):
         starts = range(0, len(order), batch_size)
@@ -181,6 +190,11 @@ def score_sequences(
             ]
             logps = token_logps(h, weight, targets, bias, chunk)
             sums.append(segment_sum(logps, local_seq, len(rows)))
+            if head_tokens is not None:
+                # 1-based position of each predicted token within its response.
+                position = predicts.cumsum(-1)[predicts]
+                limit = torch.tensor([head_tokens[i] for i in rows], device=device)[local_seq]
+                heads.append(segment_sum(logps * (position <= limit), local_seq, len(rows)))
             if return_hidden:
                 global_seq = torch.tensor(rows, device=device)[local_seq]
                 pieces.append((h.float(), targets, global_seq))
@@ -190,6 +204,8 @@ def score_sequences(
     sum_logps = torch.cat(sums)[inverse]
     n_tokens = torch.tensor([len(r) for r in responses], device=device)
     scores = SequenceScores(sum_logps, sum_logps / n_tokens, n_tokens)
+    if head_tokens is not None:
+        scores.head_logps = torch.cat(heads)[inverse]
     if return_hidden:
         h = torch.cat([p[0] for p in pieces])
         targets = torch.cat([p[1] for p in pieces])
@@ -213,11 +229,15 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence, pad_token_id: int, **kw
         ``(chosen_scores, rejected_scores)``.
     """
     prompts = [p.prompt_ids for p in pairs]
+    # The length both replies of a pair share: what length-desensitised losses (ld_alpha) weigh
+    # in full, the rest of the longer reply being down-weighted.
+    shared = [min(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
     both = score_sequences(
         model,
         prompts + prompts,
         [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
         pad_token_id,
+        head_tokens=shared + shared,
         **kwargs,
     )
     n = len(pairs)
@@ -225,7 +245,7 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence, pad_token_id: int, **kw
 
 
 def _take(scores: SequenceScores, rows: slice, offset: int) -> SequenceScores:
-    out = SequenceScores(scores.sum_logps[rows], scores.mean_logps[rows], scores.n_tokens[rows])
+    out = scores.take(rows)
     if scores.hidden is not None:
         keep = (scores.seq_index >= rows.start) & (scores.seq_index < rows.stop)
         out.hidden = scores.hidden[keep]

@@ -304,3 +304,15 @@ def test_trunk_recorded_while_scoring_is_reused(tiny, easy_encoded):
     (ref_chosen, _), scorer = trainer.prepare(model, easy_encoded[1:3], pad, trunk=trunk)
     assert scorer is not model
     torch.testing.assert_close(ref_chosen, before[0].sum_logps[1:3], rtol=0, atol=1e-4)
+
+
+def test_ld_alpha_trains_and_one_counts_every_token(tiny, easy_encoded, tmp_path):
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    policy = score_pairs(model, easy_encoded, pad)
+    full, ld = DPO(ld_alpha=1.0), DPO()
+    torch.testing.assert_close(full.logps(policy[0]), ld.logps(policy[0]), rtol=1e-5, atol=1e-5)
+    metrics = _trainer(loss=DPO(beta=0.5, ld_alpha=0.3), epochs=3).train(
+        model, easy_encoded, pad, RunDir(tmp_path)
+    )
+    assert metrics["reward_margin_last"] > metrics["reward_margin_first"]

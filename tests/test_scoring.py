@@ -88,3 +88,15 @@ def test_score_pairs_splits_hidden_states_per_side(tiny, easy_encoded):
     assert chosen.hidden.shape[0] == sum(len(p.chosen_ids) for p in easy_encoded)
     assert rejected.seq_index.max().item() == len(easy_encoded) - 1
     assert rejected.targets.tolist() == [t for p in easy_encoded for t in p.rejected_ids]
+
+
+def test_head_logps_sum_the_tokens_both_replies_share(tiny, easy_encoded):
+    model, tokenizer = tiny
+    chosen, rejected = score_pairs(model, easy_encoded, tokenizer.pad_token_id)
+    for i, pair in enumerate(easy_encoded):
+        shared = min(len(pair.chosen_ids), len(pair.rejected_ids))
+        for side, ids in ((chosen, pair.chosen_ids), (rejected, pair.rejected_ids)):
+            head = score_sequences(
+                model, [pair.prompt_ids], [ids[:shared]], tokenizer.pad_token_id
+            ).sum_logps[0]
+            torch.testing.assert_close(side.head_logps[i], head, rtol=1e-5, atol=1e-5)

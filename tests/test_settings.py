@@ -48,6 +48,8 @@ BAD = [
     (["dpo=cdpo", "dpo.loss.label_smoothing=0.5"], "dpo", "dpo.loss.label_smoothing"),
     (["dpo=cpo", "dpo.loss.cpo_alpha=-1"], "dpo", "dpo.loss.cpo_alpha"),
     (["dpo.loss.rpo_alpha=nan"], "dpo", "dpo.loss.rpo_alpha"),
+    (["dpo.loss.ld_alpha=1.5"], "dpo", "dpo.loss.ld_alpha"),
+    (["dpo=ipo", "dpo.loss.ld_alpha=0.5"], "dpo", "dpo.loss.ld_alpha"),
     (["dpo.loss=kto"], "dpo", "dpo.loss"),
     (["optimizer.step_size=0"], "optimizer", "optimizer.step_size"),
     (["optimizer.threshold=-0.1"], "optimizer", "optimizer.threshold"),

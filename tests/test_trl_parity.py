@@ -44,7 +44,9 @@ def _batch(seed: int = 0):
     return per_token, completion, (chosen, rejected), reference.chunk(2), n_tokens.chunk(2)
 
 
-def _trl_dpo_loss(loss_type: str, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def _trl_dpo_loss(
+    loss_type: str, beta: float, label_smoothing: float = 0.0, ld_alpha: float | None = None
+) -> torch.Tensor:
     """TRL's DPOTrainer._compute_loss on the batch, with precomputed reference log-probs."""
     from trl import DPOTrainer
 
@@ -67,7 +69,7 @@ def _trl_dpo_loss(loss_type: str, beta: float, label_smoothing: float = 0.0) -> 
             device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x
         ),
         aux_loss_enabled=False,
-        ld_alpha=None,
+        ld_alpha=ld_alpha,
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
         loss_types=[loss_type],
@@ -182,3 +184,21 @@ def test_sft_matches_trl_when_replies_have_equal_lengths_and_says_why_not_otherw
     pair_weighted = -(policy[0].mean_logps.mean())
     torch.testing.assert_close(got, pair_weighted, rtol=1e-9, atol=1e-12)
     assert len(set(LENGTHS["chosen"])) > 1 and not torch.isclose(got, expected.double())
+
+
+def test_ld_alpha_matches_trl():
+    """LD-DPO: TRL splits each reply at the length both share, as compo's scoring does."""
+    expected = _trl_dpo_loss("sigmoid", beta=0.3, ld_alpha=0.4)
+    per_token, completion, _, reference, _ = _batch()
+    shift = completion[:, 1:]
+    position = shift.cumsum(1)
+    lengths = shift.sum(1)
+    shared = torch.minimum(*lengths.chunk(2)).repeat(2)
+    head = (per_token * (position <= shared[:, None])).sum(1)
+    scores = SequenceScores(per_token.sum(1), per_token.sum(1) / lengths, lengths, head_logps=head)
+    chosen, rejected = scores.take(range(3)), scores.take(range(3, 6))
+    loss = DPO(beta=0.3, ld_alpha=0.4)
+    # TRL's precomputed reference log-probs are used as given (compo's reference scores are
+    # length-desensitised the same way through loss.logps when compo computes them).
+    got, *_ = loss((chosen, rejected), reference)
+    torch.testing.assert_close(got.mean(), expected.double(), rtol=1e-6, atol=1e-9)
