@@ -188,9 +188,19 @@ class DPOTrainer:
             log.warning("dpo: skipped: the splitter left no clean pairs")
             return Outcome({"dpo": {"skipped_reason": "no clean pairs"}})
         ready = job.reference.ready  # reused when an earlier stage computed them
+        encoded = [job.encoded[i] for i in rows]
+        if self.loss.rewrites_pairs:  # other prompts: encoded anew, the shared scores do not apply
+            rewritten = [self.loss.rewrite(job.pairs[i]) for i in rows]
+            encoded, report = job.data.encode(rewritten, job.tokenizer)
+            if report.n_prompt_truncated:
+                log.warning(
+                    "dpo: %d rewritten prompts were truncated; raise data.max_prompt_length",
+                    report.n_prompt_truncated,
+                )
+            ready = False
         metrics = self.train(
             job.policy,
-            [job.encoded[i] for i in rows],
+            encoded,
             job.pad_token_id,
             job.out,
             confidences=[job.pairs[i].confidence for i in rows],

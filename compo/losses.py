@@ -14,14 +14,20 @@ over pairs (TRL averages over all chosen tokens of a batch, which weights long r
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from compo import settings
 from compo.scoring import SequenceScores
+from compo.types import PreferencePair
 
 LossOutput = tuple[Tensor, Tensor, Tensor]  # per-pair loss, chosen rewards, rejected rewards
+CONTRAST_TEMPLATE = (
+    "{prompt}\n\nHere is a poor answer to avoid:\n{rejected}\n\nWrite a better answer."
+)
 Scores = tuple[SequenceScores, SequenceScores]  # (chosen, rejected)
 
 
@@ -36,6 +42,8 @@ class PairwiseLoss:
     """
 
     name = "pairwise"
+    #: Whether :meth:`rewrite` changes the pairs (they are then encoded anew, see ContrastSFT).
+    rewrites_pairs = False
     #: Mean log-probs by default (IPO, SimPO) or summed ones.
     default_per_token = False
     #: Whether the loss reads the reference model's log-probs.
@@ -87,6 +95,10 @@ class PairwiseLoss:
     def pair(self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> LossOutput:
         """The loss on policy (``pc``, ``pr``) and reference (``rc``, ``rr``) log-probs."""
         raise NotImplementedError
+
+    def rewrite(self, pair: PreferencePair) -> PreferencePair:
+        """The pair this loss trains on (default: as given)."""
+        return pair
 
     def rewards(self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
         """DPO's implicit rewards ``beta * (log pi - log pi_ref)``, detached."""
@@ -262,7 +274,47 @@ class SFT(PairwiseLoss):
         return scores.mean_logps  # the NLL is per token whatever per_token says
 
 
+class ContrastSFT(SFT):
+    """Plain-text contrast SFT: NLL of the positive answer after an instruction holding the
+    question and the negative answer (everything but the positive answer is masked).
+
+    Args:
+        template: Renders the prompt from ``{prompt}`` (the question; for a conversation, its last
+            user turn) and ``{rejected}`` (the negative answer); the chosen reply follows it.
+        **options: Those of :class:`PairwiseLoss`.
+
+    The rendered prompt is longer than the question: raise ``data.max_prompt_length`` if the
+    metrics report truncated prompts (they are cut from the left, the question first).
+    """
+
+    name = "contrast_sft"
+    rewrites_pairs = True
+
+    def __init__(self, template: str = CONTRAST_TEMPLATE, **options) -> None:
+        super().__init__(**options)
+        settings.text("dpo.loss.template", template)
+        try:
+            template.format(prompt="", rejected="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise settings.SettingError(
+                f"dpo.loss.template may use only {{prompt}} and {{rejected}}: {exc!r}"
+            ) from None
+        self.template = template
+
+    def rewrite(self, pair: PreferencePair) -> PreferencePair:
+        if isinstance(pair.prompt, str):
+            prompt: str | list = self.template.format(prompt=pair.prompt, rejected=pair.rejected)
+        else:  # a conversation: the contrast goes into its last user turn
+            turns = [dict(m) for m in pair.prompt]
+            last = max(i for i, m in enumerate(turns) if m["role"] == "user")
+            turns[last]["content"] = self.template.format(
+                prompt=turns[last]["content"], rejected=pair.rejected
+            )
+            prompt = turns
+        return dataclasses.replace(pair, prompt=prompt)
+
+
 #: ``dpo.loss`` given as a name (library use, e.g. ``DPOTrainer(loss="ipo")``) builds its defaults.
 LOSSES: dict[str, type[PairwiseLoss]] = {
-    cls.name: cls for cls in (DPO, CDPO, RDPO, IPO, Hinge, SimPO, CPO, ORPO, SFT)
+    cls.name: cls for cls in (DPO, CDPO, RDPO, IPO, Hinge, SimPO, CPO, ORPO, SFT, ContrastSFT)
 }

@@ -316,3 +316,30 @@ def test_ld_alpha_trains_and_one_counts_every_token(tiny, easy_encoded, tmp_path
         model, easy_encoded, pad, RunDir(tmp_path)
     )
     assert metrics["reward_margin_last"] > metrics["reward_margin_first"]
+
+
+def test_contrast_sft_renders_the_question_and_the_negative_answer():
+    from compo.losses import ContrastSFT
+    from compo.types import PreferencePair
+
+    loss = ContrastSFT(template="Q: {prompt} | avoid: {rejected} | better:")
+    plain = loss.rewrite(PreferencePair("a", "Capital?", "Rome.", "Paris."))
+    assert plain.prompt == "Q: Capital? | avoid: Paris. | better:" and plain.chosen == "Rome."
+    chat = loss.rewrite(
+        PreferencePair("b", [{"role": "user", "content": "Hi"}], "Hello!", "Go away.")
+    )
+    assert chat.prompt == [{"role": "user", "content": "Q: Hi | avoid: Go away. | better:"}]
+    with pytest.raises(CompoError, match=r"dpo\.loss\.template"):
+        ContrastSFT(template="{question} {rejected}")
+
+
+def test_contrast_sft_trains_the_positive_answer_through_the_pipeline(tmp_path, write_jsonl):
+    from conftest import EASY_PAIRS, run_compo
+
+    data = write_jsonl([p.to_dict() for p in EASY_PAIRS])
+    metrics = run_compo(
+        tmp_path, f"data.path={data}", "splitter=none", "optimizer=none", "eval=none",
+        "dpo=contrast_sft", "dpo.lr=1e-3", "dpo.epochs=4", "dpo.scope=all",
+    )  # fmt: skip
+    assert metrics["dpo.loss_last"] < metrics["dpo.loss_first"]
+    assert metrics["dpo.logp_chosen_last"] > metrics["dpo.logp_chosen_first"]
