@@ -15,6 +15,7 @@ and the step, committed with sha256 hashes (:mod:`compo.state`); a corrupt file 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from compo import distributed, settings, state
 from compo.errors import CompoError
 from compo.interfaces import plain_settings
-from compo.losses import LOSSES, PairwiseLoss
+from compo.losses import LOSSES, SFT, PairwiseLoss
 from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
 from compo.stages import Job, Outcome
@@ -114,6 +115,10 @@ class DPOTrainer:
         ref_batch_size: Sequences per pass when computing reference log-probs.
         cache_trunk: Under ``scope=last_k``, run the frozen blocks once (see
             :class:`FrozenTrunkCache`) instead of at every step.
+        sft_epochs: First train this many epochs of SFT on the chosen replies (the classic
+            SFT -> DPO chain, in ``sft_state/`` and ``trace/sft.jsonl``); the preference loss
+            then takes the SFT model as its reference. 0: no SFT step.
+        sft_lr: The SFT step's learning rate (None: ``lr``).
     """
 
     def __init__(
@@ -137,6 +142,8 @@ class DPOTrainer:
         save_every: int = 0,
         ref_batch_size: int = 8,
         cache_trunk: bool = True,
+        sft_epochs: int = 0,
+        sft_lr: float | None = None,
     ) -> None:
         settings.choice("dpo.schedule", schedule, _SCHEDULES)
         settings.choice("dpo.scope", scope, ("all", "last_k"))
@@ -151,8 +158,10 @@ class DPOTrainer:
             ("warmup_steps", warmup_steps),
             ("save_every", save_every),
             ("last_k", last_k),
+            ("sft_epochs", sft_epochs),
         ):
             settings.number(f"dpo.{name}", value, integer=True, ge=0)
+        settings.number("dpo.sft_lr", sft_lr, gt=0, le=1, optional=True)
         settings.seed("dpo.seed", seed)
         for name, value in (
             ("weight_by_confidence", weight_by_confidence),
@@ -181,6 +190,8 @@ class DPOTrainer:
         self.gradient_checkpointing, self.bf16 = gradient_checkpointing, bf16
         self.seed, self.resume, self.save_every = seed, resume, save_every
         self.ref_batch_size, self.cache_trunk = ref_batch_size, cache_trunk
+        self.sft_epochs, self.sft_lr = sft_epochs, sft_lr
+        self.phase = "dpo"  # names the state dir, trace and metrics ("sft" for the SFT step)
 
     def fit(self, job: Job, rows: Sequence[int]) -> Outcome:
         """The first-order stage: trains on the pairs at ``rows`` (the clean split)."""
@@ -189,6 +200,16 @@ class DPOTrainer:
             return Outcome({"dpo": {"skipped_reason": "no clean pairs"}})
         ready = job.reference.ready  # reused when an earlier stage computed them
         encoded = [job.encoded[i] for i in rows]
+        metrics: dict[str, dict[str, Any]] = {}
+        if self.sft_epochs:
+            sft = copy.copy(self)
+            sft.loss, sft.loss_name, sft.phase = SFT(), "sft", "sft"
+            sft.epochs, sft.lr, sft.sft_epochs = self.sft_epochs, self.sft_lr or self.lr, 0
+            metrics["sft"] = sft.train(
+                job.policy, encoded, job.pad_token_id, job.out,
+                confidences=[job.pairs[i].confidence for i in rows],
+            )  # fmt: skip
+            ready = False  # the reference is now the SFT model: scored anew by train()
         if self.loss.rewrites_pairs:  # other prompts: encoded anew, the shared scores do not apply
             rewritten = [self.loss.rewrite(job.pairs[i]) for i in rows]
             encoded, report = job.data.encode(rewritten, job.tokenizer)
@@ -198,7 +219,7 @@ class DPOTrainer:
                     report.n_prompt_truncated,
                 )
             ready = False
-        metrics = self.train(
+        dpo_metrics = self.train(
             job.policy,
             encoded,
             job.pad_token_id,
@@ -208,7 +229,7 @@ class DPOTrainer:
             trunk=job.reference.trunk if ready else None,
         )
         job.reference.trunk = None  # frees the recorded states: no later stage reads them
-        return Outcome({"dpo": metrics}, changed=True)
+        return Outcome({**metrics, "dpo": dpo_metrics}, changed=True)
 
     def settings(self) -> dict[str, Any]:
         """What the trained weights depend on (recorded in ``dpo_state/`` and checked on resume)."""
@@ -367,15 +388,18 @@ class DPOTrainer:
             "data": state.digest_pairs(pairs, confidences if self.weight_by_confidence else None),
             "start": state.digest_tensors(p for _, p in sorted(model.named_parameters())),
         }
-        state_dir = out.path / "dpo_state"
+        state_dir = out.path / f"{self.phase}_state"
         step = 0
         if self.resume:
             # Verified before use: a truncated or altered file is a CompoError, never loaded.
             step = _load_state(state_dir, model, names, optimizer, setup) or 0
             if step:
-                log.info("dpo: resuming from %s at step %d of %d", state_dir, step, total)
+                log.info(
+                    "%s: resuming from %s at step %d of %d", self.phase, state_dir, step, total
+                )
         if distributed.is_main():  # rows after the last commit (or all, on a fresh start) rerun
-            state.truncate_trace(out.path / "trace" / "dpo.jsonl", lambda r: r["step"] <= step)
+            trace_path = out.path / "trace" / f"{self.phase}.jsonl"
+            state.truncate_trace(trace_path, lambda r: r["step"] <= step)
         # Rank 0 overwrites dpo_state/ from its first step on: every rank must have read it.
         distributed.barrier()
         if self.gradient_checkpointing:
@@ -389,7 +413,7 @@ class DPOTrainer:
             else contextlib.nullcontext()
         )
         log.info(
-            "dpo: %s on %d pairs, %d steps, %d trainable parameters (%s)",
+            "%s: %s on %d pairs, %d steps, %d trainable parameters (%s)", self.phase,
             self.loss_name, len(pairs), total, n_trainable, self.scope,
         )  # fmt: skip
         start_step, tokens = step, 0
@@ -398,11 +422,11 @@ class DPOTrainer:
         bar = tqdm(
             total=total,
             initial=step,
-            desc=f"dpo/{self.loss_name}",
+            desc=f"{self.phase}/{self.loss_name}",
             leave=False,
             disable=not distributed.is_main(),
         )
-        with out.trace("dpo") as trace:
+        with out.trace(self.phase) as trace:
             while step < total:
                 epoch, index = divmod(step, steps_per_epoch)
                 # The order depends on (seed, epoch) alone, so a resumed run sees the same batches.
@@ -448,7 +472,7 @@ class DPOTrainer:
                 trace.write(row)
                 if not math.isfinite(row["loss"]):  # stop now, not after the remaining steps
                     raise CompoError(
-                        f"dpo: the loss is {row['loss']} at step {step}: the run diverged "
+                        f"{self.phase}: the loss is {row['loss']} at step {step}: the run diverged "
                         "(lower dpo.lr) or the model holds NaN/inf; nothing saved"
                     )
                 bar.update(1)
@@ -469,7 +493,7 @@ class DPOTrainer:
 
     def _summary(self, out, identity, start_step, n_trainable, tokens, seconds) -> dict[str, Any]:
         # From the whole trace, so a resumed run reports its first loss too.
-        trace_path = out.path / "trace" / "dpo.jsonl"
+        trace_path = out.path / "trace" / f"{self.phase}.jsonl"
         rows = []
         if distributed.is_main():  # other ranks write no trace (and rank 0 may be writing it)
             lines = trace_path.read_text().splitlines()

@@ -343,3 +343,19 @@ def test_contrast_sft_trains_the_positive_answer_through_the_pipeline(tmp_path, 
     )  # fmt: skip
     assert metrics["dpo.loss_last"] < metrics["dpo.loss_first"]
     assert metrics["dpo.logp_chosen_last"] > metrics["dpo.logp_chosen_first"]
+
+
+def test_sft_then_dpo_in_one_run_takes_the_sft_model_as_reference(tmp_path, write_jsonl):
+    from conftest import EASY_PAIRS, run_compo
+
+    data = write_jsonl([p.to_dict() for p in EASY_PAIRS])
+    metrics = run_compo(
+        # eval on: the base model's scores exist, and the DPO step must not take them as reference
+        tmp_path, f"data.path={data}", "splitter=none", "optimizer=none",
+        "dpo=dpo", "dpo.lr=1e-3", "dpo.scope=all", "dpo.sft_epochs=3", "dpo.sft_lr=2e-3",
+    )  # fmt: skip
+    assert metrics["sft.steps_run"] == 3 and metrics["sft.loss_last"] < metrics["sft.loss_first"]
+    assert metrics["dpo.steps_run"] == 1  # 4 pairs, batches of 4
+    # At its first step the policy is the SFT model, which is also the reference: loss ln 2.
+    assert metrics["dpo.loss_first"] == pytest.approx(math.log(2), abs=1e-5)
+    assert (tmp_path / "trace" / "sft.jsonl").is_file() and (tmp_path / "sft_state").is_dir()
