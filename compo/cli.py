@@ -19,6 +19,7 @@ in the same run dir resumes: DPO from ``dpo_state/``, ComPO from ``compo_state/`
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import sys
 from pathlib import Path
@@ -189,6 +190,9 @@ def _quiet_hydra_args(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Console-script entry point (also under torchrun: see :mod:`compo.distributed`)."""
+    if sys.argv[1:] == ["--version"]:
+        print(f"compo {importlib.metadata.version('compo')}")
+        return
     try:
         if distributed.init_from_env() and not distributed.is_main():
             sys.argv = [sys.argv[0], *_quiet_hydra_args(sys.argv[1:])]

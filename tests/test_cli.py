@@ -126,3 +126,15 @@ def test_an_unlockable_run_dir_is_one_line(tmp_path):
             raise AssertionError("locked a run dir whose lock file is a directory")
     except CompoError as exc:
         assert str(exc).startswith(f"cannot lock run dir {tmp_path}") and "\n" not in str(exc)
+
+
+def test_help_explains_compo_and_version_prints_it():
+    import importlib.metadata
+
+    run = [sys.executable, "-m", "compo"]
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "is powered by Hydra" not in helped.stdout
+    assert "compo: preference alignment for noisy feedback" in helped.stdout
+    assert "dpo: cdpo, contrast_sft" in helped.stdout and "Examples:" in helped.stdout
+    version = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.stdout.strip() == f"compo {importlib.metadata.version('compo')}"

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from compo import state
 from compo.dpo import DPOTrainer
 from compo.errors import CompoError
+from compo.losses import DPO
 from compo.models import TinyModel
 from compo.rundir import RunDir
 
@@ -274,7 +275,8 @@ def _train_dpo(model, encoded, pad, out, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "change", [{"lr": 2e-3}, {"beta": 0.5}, {"weight_decay": 0.1}, "flipped_labels", "other_model"]
+    "change",
+    [{"lr": 2e-3}, {"loss": DPO(beta=0.5)}, {"weight_decay": 0.1}, "flipped_labels", "other_model"],
 )
 def test_dpo_state_of_other_settings_or_data_is_refused(tiny, easy_encoded, tmp_path, change):
     model, tokenizer = tiny
