@@ -432,13 +432,28 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``compo-clicks``."""
     p = _OneLineParser(
         prog="compo-clicks", description="Click logs -> preference pairs with a confidence."
     )
     p.add_argument("input", type=Path, help="impressions (JSONL, JSON, CSV or Parquet)")
-    p.add_argument("--out", type=Path, required=True, help="output pairs (JSONL)")
-    p.add_argument("--rule", choices=RULES, default="skip_above")
-    p.add_argument("--correction", choices=CORRECTIONS, default="none")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output pairs (JSONL)")
+    p.add_argument(
+        "--rule",
+        choices=RULES,
+        default="skip_above",
+        help="Joachims' rule: a click beats the skipped results above it (skip_above) or the next",
+    )
+    p.add_argument(
+        "--correction",
+        choices=CORRECTIONS,
+        default="none",
+        help="ipw: weight each click by 1 / its position's examination propensity",
+    )
     p.add_argument(
         "--eta",
         type=_number("a finite number >= 0", lambda v: v >= 0),
@@ -460,9 +475,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1.0,
         help="a of the Beta(a, a) prior",
     )
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    p.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="raise: stop at the first bad row | skip: set bad rows aside in --rejected",
+    )
     p.add_argument("--rejected", type=Path, default=None, help="default: <out>.rejected.jsonl")
-    return p.parse_args(argv)
+    return p
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -405,11 +405,17 @@ class HumanJudge(OutputJudge):
             self.server = None
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``compo-label``: serves the labelling page for a queue until interrupted."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``compo-label``."""
     parser = argparse.ArgumentParser(prog="compo-label", description="Label queued comparisons.")
     parser.add_argument("--queue", default=None, help="sqlite queue (default: compo cache dir)")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``compo-label``: serves the labelling page for a queue until interrupted."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.exit(2, f"compo-label: error: --port must be in [0, 65535], got {args.port}\n")

@@ -239,22 +239,39 @@ def make_backend(spec: str):
     return RuleBackend() if spec == "rule" else ModelBackend(spec)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; vLLM's flag names (``--served-model-name``, ``--api-key``) are accepted
+    too, so one script can start either server."""
     parser = argparse.ArgumentParser(prog="compo-judge-server", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2", help="smollm2 | tiny | rule | <local dir>")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
-    parser.add_argument("--model-name", default=None, help="id served by /v1/models")
-    parser.add_argument("--faults", default="", help=f"comma list of {', '.join(FAULTS)}")
-    parser.add_argument("--repeat-faults", action="store_true")
-    parser.add_argument("--delay-seconds", type=float, default=5.0)
     parser.add_argument(
+        "--model-name", "--served-model-name", default=None, help="id served by /v1/models"
+    )
+    parser.add_argument("--faults", default="", help=f"comma list of {', '.join(FAULTS)}")
+    parser.add_argument(
+        "--repeat-faults", action="store_true", help="cycle through --faults forever"
+    )
+    parser.add_argument(
+        "--delay-seconds", type=float, default=5.0, help="how long a 'delay' fault waits"
+    )
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument(
         "--api-key-env", default=None, help="require the key held by this environment variable"
     )
+    keys.add_argument(
+        "--api-key", default=None, help="require this key (vLLM's flag; visible in `ps`)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     faults = [f.strip() for f in args.faults.split(",") if f.strip()]
-    key = None
+    key = args.api_key
     if args.api_key_env:
         key = os.environ.get(args.api_key_env)
         if not key:

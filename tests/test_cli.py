@@ -138,3 +138,17 @@ def test_help_explains_compo_and_version_prints_it():
     assert "dpo: cdpo, contrast_sft" in helped.stdout and "Examples:" in helped.stdout
     version = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=60)
     assert version.stdout.strip() == f"compo {importlib.metadata.version('compo')}"
+
+
+def test_every_flag_of_every_console_script_has_help():
+    from compo.clicks import build_parser as clicks
+    from oracles.human import build_parser as label
+    from oracles.judge_server import build_parser as judge_server
+
+    for build in (clicks, label, judge_server):
+        parser = build()
+        for action in parser._actions:
+            assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help"
+    assert clicks().parse_args(["in.jsonl", "-o", "out.jsonl"]).out.name == "out.jsonl"
+    vllm_style = judge_server().parse_args(["--served-model-name", "judge", "--api-key", "k"])
+    assert vllm_style.model_name == "judge" and vllm_style.api_key == "k"
