@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from compo import distributed, settings, state
+from compo.encoding import EncodedPair
 from compo.errors import CompoError
 from compo.interfaces import plain_settings
 from compo.losses import LOSSES, SFT, PairwiseLoss
@@ -88,6 +89,46 @@ def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, 
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(io.BytesIO(blobs["optimizer"]), weights_only=True))
     return progress["step"]
+
+
+class MismatchedKL:
+    """KTO's reference point: the policy's KL from the reference on mismatched prompt/reply pairs.
+
+    Prompt i goes with the replies of pair i + 1 (cyclic over the training pairs, so the pairing
+    does not depend on the batch order; TRL cycles within each batch). Their reference log-probs
+    are scored once, before training; the policy's at each step, without gradient.
+
+    Args:
+        model: The policy before any update (it is the reference).
+        pairs: The encoded training pairs.
+        pad_token_id: Padding id.
+        batch_size: Sequences per pass of the reference scoring.
+        desc: Progress-bar label.
+    """
+
+    def __init__(self, model, pairs: Sequence, pad_token_id: int, batch_size: int, desc: str):
+        n = len(pairs)
+        self.pairs = [
+            EncodedPair(p.pair_id, p.prompt_ids, pairs[(i + 1) % n].chosen_ids,
+                        pairs[(i + 1) % n].rejected_ids)
+            for i, p in enumerate(pairs)
+        ]  # fmt: skip
+        self.model, self.pad_token_id = model, pad_token_id
+        chosen, rejected = score_pairs(
+            model, self.pairs, pad_token_id, batch_size=batch_size, desc=desc
+        )
+        self.reference = torch.stack([chosen.sum_logps, rejected.sum_logps]).detach()
+
+    def kl(self, rows: Sequence[int]) -> Tensor:
+        """Mean of log pi - log pi_ref over the mismatched sequences of ``rows``, clipped at 0."""
+        with torch.no_grad():
+            chosen, rejected = score_pairs(
+                self.model, [self.pairs[i] for i in rows], self.pad_token_id,
+                batch_size=2 * len(rows),
+            )  # fmt: skip
+        now = torch.stack([chosen.sum_logps, rejected.sum_logps])
+        index = torch.tensor(list(rows), device=now.device)
+        return (now - self.reference[:, index]).mean().clamp(min=0)
 
 
 class DPOTrainer:
@@ -255,9 +296,10 @@ class DPOTrainer:
         policy: tuple[SequenceScores, SequenceScores],
         reference: tuple[Tensor, Tensor],
         weights: Tensor | None = None,
+        kl: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Mean (optionally confidence-weighted) loss of a batch and its step statistics."""
-        losses, chosen_r, rejected_r = self.loss(policy, reference)
+        losses, chosen_r, rejected_r = self.loss(policy, reference, kl)
         if weights is not None:
             losses = losses * weights
         margin = chosen_r - rejected_r
@@ -368,6 +410,11 @@ class DPOTrainer:
         device = next(model.parameters()).device
         names = set_trainable(model, self.scope, self.last_k)
         ref, scorer = self.prepare(model, pairs, pad_token_id, reference, trunk)
+        mismatched = None
+        if self.loss.needs_kl:  # before any update: its reference side is the starting model
+            mismatched = MismatchedKL(
+                model, pairs, pad_token_id, self.ref_batch_size, f"{self.phase}/kl-reference"
+            )
         weights = None
         if self.weight_by_confidence:
             if confidences is None:
@@ -446,11 +493,15 @@ class DPOTrainer:
                             scorer, batch, pad_token_id, batch_size=2 * len(batch),
                             requires_grad=True,
                         )  # fmt: skip
+                    kl = mismatched.kl(micro) if mismatched is not None else None
                     loss, stats = self.compute_loss(
                         scores,
                         (ref[0][micro], ref[1][micro]),
                         weights[micro] if weights is not None else None,
+                        kl,
                     )
+                    if kl is not None:
+                        stats["kl"] = kl.item() * len(micro)
                     # Scale so the accumulated gradient is that of the mean over the whole step.
                     (loss * len(micro) / len(rows)).backward()
                     for key, value in stats.items():

@@ -48,6 +48,8 @@ class PairwiseLoss:
     default_per_token = False
     #: Whether the loss reads the reference model's log-probs.
     needs_reference = True
+    #: Whether the loss takes KTO's KL reference point (see :class:`KTO`).
+    needs_kl = False
 
     def __init__(
         self,
@@ -77,13 +79,16 @@ class PairwiseLoss:
             return scores.head_logps + self.ld_alpha * (scores.sum_logps - scores.head_logps)
         return scores.mean_logps if self.per_token else scores.sum_logps
 
-    def __call__(self, policy: Scores, reference: tuple[Tensor, Tensor]) -> LossOutput:
+    def __call__(
+        self, policy: Scores, reference: tuple[Tensor, Tensor], kl: Tensor | None = None
+    ) -> LossOutput:
         """Per-pair losses and rewards of a batch.
 
         Args:
             policy: The policy's scores of the chosen and rejected replies.
             reference: The reference's log-probs (as :meth:`logps` selects them; zeros for a loss
                 without reference).
+            kl: The batch's KL estimate, for a loss with ``needs_kl``.
         """
         loss, chosen_rewards, rejected_rewards = self.pair(
             self.logps(policy[0]), self.logps(policy[1]), *reference
@@ -226,7 +231,7 @@ class CPO(PairwiseLoss):
         self.cpo_alpha = settings.number("dpo.loss.cpo_alpha", cpo_alpha, ge=0)
         self.gamma = settings.number("dpo.loss.gamma", gamma, ge=0)
 
-    def __call__(self, policy: Scores, reference: tuple[Tensor, Tensor]) -> LossOutput:
+    def __call__(self, policy, reference, kl=None) -> LossOutput:
         loss, chosen_rewards, rejected_rewards = super().__call__(policy, reference)
         return loss + self.cpo_alpha * nll(policy[0]), chosen_rewards, rejected_rewards
 
@@ -246,7 +251,7 @@ class ORPO(PairwiseLoss):
     default_per_token = True
     needs_reference = False
 
-    def __call__(self, policy: Scores, reference: tuple[Tensor, Tensor]) -> LossOutput:
+    def __call__(self, policy, reference, kl=None) -> LossOutput:
         loss, chosen_rewards, rejected_rewards = super().__call__(policy, reference)
         return loss + nll(policy[0]), chosen_rewards, rejected_rewards
 
@@ -255,6 +260,46 @@ class ORPO(PairwiseLoss):
         log_odds = (pc - pr) - (torch.log(-torch.expm1(pc)) - torch.log(-torch.expm1(pr)))
         loss = -self.beta * F.logsigmoid(log_odds)
         return loss, self.beta * pc.detach(), self.beta * pr.detach()
+
+
+class KTO(PairwiseLoss):
+    """KTO (Ethayarajh et al. 2024) on pairs: the chosen reply is desirable, the rejected one
+    undesirable, each judged against the reference point ``z`` (the policy's KL from the reference,
+    estimated on mismatched prompt/reply pairs of the batch, detached and clipped at 0):
+
+        desirable:   w_d (1 - sigmoid(beta (log pi(y+)/pi_ref(y+) - z)))
+        undesirable: w_u (1 - sigmoid(beta (z - log pi(y-)/pi_ref(y-))))
+
+    A pair's loss is the mean of its two examples', so the batch mean is TRL's mean over examples.
+
+    Args:
+        desirable_weight: w_d (raise it when desirable examples are rarer).
+        undesirable_weight: w_u.
+        **options: Those of :class:`PairwiseLoss`.
+    """
+
+    name = "kto"
+    needs_kl = True
+
+    def __init__(
+        self, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **options
+    ) -> None:
+        super().__init__(**options)
+        self.desirable_weight = settings.number("dpo.loss.desirable_weight", desirable_weight, gt=0)
+        self.undesirable_weight = settings.number(
+            "dpo.loss.undesirable_weight", undesirable_weight, gt=0
+        )
+
+    def __call__(self, policy, reference, kl=None) -> LossOutput:
+        pc, pr = self.logps(policy[0]), self.logps(policy[1])
+        rc, rr = reference
+        z = torch.zeros((), dtype=pc.dtype, device=pc.device) if kl is None else kl.detach()
+        chosen = 1 - torch.sigmoid(self.beta * ((pc - rc) - z))
+        rejected = 1 - torch.sigmoid(self.beta * (z - (pr - rr)))
+        loss = (self.desirable_weight * chosen + self.undesirable_weight * rejected) / 2
+        if self.rpo_alpha:
+            loss = loss + self.rpo_alpha * nll(policy[0])
+        return loss, *self.rewards(pc, pr, rc, rr)
 
 
 class SFT(PairwiseLoss):
@@ -316,5 +361,5 @@ class ContrastSFT(SFT):
 
 #: ``dpo.loss`` given as a name (library use, e.g. ``DPOTrainer(loss="ipo")``) builds its defaults.
 LOSSES: dict[str, type[PairwiseLoss]] = {
-    cls.name: cls for cls in (DPO, CDPO, RDPO, IPO, Hinge, SimPO, CPO, ORPO, SFT, ContrastSFT)
+    cls.name: cls for cls in (DPO, CDPO, RDPO, IPO, Hinge, SimPO, CPO, ORPO, KTO, SFT, ContrastSFT)
 }

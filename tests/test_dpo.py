@@ -144,7 +144,7 @@ def test_loss_is_ln2_per_pair_at_initialisation(tiny, easy_encoded, name):
 
 def test_unknown_loss_and_bad_options_are_user_errors():
     with pytest.raises(CompoError, match=r"dpo\.loss"):
-        DPOTrainer(loss="kto")
+        DPOTrainer(loss="dpo2")
     with pytest.raises(CompoError, match=r"dpo\.schedule"):
         DPOTrainer(schedule="exponential")
     with pytest.raises(CompoError, match=r"dpo\.batch_size"):
@@ -359,3 +359,35 @@ def test_sft_then_dpo_in_one_run_takes_the_sft_model_as_reference(tmp_path, writ
     # At its first step the policy is the SFT model, which is also the reference: loss ln 2.
     assert metrics["dpo.loss_first"] == pytest.approx(math.log(2), abs=1e-5)
     assert (tmp_path / "trace" / "sft.jsonl").is_file() and (tmp_path / "sft_state").is_dir()
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_loss_matches_formula_and_its_reference_point_is_detached():
+    from compo.losses import KTO
+
+    z = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    loss, chosen_r, _ = KTO(beta=0.5, desirable_weight=2.0, undesirable_weight=1.0)(
+        PAIR, NO_REF, kl=z
+    )
+    # Summed log-probs: chosen -4, rejected -6, reference 0.
+    want = (2.0 * (1 - _sig(0.5 * (-4 - 0.2))) + (1 - _sig(0.5 * (0.2 + 6)))) / 2
+    assert loss.item() == pytest.approx(want) and chosen_r.item() == pytest.approx(-2.0)
+    assert not loss.requires_grad  # z is an estimate, not a path for gradients (as in the paper)
+
+
+def test_kto_trains_and_its_kl_starts_at_zero(tiny, easy_encoded, tmp_path):
+    from compo.dpo import MismatchedKL
+
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    kl = MismatchedKL(model, easy_encoded, pad, 8, None)
+    # The policy is still the reference (up to batch-composition rounding).
+    assert kl.kl([0, 1, 2]).item() == pytest.approx(0.0, abs=1e-4)
+    assert kl.pairs[0].chosen_ids == easy_encoded[1].chosen_ids  # prompt 0, replies of pair 1
+    metrics = _trainer(loss="kto", epochs=4).train(model, easy_encoded, pad, RunDir(tmp_path))
+    assert metrics["reward_margin_last"] > metrics["reward_margin_first"]
+    rows = [json.loads(x) for x in (tmp_path / "trace" / "dpo.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4) and all(r["kl"] >= 0 for r in rows)

@@ -202,3 +202,48 @@ def test_ld_alpha_matches_trl():
     # length-desensitised the same way through loss.logps when compo computes them).
     got, *_ = loss((chosen, rejected), reference)
     torch.testing.assert_close(got.mean(), expected.double(), rtol=1e-6, atol=1e-9)
+
+
+def test_kto_matches_trl_kto_trainer():
+    """TRL's KTOTrainer._compute_loss on the pairs as 6 examples (chosen: label true), with the
+    same KL log-probs: compo's per-pair mean of the two examples' losses is TRL's mean."""
+    from trl import KTOTrainer
+
+    from compo.losses import KTO
+
+    _, _, policy, reference, _ = _batch()
+    beta, weights = 0.3, (1.5, 0.7)
+    completions = torch.cat([policy[0].sum_logps, policy[1].sum_logps])
+    n = completions.shape[0]
+    per_token = torch.zeros(n, 4, dtype=torch.float64)
+    per_token[:, 0] = completions  # the sum is what TRL reads
+    kl_policy = -torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kl_reference = kl_policy - 0.05  # the policy drifted: KL estimate 0.05
+
+    def model(**kwargs):
+        return SimpleNamespace(
+            log_probs=per_token, entropy=torch.zeros(n, 4), mean_logits=torch.zeros(n, 4)
+        )
+
+    model.training = True
+    stand_in = SimpleNamespace(
+        model=model,
+        accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x),
+        _compute_kl_logps=lambda model, batch: kl_policy,
+        aux_loss_enabled=False, precompute_ref_logps=True, calculate_KL=True, loss_type="kto",
+        beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1],
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+    )  # fmt: skip
+    inputs = {
+        "input_ids": torch.zeros(n, 5, dtype=torch.long),
+        "attention_mask": torch.ones(n, 5, dtype=torch.long),
+        "completion_mask": torch.ones(n, 5, dtype=torch.long),
+        "label": torch.tensor([True] * 3 + [False] * 3),
+        "ref_logps": torch.cat(reference),
+        "ref_KL_logps": kl_reference,
+    }
+    expected = KTOTrainer._compute_loss(stand_in, model, inputs, return_outputs=False)
+    kl = (kl_policy - kl_reference).mean().clamp(min=0)
+    ours = KTO(beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])
+    got, *_ = ours(policy, reference, kl)
+    torch.testing.assert_close(got.mean(), expected.double(), rtol=1e-6, atol=1e-9)
