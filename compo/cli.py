@@ -35,7 +35,7 @@ from compo import distributed, settings
 from compo.errors import CompoError
 from compo.interfaces import ComparisonOracle, OracleError
 from compo.pipeline import Stages, run_pipeline
-from compo.rundir import RunDir, atomic_write_text, lock_run_dir
+from compo.rundir import RunDir, lock_run_dir
 from compo.stages import (
     Evaluator,
     FirstOrderStage,
@@ -155,8 +155,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return run_pipeline(stages, distributed.ReadOnlyRunDir(run_dir))
     with lock_run_dir(run_dir):
         out = RunDir(run_dir)
-        atomic_write_text(out.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         metrics = run_pipeline(stages, out)
+        out.save(OmegaConf.to_yaml(cfg, resolve=True))
     print(_summary_table(metrics))
     print(f"run dir: {out.path}")
     return metrics

@@ -15,6 +15,7 @@ over pairs (TRL averages over all chosen tokens of a batch, which weights long r
 from __future__ import annotations
 
 import dataclasses
+import string
 
 import torch
 import torch.nn.functional as F
@@ -312,6 +313,13 @@ class SFT(PairwiseLoss):
     default_per_token = True
     needs_reference = False
 
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        if not self.per_token:  # an option this loss would silently ignore
+            raise settings.SettingError(
+                f"dpo.loss.per_token: {self.name}'s NLL is per token; false does not apply"
+            )
+
     def pair(self, pc, pr, rc, rr) -> LossOutput:
         return -pc, pc.detach(), pr.detach()
 
@@ -339,11 +347,15 @@ class ContrastSFT(SFT):
         super().__init__(**options)
         settings.text("dpo.loss.template", template)
         try:
-            template.format(prompt="", rejected="")
-        except (KeyError, IndexError, ValueError) as exc:
+            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError as exc:
+            raise settings.SettingError(f"dpo.loss.template: {exc}") from None
+        # Exactly the two names, no attribute or index access ({prompt.upper} would render a repr).
+        if sorted(set(fields)) != ["prompt", "rejected"]:
             raise settings.SettingError(
-                f"dpo.loss.template may use only {{prompt}} and {{rejected}}: {exc!r}"
-            ) from None
+                "dpo.loss.template must hold {prompt} and {rejected} and no other field, "
+                f"got {template!r}"
+            )
         self.template = template
 
     def rewrite(self, pair: PreferencePair) -> PreferencePair:

@@ -143,9 +143,17 @@ class RunDir:
         self.metrics: dict[str, Any] = {}
 
     def log_metrics(self, prefix: str, values: Mapping[str, Any]) -> None:
-        """Records ``values`` under ``prefix.key`` and rewrites ``metrics.json``."""
+        """Records ``values`` under ``prefix.key`` (written by :meth:`save`)."""
         for key, value in values.items():
             self.metrics[f"{prefix}.{key}"] = value
+
+    def save(self, config_yaml: str) -> None:
+        """Writes ``config.yaml`` and ``metrics.json`` once the run has done its work.
+
+        Not before: a run that fails or is refused (e.g. resume state of other settings) must
+        leave the files of the run that produced this dir's checkpoint and state as they were.
+        """
+        atomic_write_text(self.path / "config.yaml", config_yaml)
         atomic_write_json(self.path / "metrics.json", self.metrics)
 
     def trace(self, name: str) -> TraceWriter:

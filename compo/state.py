@@ -188,6 +188,18 @@ def _read_progress(marker: Path) -> dict[str, Any]:
     return progress
 
 
+def _first_difference(found: dict, expect: dict, prefix: str = "") -> tuple[str, Any, Any]:
+    """The first differing key (dotted through nested settings, e.g. ``loss.beta``) and values."""
+    for key in sorted(set(found) | set(expect)):
+        was, now = found.get(key), expect.get(key)
+        if was == now:
+            continue
+        if isinstance(was, dict) and isinstance(now, dict):
+            return _first_difference(was, now, f"{prefix}{key}.")
+        return f"{prefix}{key}", was, now
+    raise ValueError("no difference")
+
+
 def check_identity(state_dir: Path, progress: dict, expect: dict, option: str) -> None:
     """Refuses state written by a different setup (one line: which key, which values).
 
@@ -204,8 +216,8 @@ def check_identity(state_dir: Path, progress: dict, expect: dict, option: str) -
         if found == value:
             continue
         if isinstance(value, dict) and isinstance(found, dict):
-            name = next(k for k in sorted(set(value) | set(found)) if found.get(k) != value.get(k))
-            what = f"written with {name}={found.get(name)!r}, this run has {value.get(name)!r}"
+            name, was, now = _first_difference(found, value)
+            what = f"written with {name}={was!r}, this run has {now!r}"
         elif key in digests:
             what = f"written by another setup: {digests[key]}"
         else:

@@ -391,3 +391,17 @@ def test_kto_trains_and_its_kl_starts_at_zero(tiny, easy_encoded, tmp_path):
     assert metrics["reward_margin_last"] > metrics["reward_margin_first"]
     rows = [json.loads(x) for x in (tmp_path / "trace" / "dpo.jsonl").read_text().splitlines()]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4) and all(r["kl"] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("template", ["{prompt.upper} {rejected}", "just text", "", "{prompt}"])
+def test_contrast_sft_template_must_hold_the_question_and_the_negative_answer(template):
+    from compo.losses import ContrastSFT
+
+    with pytest.raises(CompoError, match=r"dpo\.loss\.template"):
+        ContrastSFT(template=template)
+
+
+@pytest.mark.parametrize("options", [{"per_token": False}, {"ld_alpha": 0.5}])
+def test_sft_refuses_options_it_would_ignore(options):
+    with pytest.raises(CompoError, match=r"dpo\.loss\.(per_token|ld_alpha)"):
+        SFT(**options)

@@ -150,3 +150,20 @@ def test_a_run_that_changes_nothing_leaves_no_stale_checkpoint(tmp_path, mixed_p
         tmp_path, f"data.path={mixed_pairs}", "dpo=none", "optimizer=none", "eval=none"
     )
     assert idle["run.model_changed"] is False and not (tmp_path / "checkpoint").exists()
+
+
+def test_a_refused_rerun_leaves_the_earlier_runs_files_as_they_were(tmp_path, mixed_pairs):
+    # Found by a hostile probe: the refused run rewrote config.yaml and metrics.json first, so
+    # the run dir described a run that never happened next to the earlier run's checkpoint.
+    from compo.errors import CompoError
+
+    args = [f"data.path={mixed_pairs}", *DPO, "optimizer=none"]
+    run_compo(tmp_path, *args)
+    config, metrics = (
+        (tmp_path / "config.yaml").read_text(),
+        (tmp_path / "metrics.json").read_text(),
+    )
+    with pytest.raises(CompoError, match=r"dpo\.resume=false"):
+        run_compo(tmp_path, *args, "dpo.loss.beta=0.5")
+    assert (tmp_path / "config.yaml").read_text() == config
+    assert (tmp_path / "metrics.json").read_text() == metrics

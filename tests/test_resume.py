@@ -394,3 +394,11 @@ def test_forged_dpo_progress_without_its_optimizer_file_is_refused(tiny, easy_en
     _forge(tmp_path / "dpo_state", drop_optimizer)
     with pytest.raises(CompoError, match="dpo_state"):
         _train_dpo(TinyModel(seed=0).load()[0], easy_encoded, pad, out)
+
+
+def test_a_changed_loss_setting_is_named_in_the_refusal(tiny, easy_encoded, tmp_path):
+    model, tokenizer = tiny
+    out, pad = RunDir(tmp_path), tokenizer.pad_token_id
+    _train_dpo(model, easy_encoded, pad, out, loss=DPO(beta=0.1))
+    with pytest.raises(CompoError, match=r"written with loss\.beta=0\.1, this run has 0\.2;"):
+        _train_dpo(TinyModel(seed=0).load()[0], easy_encoded, pad, out, loss=DPO(beta=0.2))
