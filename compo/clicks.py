@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compo import settings
 from compo.data import ROLES, RejectedRow, RowError, as_object, iter_records
 from compo.errors import CompoError, DataError
 from compo.rundir import write_jsonl
@@ -294,19 +295,13 @@ def clicks_to_pairs(
     Returns:
         Pairs in first-seen order, rejected rows and counts.
     """
-    if correction not in CORRECTIONS:
-        raise CompoError(f"correction: {correction!r} is not one of {list(CORRECTIONS)}")
-    if on_error not in ("raise", "skip"):
-        raise CompoError(f"on_error: {on_error!r} is not one of ['raise', 'skip']")
+    settings.choice("correction", correction, CORRECTIONS)
+    settings.choice("on_error", on_error, ("raise", "skip"))
     if propensities is not None and not all(0 < p <= 1 for p in propensities):
         raise CompoError("propensities: every value must be in (0, 1]")
-    # Comparisons written so that NaN fails them.
-    if not 0 <= eta < math.inf:
-        raise CompoError(f"eta: must be a finite number >= 0, got {eta}")
-    if min_dwell is not None and not 0 <= min_dwell < math.inf:
-        raise CompoError(f"min_dwell: must be a finite number of seconds >= 0, got {min_dwell}")
-    if not 0 < prior <= MAX_PRIOR:
-        raise CompoError(f"prior: must be in (0, {MAX_PRIOR:g}], got {prior}")
+    settings.number("eta", eta, ge=0)
+    settings.number("min_dwell", min_dwell, ge=0, optional=True)
+    settings.number("prior", prior, gt=0, le=MAX_PRIOR)
     evidence: dict[tuple[str, str, str], _Evidence] = {}
     derived: list[tuple[tuple[str, str, str], int, float]] = []  # key, winner side, raw weight
     rejected: list[RejectedRow] = []

@@ -241,6 +241,7 @@ class DPOTrainer:
             return Outcome({"dpo": {"skipped_reason": "no clean pairs"}})
         ready = job.reference.ready  # reused when an earlier stage computed them
         encoded = [job.encoded[i] for i in rows]
+        confidences = [job.pairs[i].confidence for i in rows]
         metrics: dict[str, dict[str, Any]] = {}
         if self.sft_epochs:
             sft = copy.copy(self)
@@ -248,7 +249,7 @@ class DPOTrainer:
             sft.epochs, sft.lr, sft.sft_epochs = self.sft_epochs, self.sft_lr or self.lr, 0
             metrics["sft"] = sft.train(
                 job.policy, encoded, job.pad_token_id, job.out,
-                confidences=[job.pairs[i].confidence for i in rows],
+                confidences=confidences,
             )  # fmt: skip
             ready = False  # the reference is now the SFT model: scored anew by train()
         if self.loss.rewrites_pairs:  # other prompts: encoded anew, the shared scores do not apply
@@ -265,7 +266,7 @@ class DPOTrainer:
             encoded,
             job.pad_token_id,
             job.out,
-            confidences=[job.pairs[i].confidence for i in rows],
+            confidences=confidences,
             reference=job.reference.rows(rows) if ready else None,
             trunk=job.reference.trunk if ready else None,
         )

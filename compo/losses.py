@@ -213,9 +213,10 @@ class SimPO(PairwiseLoss):
         return loss, self.beta * pc.detach(), self.beta * pr.detach()
 
 
-class CPO(PairwiseLoss):
+class CPO(SimPO):
     """CPO (Xu et al. 2024): ``-log sigmoid(beta (pc - pr)) + cpo_alpha * NLL(chosen)``.
 
+    SimPO's preference term on summed log-probs with no margin, plus the chosen reply's NLL.
     Reference-free. With ``per_token: true`` and ``gamma > 0`` it is TRL's SimPO-style CPO.
 
     Args:
@@ -225,20 +226,15 @@ class CPO(PairwiseLoss):
     """
 
     name = "cpo"
-    needs_reference = False
+    default_per_token = False
 
     def __init__(self, cpo_alpha: float = 1.0, gamma: float = 0.0, **options) -> None:
-        super().__init__(**options)
+        super().__init__(gamma=gamma, **options)
         self.cpo_alpha = settings.number("dpo.loss.cpo_alpha", cpo_alpha, ge=0)
-        self.gamma = settings.number("dpo.loss.gamma", gamma, ge=0)
 
     def __call__(self, policy, reference, kl=None) -> LossOutput:
         loss, chosen_rewards, rejected_rewards = super().__call__(policy, reference)
         return loss + self.cpo_alpha * nll(policy[0]), chosen_rewards, rejected_rewards
-
-    def pair(self, pc, pr, rc, rr) -> LossOutput:
-        loss = -F.logsigmoid(self.beta * (pc - pr) - self.gamma)
-        return loss, self.beta * pc.detach(), self.beta * pr.detach()
 
 
 class ORPO(PairwiseLoss):

@@ -93,8 +93,8 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     changed = first.changed or zeroth.changed
     if distributed.is_main():
         _checkpoint(out, policy, tokenizer, changed)
-    if changed and distributed.is_main():
-        _log(out, stages.evaluator.after(job, split))
+        if changed:
+            _log(out, stages.evaluator.after(job, split))
     out.log_metrics("run", {"model_changed": changed})
     out.log_metrics("run", {"seconds": round(time.perf_counter() - started, 3)})
     return out.metrics
