@@ -31,7 +31,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from compo import distributed, settings
+from compo import distributed, settings, tracking
 from compo.errors import CompoError
 from compo.interfaces import ComparisonOracle, OracleError
 from compo.pipeline import Stages, run_pipeline
@@ -67,9 +67,10 @@ def _build(node: DictConfig, group: str) -> Any:
 
 
 def check_run_settings(cfg: DictConfig) -> None:
-    """Checks the top-level settings every group interpolates (``seed``, ``device``)."""
+    """Checks the top-level settings (``seed``, ``device``, ``report_to``)."""
     settings.seed("seed", cfg.seed)
     settings.device("device", cfg.device)
+    tracking.check(cfg.report_to)
 
 
 # The headline numbers of a run; everything else is in metrics.json.
@@ -153,8 +154,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     stages = build_stages(cfg)
     if not distributed.is_main():
         return run_pipeline(stages, distributed.ReadOnlyRunDir(run_dir))
-    with lock_run_dir(run_dir):
-        out = RunDir(run_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    with lock_run_dir(run_dir), tracking.start(plain["report_to"], run_dir, plain) as trackers:
+        out = RunDir(run_dir, trackers)
         metrics = run_pipeline(stages, out)
         out.save(OmegaConf.to_yaml(cfg, resolve=True))
     print(_summary_table(metrics))
