@@ -69,6 +69,28 @@ def likelihood_displacement(
     }
 
 
+def pair_rows(job: Job, split: Split, after: tuple[SequenceScores, SequenceScores]) -> list[dict]:
+    """One row per pair: its side of the split and log pi(y+|x), log pi(y-|x) before and after."""
+    columns = {
+        "logp_chosen_before": job.reference.get()[0].sum_logps,
+        "logp_rejected_before": job.reference.get()[1].sum_logps,
+        "logp_chosen_after": after[0].sum_logps,
+        "logp_rejected_after": after[1].sum_logps,
+        "n_tokens_chosen": after[0].n_tokens,
+        "n_tokens_rejected": after[1].n_tokens,
+    }
+    values = {key: column.tolist() for key, column in columns.items()}
+    ambiguous = set(split.ambiguous)
+    return [
+        {
+            "id": pair.pair_id,
+            "side": "ambiguous" if i in ambiguous else "clean",
+            **{key: column[i] for key, column in values.items()},
+        }
+        for i, pair in enumerate(job.encoded)
+    ]
+
+
 class PreferenceEval:
     """The ``eval=preference`` option: scores every pair before and after training.
 
@@ -94,8 +116,13 @@ class PreferenceEval:
         return Outcome({"eval.before": preference_metrics(*job.reference.get())})
 
     def after(self, job: Job, split: Split) -> Outcome:
-        """``eval.after`` and the likelihood displacement on each side of the split."""
+        """``eval.after`` and the likelihood displacement on each side of the split.
+
+        Each pair's log-probabilities before and after go to ``eval_pairs.jsonl`` (the pictures
+        of :mod:`compo.plots` and anyone's own analysis read them there).
+        """
         after = self.score(job.policy, job.encoded, job.pad_token_id, desc="eval/after")
+        job.out.write_rows("eval_pairs", pair_rows(job, split, after))
         metrics = {"eval.after": preference_metrics(*after)}
         for side, rows in (("clean", split.clean), ("ambiguous", split.ambiguous)):
             if rows:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from compo import distributed
+from compo import distributed, plots
 from compo.data import DataSpec
 from compo.interfaces import ComparisonOracle
 from compo.models import ModelLoader, save_checkpoint
@@ -95,6 +95,7 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
         _checkpoint(out, policy, tokenizer, changed)
         if changed:
             _log(out, stages.evaluator.after(job, split))
+        out.log_metrics("plots", plots.draw(out.path, out.metrics))
     out.log_metrics("run", {"model_changed": changed})
     out.log_metrics("run", {"seconds": round(time.perf_counter() - started, 3)})
     return out.metrics
