@@ -104,7 +104,9 @@ def _compo(fig: Any, rows: list[dict], metrics: Mapping[str, Any]) -> None:
     )  # fmt: skip
     predicted = [_number(row.get("frac_predicted")) for row in rows]
     if any(p == p for p in predicted):  # NaN != NaN: the limit was not traced
-        frac_ax.plot(t, predicted, color="tab:orange", ls="--", lw=1, label="predicted (r -> 0)")
+        frac_ax.plot(
+            t, predicted, color="tab:orange", ls="--", lw=1, label="likelihood oracle, r -> 0"
+        )
     frac_ax.set_ylabel("frac")
     frac_ax.set_title("share of decisive perturbations judged better")
     frac_ax.set_ylim(-0.02, 1.02)
