@@ -170,7 +170,9 @@ def test_an_eval_file_sharing_prompts_with_the_training_data_is_warned_about(
     assert any("2 of 3 held-out prompts also occur" in r.message for r in caplog.records)
 
 
-def test_resume_state_is_not_reused_across_another_heldout_split(tmp_path, mixed_pairs):
+def test_resume_state_is_not_reused_across_another_heldout_split(
+    tmp_path, mixed_pairs, write_jsonl
+):
     args = [f"data.path={mixed_pairs}", "splitter=none", "dpo.lr=1e-3", "optimizer=none"]
     run_compo(tmp_path, *args, "data.eval_fraction=0.2")
     assert (tmp_path / "dpo_state" / "progress.json").is_file()
@@ -178,6 +180,12 @@ def test_resume_state_is_not_reused_across_another_heldout_split(tmp_path, mixed
         run_compo(tmp_path, *args, "data.eval_fraction=0.5")  # other pairs to train on
     again = run_compo(tmp_path, *args, "data.eval_fraction=0.2")  # the same split: resumed
     assert again["dpo.steps_run"] == 0
+    # Another held-out file leaves the training pairs as they were: the state is theirs.
+    tree = {"prompt": "Name a tree.", "chosen": "Oak.", "rejected": "Seven."}
+    for name in ("a", "b"):
+        held = write_jsonl([{**tree, "chosen": f"Oak {name}."}], f"{name}.jsonl")
+        other = run_compo(tmp_path / "f", *args, f"data.eval_path={held}")
+    assert other["dpo.steps_run"] == 0 and other["dpo.resumed_from_step"] > 0
     # ComPO alone: its fingerprint covers its pairs the same way.
     compo = [f"data.path={mixed_pairs}", "dpo=none", *PIPELINE[:2], *PIPELINE[3:]]
     run_compo(tmp_path / "z", *compo, "data.eval_fraction=0.2")
