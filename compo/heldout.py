@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from compo import distributed
 from compo.errors import DataError
 from compo.rundir import RunDir
 from compo.types import PreferencePair
@@ -81,9 +82,9 @@ def record_heldout(
     A held-out prompt that also occurs among the training pairs (possible only with a separate
     ``data.eval_path``) is counted and warned about: its pairs do not measure generalisation.
     """
-    path = out.path / f"{HELDOUT_FILE}.jsonl"
     if not heldout:
-        path.unlink(missing_ok=True)
+        if distributed.is_main():  # other ranks write (and delete) nothing in the run dir
+            (out.path / f"{HELDOUT_FILE}.jsonl").unlink(missing_ok=True)
         return {}
     out.write_rows(HELDOUT_FILE, [p.to_dict() for p in heldout])
     held_prompts = {prompt_key(p) for p in heldout}
