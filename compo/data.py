@@ -36,7 +36,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from typing import Any
 from compo import settings
 from compo.encoding import CHAT_TEMPLATE_MODES, encode_pairs
 from compo.errors import DataError
+from compo.heldout import split_by_prompt
 from compo.types import Message, PreferencePair
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,11 @@ class RejectedRow:
 
 @dataclass
 class LoadResult:
+    """The valid pairs, the rows set aside and the held-out pairs (see :mod:`compo.heldout`)."""
+
     pairs: list[PreferencePair]
     rejected: list[RejectedRow]
+    heldout: list[PreferencePair] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,7 +487,11 @@ class DataSpec:
         max_length: Longest prompt + reply in tokens.
         max_prompt_length: Longest prompt in tokens.
         chat_template: ``auto``, ``always`` or ``never``.
-        limit: Use only the first ``limit`` valid pairs.
+        limit: Use only the first ``limit`` valid pairs of ``path``.
+        eval_path: A file of held-out pairs (same formats and checks as ``path``), or None.
+        eval_fraction: Share of ``path``'s prompts held out with all their pairs, in (0, 1), or
+            None. At most one of ``eval_path`` and ``eval_fraction``; neither: no held-out set.
+        seed: Seeds the draw of the held-out prompts (the run seed).
     """
 
     path: str | None = None
@@ -492,6 +500,9 @@ class DataSpec:
     max_prompt_length: int = 256
     chat_template: str = "auto"
     limit: int | None = None
+    eval_path: str | None = None
+    eval_fraction: float | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         settings.text("data.path", self.path, optional=True)
@@ -502,9 +513,27 @@ class DataSpec:
             "data.max_prompt_length", self.max_prompt_length, integer=True, ge=1, lt=self.max_length
         )
         settings.number("data.limit", self.limit, integer=True, ge=1, optional=True)
+        if settings.text("data.eval_path", self.eval_path, optional=True) == "":
+            raise settings.SettingError("data.eval_path is empty; give a file, or null for none")
+        settings.number("data.eval_fraction", self.eval_fraction, gt=0, lt=1, optional=True)
+        settings.seed("data.seed", self.seed)
+        if self.eval_path is not None and self.eval_fraction is not None:
+            raise settings.SettingError(
+                "data.eval_path and data.eval_fraction are both set; choose one (a held-out "
+                "file, or a share of data.path's prompts)"
+            )
 
     def load(self) -> LoadResult:
-        return load_pairs(self.path, self.on_error, self.limit)
+        """The pairs of ``path``, with the held-out ones (if any) set apart."""
+        loaded = load_pairs(self.path, self.on_error, self.limit)
+        if self.eval_path is not None:
+            extra = load_pairs(self.eval_path, self.on_error)
+            loaded.heldout, loaded.rejected = extra.pairs, loaded.rejected + extra.rejected
+        elif self.eval_fraction is not None:
+            loaded.pairs, loaded.heldout = split_by_prompt(
+                loaded.pairs, self.eval_fraction, self.seed
+            )
+        return loaded
 
     def encode(self, pairs: list[PreferencePair], tokenizer: Any):
         return encode_pairs(

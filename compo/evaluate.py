@@ -112,11 +112,19 @@ class PreferenceEval:
         return ReferenceScores(model, encoded, pad_token_id, self.batch_size, "eval/before", trunk)
 
     def before(self, job: Job) -> Outcome:
-        """``eval.before``: accuracy and log-probs of every pair under the starting policy."""
-        return Outcome({"eval.before": preference_metrics(*job.reference.get())})
+        """``eval.before``: accuracy and log-probs of every pair under the starting policy.
+
+        With a held-out set, the same on it (``eval.heldout.before``), computed here once, before
+        any stage changes the policy; ``eval.after`` compares against these scores.
+        """
+        metrics = {"eval.before": preference_metrics(*job.reference.get())}
+        if job.heldout is not None:
+            metrics.update(_heldout_metrics("before", job.heldout.get()))
+        return Outcome(metrics)
 
     def after(self, job: Job, split: Split) -> Outcome:
-        """``eval.after`` and the likelihood displacement on each side of the split.
+        """``eval.after`` and the likelihood displacement on each side of the split (and on the
+        held-out pairs).
 
         Each pair's log-probabilities before and after go to ``eval_pairs.jsonl`` (the pictures
         of :mod:`compo.plots` and anyone's own analysis read them there).
@@ -129,7 +137,25 @@ class PreferenceEval:
                 rows_after = (after[0].take(rows), after[1].take(rows))
                 shift = likelihood_displacement(job.reference.rows(rows), rows_after)
                 metrics[f"eval.displacement.{side}"] = shift
+        if job.heldout is not None:
+            held = self.score(
+                job.policy, job.heldout.encoded, job.pad_token_id, desc="eval/heldout-after"
+            )
+            metrics.update(_heldout_metrics("after", held))
+            metrics["eval.displacement.heldout"] = likelihood_displacement(job.heldout.get(), held)
         return Outcome(metrics)
+
+
+def _heldout_metrics(when: str, scores: tuple[SequenceScores, SequenceScores]) -> dict:
+    """``eval.heldout.<when>.*`` and the headline ``eval.heldout.accuracy`` / ``margin_mean``.
+
+    The headline keys hold the latest model's numbers: ``after`` overwrites ``before``, so they are
+    the final model's either way (no ``eval.after`` exists when no stage changed the model). They
+    are what a sweep optimises (``objective=auto``).
+    """
+    found = preference_metrics(*scores)
+    headline = {"accuracy": found["accuracy"], "margin_mean": found["margin_mean"]}
+    return {f"eval.heldout.{when}": found, "eval.heldout": headline}
 
 
 # --------------------------------------------------------------------------------------------

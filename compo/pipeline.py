@@ -1,7 +1,8 @@
 """The recipe: one run of compo, top to bottom.
 
-    pairs -> model -> tokens -> oracle checked -> reference scores -> eval.before -> split
-          -> first-order stage (clean pairs) -> ComPO (ambiguous pairs) -> checkpoint -> eval.after
+    pairs (held-out ones set apart) -> model -> tokens -> oracle checked -> reference scores
+          -> eval.before -> split -> first-order stage (clean pairs) -> ComPO (ambiguous pairs)
+          -> checkpoint -> eval.after
 
 Every stage is an object built from its config group (see :mod:`compo.stages` for the contract);
 a group set to ``none`` builds a stage that does nothing, so this function has no branch per
@@ -18,6 +19,7 @@ from typing import Any
 
 from compo import distributed, plots
 from compo.data import DataSpec
+from compo.heldout import record_heldout
 from compo.interfaces import ComparisonOracle
 from compo.models import ModelLoader, save_checkpoint
 from compo.rundir import RunDir
@@ -66,6 +68,7 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     if loaded.rejected:
         out.write_rows("rejected_rows", [r.to_dict() for r in loaded.rejected])
     out.log_metrics("data", {"n_pairs": len(loaded.pairs), "n_rows_rejected": len(loaded.rejected)})
+    out.log_metrics("data.heldout", record_heldout(out, loaded.pairs, loaded.heldout))
 
     log.info("loading model %s", stages.model.name)
     policy, tokenizer = stages.model.load()
@@ -80,6 +83,10 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     trunk = stages.first_order.frozen_trunk(policy)
     reference = stages.evaluator.reference(policy, encoded, tokenizer.pad_token_id, trunk)
     job = Job(policy, tokenizer, stages.data, loaded.pairs, encoded, reference, out)
+    if loaded.heldout:  # the evaluator alone sees them
+        heldout, truncation = stages.data.encode(loaded.heldout, tokenizer)
+        out.log_metrics("data.heldout", truncation.as_metrics())
+        job.heldout = stages.evaluator.reference(policy, heldout, tokenizer.pad_token_id)
     _log(out, stages.evaluator.before(job))
 
     split = stages.splitter.split(policy, loaded.pairs, encoded, tokenizer.pad_token_id, reference)

@@ -32,7 +32,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class Job:
-    """What every stage works on."""
+    """What every stage works on.
+
+    ``pairs``, ``encoded`` and ``reference`` are the training pairs. ``heldout`` owns the starting
+    policy's scores of the held-out pairs (``data.eval_path`` / ``data.eval_fraction``), or is None
+    without a held-out set: only the evaluator reads it (``eval.before`` computes it, before any
+    stage changes the policy).
+    """
 
     policy: Any
     tokenizer: Any
@@ -41,6 +47,7 @@ class Job:
     encoded: list[EncodedPair]
     reference: ReferenceScores
     out: RunDir
+    heldout: ReferenceScores | None = None
 
     @property
     def pad_token_id(self) -> int:

@@ -207,9 +207,9 @@ def check_identity(state_dir: Path, progress: dict, expect: dict, option: str) -
     (``lr``), a differing digest (``data``, ``start``, ``fingerprint``) is described.
     """
     digests = {
-        "data": "the data (pairs, labels or confidences) differ",
+        "data": "the training pairs, labels or confidences differ (or the held-out split)",
         "start": "the starting weights differ",
-        "fingerprint": "its settings, data or starting weights differ",
+        "fingerprint": "its settings, pairs (or the held-out split) or starting weights differ",
     }
     for key, value in expect.items():
         found = progress.get(key)
