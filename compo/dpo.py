@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,38 +44,63 @@ from compo.trunk import FrozenTrunkCache, set_trainable, transformer_blocks
 log = logging.getLogger(__name__)
 
 
-_SCHEDULES: dict[str, Callable[[float], float]] = {
-    "constant": lambda progress: 1.0,
-    "linear": lambda progress: 1.0 - progress,
-    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+# dpo.schedule -> transformers' scheduler. Every one starts with ``warmup_steps`` of linear
+# warm-up from 0 (transformers' own "constant" would ignore the warm-up). Schedules needing more
+# than the step counts (a plateau metric, decay steps, a floor) are not offered.
+SCHEDULES = {
+    "constant": "constant_with_warmup",
+    "constant_with_warmup": "constant_with_warmup",
+    "linear": "linear",
+    "cosine": "cosine",
+    "cosine_with_restarts": "cosine_with_restarts",
+    "polynomial": "polynomial",
+    "inverse_sqrt": "inverse_sqrt",
 }
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then ``schedule``."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return _SCHEDULES[schedule]((step - warmup) / max(1, total - warmup))
+def lr_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    """``transformers.get_scheduler`` for ``dpo.schedule``: one multiplier per optimizer step.
+
+    Its state (the step count) is part of ``dpo_state/``, so a resumed run continues the same
+    learning rates.
+    """
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        SCHEDULES[schedule],
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=total_steps,
+    )
 
 
-def _save_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, progress: dict):
+def _pt_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _save_state(
+    state_dir: Path, model: nn.Module, names: list[str], optimizer, scheduler, progress: dict
+):
     if not distributed.is_main():  # every rank holds the same state; one writes it
         return
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().contiguous().cpu() for n in names}
     state.check_finite(tensors.items(), f"resume state {state_dir}")
-    buffer = io.BytesIO()
-    torch.save(optimizer.state_dict(), buffer)
     payloads = {
         "trainable": ("safetensors", safetensors_save(tensors)),
-        "optimizer": ("pt", buffer.getvalue()),
+        "optimizer": ("pt", _pt_bytes(optimizer.state_dict())),
+        "scheduler": ("pt", _pt_bytes(scheduler.state_dict())),
     }
     state.commit(state_dir, progress["step"], payloads, progress)
 
 
-def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, expect: dict):
+def _load_state(
+    state_dir: Path, model: nn.Module, names: list[str], optimizer, scheduler, expect: dict
+):
     """Restores a verified ``dpo_state/`` and returns its step; None when there is none."""
-    loaded = state.load(state_dir, ("trainable", "optimizer"))
+    loaded = state.load(state_dir, ("trainable", "optimizer", "scheduler"))
     if loaded is None:
         return None
     progress, blobs = loaded
@@ -88,6 +113,7 @@ def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, 
         for name, value in tensors.items():
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(io.BytesIO(blobs["optimizer"]), weights_only=True))
+    scheduler.load_state_dict(torch.load(io.BytesIO(blobs["scheduler"]), weights_only=True))
     return progress["step"]
 
 
@@ -140,8 +166,9 @@ class DPOTrainer:
         weight_by_confidence: Multiply each pair's loss by its ``confidence``.
         lr: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
-        warmup_steps: Optimizer steps of linear warm-up.
-        schedule: After warm-up: constant, linear (to zero) or cosine.
+        warmup_steps: Optimizer steps of linear warm-up (from 0, as in transformers).
+        schedule: After warm-up (``transformers.get_scheduler``): constant, linear (to zero),
+            cosine, cosine_with_restarts, polynomial, inverse_sqrt (see :data:`SCHEDULES`).
         epochs: Passes over the pairs.
         batch_size: Pairs per forward/backward pass.
         grad_accum: Passes per optimizer step.
@@ -186,7 +213,7 @@ class DPOTrainer:
         sft_epochs: int = 0,
         sft_lr: float | None = None,
     ) -> None:
-        settings.choice("dpo.schedule", schedule, _SCHEDULES)
+        settings.choice("dpo.schedule", schedule, SCHEDULES)
         settings.choice("dpo.scope", scope, ("all", "last_k"))
         for name, value in (
             ("epochs", epochs),
@@ -428,6 +455,7 @@ class DPOTrainer:
         per_step = self.batch_size * self.grad_accum
         steps_per_epoch = math.ceil(len(pairs) / per_step)
         total = steps_per_epoch * self.epochs
+        scheduler = lr_scheduler(optimizer, self.schedule, self.warmup_steps, total)
         identity = {"n_pairs": len(pairs), "total_steps": total, "loss": self.loss_name}
         # A state continues only the run that wrote it: same settings, same pairs and labels
         # (and confidences when they weight the loss), same starting weights.
@@ -440,7 +468,7 @@ class DPOTrainer:
         step = 0
         if self.resume:
             # Verified before use: a truncated or altered file is a CompoError, never loaded.
-            step = _load_state(state_dir, model, names, optimizer, setup) or 0
+            step = _load_state(state_dir, model, names, optimizer, scheduler, setup) or 0
             if step:
                 log.info(
                     "%s: resuming from %s at step %d of %d", self.phase, state_dir, step, total
@@ -481,9 +509,6 @@ class DPOTrainer:
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 order = torch.randperm(len(pairs), generator=gen).tolist()
                 rows = order[index * per_step : (index + 1) * per_step]
-                lr = self.lr * lr_factor(step, total, self.warmup_steps, self.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 sums: dict[str, float] = {}
                 step_tokens = 0
                 for start in range(0, len(rows), self.batch_size):
@@ -514,11 +539,13 @@ class DPOTrainer:
                 grad_norm = None
                 if self.max_grad_norm is not None:
                     grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm).item()
+                lr = optimizer.param_groups[0]["lr"]  # this step's rate, set by the scheduler
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens += step_tokens
-                row = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+                row = {"step": step, "epoch": epoch, "lr": lr}
                 row.update({k: v / len(rows) for k, v in sums.items()})
                 row.update(grad_norm=grad_norm, n_pairs=len(rows), tokens=step_tokens)
                 trace.write(row)
@@ -530,14 +557,16 @@ class DPOTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
                 if self.save_every and step % self.save_every == 0 and step < total:
-                    _save_state(state_dir, model, names, optimizer, {**setup, "step": step})
+                    _save_state(
+                        state_dir, model, names, optimizer, scheduler, {**setup, "step": step}
+                    )
         bar.close()
         model.eval()
         if self.gradient_checkpointing:
             disable = getattr(model, "activation_checkpointing_disable", None)
             (disable or model.gradient_checkpointing_disable)()
         if step > start_step:
-            _save_state(state_dir, model, names, optimizer, {**setup, "step": step})
+            _save_state(state_dir, model, names, optimizer, scheduler, {**setup, "step": step})
         train_seconds = time.perf_counter() - train_started
         metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
         metrics["seconds"] = round(time.perf_counter() - started, 3)
