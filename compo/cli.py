@@ -67,9 +67,14 @@ def _build(node: DictConfig, group: str) -> Any:
 
 
 def check_run_settings(cfg: DictConfig) -> None:
-    """Checks the top-level settings every group interpolates (``seed``, ``device``)."""
+    """Checks the top-level settings every group interpolates (``seed``, ``device``, ``dtype``).
+
+    ``auto`` is resolved here, once: every ``${device}`` then names the same device, and the
+    run dir's ``config.yaml`` says what ran.
+    """
     settings.seed("seed", cfg.seed)
-    settings.device("device", cfg.device)
+    cfg.device = settings.device("device", cfg.device)
+    cfg.dtype = settings.dtype("dtype", cfg.dtype, cfg.device)
 
 
 # The headline numbers of a run; everything else is in metrics.json.

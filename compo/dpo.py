@@ -39,7 +39,13 @@ from compo.losses import LOSSES, SFT, PairwiseLoss
 from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
 from compo.stages import Job, Outcome
-from compo.trunk import FrozenTrunkCache, set_trainable, transformer_blocks
+from compo.trunk import (
+    FrozenTrunkCache,
+    low_precision,
+    set_trainable,
+    train_in_fp32,
+    transformer_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +444,9 @@ class DPOTrainer:
         device = next(model.parameters()).device
         names = set_trainable(model, self.scope, self.last_k)
         ref, scorer = self.prepare(model, pairs, pad_token_id, reference, trunk)
+        # A low-precision trunk (dtype=bfloat16) runs under autocast to its dtype, the trained
+        # parameters in fp32 (restored to their dtype at the end).
+        amp = torch.bfloat16 if self.bf16 else low_precision(model)
         mismatched = None
         if self.loss.needs_kl:  # before any update: its reference side is the starting model
             mismatched = MismatchedKL(
@@ -449,6 +458,7 @@ class DPOTrainer:
                 raise ValueError("weight_by_confidence needs confidences")
             weights = torch.tensor(list(confidences), dtype=torch.float32, device=device)
 
+        restore_dtypes = train_in_fp32(model, names)
         params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
@@ -484,9 +494,7 @@ class DPOTrainer:
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if self.bf16
-            else contextlib.nullcontext()
+            torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         )
         log.info(
             "%s: %s on %d pairs, %d steps, %d trainable parameters (%s)", self.phase,
@@ -567,6 +575,7 @@ class DPOTrainer:
             (disable or model.gradient_checkpointing_disable)()
         if step > start_step:
             _save_state(state_dir, model, names, optimizer, scheduler, {**setup, "step": step})
+        restore_dtypes()
         train_seconds = time.perf_counter() - train_started
         metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
         metrics["seconds"] = round(time.perf_counter() - started, 3)
