@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from compo import distributed, settings, state
 from compo.encoding import EncodedPair
 from compo.errors import CompoError
-from compo.interfaces import plain_settings
+from compo.interfaces import local_generator, plain_settings
+from compo.lora import LoRA
 from compo.losses import LOSSES, SFT, PairwiseLoss
 from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
@@ -78,6 +79,15 @@ def lr_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
         num_warmup_steps=warmup_steps,
         num_training_steps=total_steps,
     )
+
+
+@contextlib.contextmanager
+def _seeded_dropout(*key: int, device: torch.device):
+    """Dropout masks (LoRA's, the model's) drawn from a seed of ``key``, not from wherever the
+    global RNG stands, so a resumed run draws the same masks; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(local_generator(*key).initial_seed())
+        yield
 
 
 def _pt_bytes(value: Any) -> bytes:
@@ -193,6 +203,9 @@ class DPOTrainer:
             SFT -> DPO chain, in ``sft_state/`` and ``trace/sft.jsonl``); the preference loss
             then takes the SFT model as its reference. 0: no SFT step.
         sft_lr: The SFT step's learning rate (None: ``lr``).
+        lora: LoRA adapters on the trained blocks instead of training their weights
+            (:class:`compo.lora.LoRA`; None or ``r=0``: off). The adapter is merged at the end
+            and written to ``<phase>_adapter/``, then into ``checkpoint/adapter/``.
     """
 
     def __init__(
@@ -218,6 +231,7 @@ class DPOTrainer:
         cache_trunk: bool = True,
         sft_epochs: int = 0,
         sft_lr: float | None = None,
+        lora: LoRA | None = None,
     ) -> None:
         settings.choice("dpo.schedule", schedule, SCHEDULES)
         settings.choice("dpo.scope", scope, ("all", "last_k"))
@@ -254,6 +268,11 @@ class DPOTrainer:
             raise settings.SettingError(
                 f"dpo.loss must be a loss of compo.losses (e.g. dpo=ipo), got {type(loss).__name__}"
             )
+        if lora is not None and not isinstance(lora, LoRA):
+            raise settings.SettingError(
+                f"dpo.lora must be null or compo.lora.LoRA settings, got {type(lora).__name__}"
+            )
+        self.lora = lora if lora is not None and lora.enabled else None
         self.loss, self.loss_name = loss, loss.name
         self.weight_by_confidence = weight_by_confidence
         self.lr, self.weight_decay = lr, weight_decay
@@ -276,6 +295,7 @@ class DPOTrainer:
         encoded = [job.encoded[i] for i in rows]
         confidences = [job.pairs[i].confidence for i in rows]
         metrics: dict[str, dict[str, Any]] = {}
+        files: dict[str, Path] = {}
         if self.sft_epochs:
             sft = copy.copy(self)
             sft.loss, sft.loss_name, sft.phase = SFT(), "sft", "sft"
@@ -284,6 +304,8 @@ class DPOTrainer:
                 job.policy, encoded, job.pad_token_id, job.out,
                 confidences=confidences,
             )  # fmt: skip
+            if self.lora:  # on the starting model; the DPO adapter is on the SFT model
+                files["sft_adapter"] = sft.adapter_dir(job.out)
             ready = False  # the reference is now the SFT model: scored anew by train()
         if self.loss.rewrites_pairs:  # other prompts: encoded anew, the shared scores do not apply
             rewritten = [self.loss.rewrite(job.pairs[i]) for i in rows]
@@ -304,7 +326,13 @@ class DPOTrainer:
             trunk=job.reference.trunk if ready else None,
         )
         job.reference.trunk = None  # frees the recorded states: no later stage reads them
-        return Outcome({**metrics, "dpo": dpo_metrics}, changed=True)
+        if self.lora:
+            files["adapter"] = self.adapter_dir(job.out)
+        return Outcome({**metrics, "dpo": dpo_metrics}, changed=True, files=files)
+
+    def adapter_dir(self, out: RunDir) -> Path:
+        """Where :meth:`train` writes this phase's LoRA adapter (``dpo_adapter/``)."""
+        return out.path / f"{self.phase}_adapter"
 
     def settings(self) -> dict[str, Any]:
         """What the trained weights depend on (recorded in ``dpo_state/`` and checked on resume)."""
@@ -323,6 +351,7 @@ class DPOTrainer:
             "last_k": self.last_k,
             "bf16": self.bf16,
             "seed": self.seed,
+            "lora": self.lora.settings() if self.lora else None,
         }
 
     def compute_loss(
@@ -442,7 +471,12 @@ class DPOTrainer:
         """
         started = time.perf_counter()
         device = next(model.parameters()).device
-        names = set_trainable(model, self.scope, self.last_k)
+        adapter = None
+        if self.lora:  # only the adapters train: every weight of the model stays frozen
+            adapter = self.lora.attach(model, self.scope, self.last_k, self.seed)
+            names = adapter.names
+        else:
+            names = set_trainable(model, self.scope, self.last_k)
         ref, scorer = self.prepare(model, pairs, pad_token_id, reference, trunk)
         # A low-precision trunk (dtype=bfloat16) runs under autocast to its dtype, the trained
         # parameters in fp32 (restored to their dtype at the end).
@@ -497,8 +531,9 @@ class DPOTrainer:
             torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         )
         log.info(
-            "%s: %s on %d pairs, %d steps, %d trainable parameters (%s)", self.phase,
+            "%s: %s on %d pairs, %d steps, %d trainable parameters (%s%s)", self.phase,
             self.loss_name, len(pairs), total, n_trainable, self.scope,
+            f", LoRA r={self.lora.r} on {len(names) // 2} layers" if self.lora else "",
         )  # fmt: skip
         start_step, tokens = step, 0
         train_started = time.perf_counter()
@@ -522,7 +557,7 @@ class DPOTrainer:
                 for start in range(0, len(rows), self.batch_size):
                     micro = rows[start : start + self.batch_size]
                     batch = [pairs[i] for i in micro]
-                    with autocast:
+                    with autocast, _seeded_dropout(self.seed, step, start, device=device):
                         scores = score_pairs(
                             scorer, batch, pad_token_id, batch_size=2 * len(batch),
                             requires_grad=True,
@@ -576,6 +611,10 @@ class DPOTrainer:
         if step > start_step:
             _save_state(state_dir, model, names, optimizer, scheduler, {**setup, "step": step})
         restore_dtypes()
+        if adapter is not None:
+            if distributed.is_main():
+                adapter.save(self.adapter_dir(out))
+            adapter.merge()  # ComPO and the checkpoint see a plain model with the update in it
         train_seconds = time.perf_counter() - train_started
         metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
         metrics["seconds"] = round(time.perf_counter() - started, 3)

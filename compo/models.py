@@ -19,8 +19,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -347,24 +348,16 @@ class TinyModel:
         return _finish(model, tokenizer, self.device, self.dtype)
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
-    """Saves model and tokenizer in HF format (safetensors), replacing ``path`` atomically.
+def write_dir_atomically(path: Path, fill: Callable[[Path], Any]) -> Path:
+    """Fills a temporary sibling of ``path`` with ``fill(tmp)``, then puts it in place of ``path``.
 
-    Args:
-        model: The model to save.
-        tokenizer: Its tokenizer.
-        path: Target directory.
-
-    Returns:
-        ``path``.
+    A crash at any moment leaves either the old directory or the new one, never half of one.
     """
-    state.check_finite(model.named_parameters(), f"checkpoint {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        fill(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -377,3 +370,31 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    extra: dict[str, Path] | None = None,
+) -> Path:
+    """Saves model and tokenizer in HF format (safetensors), replacing ``path`` atomically.
+
+    Args:
+        model: The model to save.
+        tokenizer: Its tokenizer.
+        path: Target directory.
+        extra: Directories copied inside it, by name (a stage's LoRA adapter: ``adapter``).
+
+    Returns:
+        ``path``.
+    """
+    state.check_finite(model.named_parameters(), f"checkpoint {path}")
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, source in (extra or {}).items():
+            shutil.copytree(source, tmp / name)
+
+    return write_dir_atomically(path, fill)
