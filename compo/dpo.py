@@ -562,7 +562,7 @@ class DPOTrainer:
                             scorer, batch, pad_token_id, batch_size=2 * len(batch),
                             requires_grad=True,
                         )  # fmt: skip
-                    kl = mismatched.kl(micro) if mismatched is not None else None
+                        kl = mismatched.kl(micro) if mismatched is not None else None
                     loss, stats = self.compute_loss(
                         scores,
                         (ref[0][micro], ref[1][micro]),

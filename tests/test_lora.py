@@ -207,3 +207,19 @@ def test_lora_null_or_rank_zero_is_off(tmp_path, write_jsonl):
         run_compo(run_dir, f"data.path={data}", "optimizer=none", "eval=none", off)
         assert not (run_dir / "dpo_adapter").exists()
         assert not (run_dir / "checkpoint" / "adapter").exists()
+
+
+def test_kto_reference_point_under_lora_dropout_does_not_depend_on_the_global_rng(
+    tiny, easy_encoded, tmp_path
+):
+    # KTO's KL term runs the policy in training mode too: its dropout masks must be seeded.
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model, _ = TinyModel(seed=0).load()
+        _trainer(loss="kto", dropout=0.3).train(
+            model, easy_encoded, tiny[1].pad_token_id, RunDir(tmp_path / str(global_seed))
+        )
+        runs.append(model)
+    for (name, p), q in zip(runs[0].named_parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(p, q), name
