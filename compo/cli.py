@@ -69,9 +69,15 @@ def _build(node: DictConfig, group: str) -> Any:
 
 
 def check_run_settings(cfg: DictConfig) -> None:
-    """Checks the top-level settings (``seed``, ``device``, ``report_to``)."""
+    """Checks the top-level settings every group interpolates (``seed``, ``device``, ``dtype``)
+    and ``report_to``.
+
+    ``auto`` is resolved here, once: every ``${device}`` then names the same device, and the
+    run dir's ``config.yaml`` says what ran.
+    """
     settings.seed("seed", cfg.seed)
-    settings.device("device", cfg.device)
+    cfg.device = settings.device("device", cfg.device)
+    cfg.dtype = settings.dtype("dtype", cfg.dtype, cfg.device)
     tracking.check(cfg.report_to)
 
 

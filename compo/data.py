@@ -1,7 +1,8 @@
 """Preference pairs: loading and validating files (tokenization: :mod:`compo.encoding`).
 
-Supported files: JSONL, JSON (an array of objects, or one object per line), CSV and Parquet, in the
-public schemas:
+Supported files: JSONL, JSON (an array of objects, or one object per line), CSV and Parquet; also a
+directory written by ``datasets.save_to_disk`` and a Hugging Face hub dataset id (with a split; see
+:mod:`compo.sources`), whose rows are validated the same way. The public schemas:
 
 * string fields ``prompt``, ``chosen``, ``rejected`` (e.g. UltraFeedback-binarized's ``prompt``);
 * ``chosen``/``rejected`` as chat-message lists sharing the prompt turns (HH-RLHF and UltraFeedback
@@ -41,7 +42,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from compo import settings
+from compo import settings, sources
 from compo.encoding import CHAT_TEMPLATE_MODES, encode_pairs
 from compo.errors import DataError
 from compo.heldout import split_by_prompt
@@ -237,6 +238,36 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(table.to_pylist(), start=1)
 
 
+def read_source(
+    path: str | Path | None, split: str = "train"
+) -> tuple[str | Path, str, Iterator[tuple[int, Any]]]:
+    """Resolves ``data.path`` and returns (label for messages, stem for default ids, rows).
+
+    A path that exists locally is a file (read here) or a ``save_to_disk`` directory; a name
+    that does not, and has no file extension of ours, is tried as a hub dataset id.
+
+    Args:
+        path: File, ``save_to_disk`` directory or hub id; None is the embedded default set.
+        split: The split of a hub dataset or of a saved ``DatasetDict``.
+    """
+    if not path:
+        source = default_data_path()
+        return source, source.stem, iter_records(source)
+    source = Path(path).expanduser()
+    if sources.is_saved_dataset(source):
+        label, rows = sources.read_saved(source, split)
+        return label, source.name, rows
+    hub_id = str(path)
+    if (
+        not source.exists()
+        and source.suffix.lower() not in _FORMATS
+        and sources.looks_like_hub_id(hub_id)
+    ):
+        label, rows = sources.read_hub(hub_id, split)
+        return label, hub_id.rpartition("/")[2], rows
+    return source, source.stem, iter_records(source)
+
+
 def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
     """Yields ``(row, record)`` pairs of a file, rows numbered from 1; ``record`` is a RowError for
     an unreadable row.
@@ -247,7 +278,11 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
         DataError: The file is missing, has an unknown extension or cannot be read at all.
     """
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "is not a regular file"
+        what = (
+            "is a directory, and not one written by datasets.save_to_disk"
+            if path.is_dir()
+            else "is not a regular file"
+        )
         raise DataError(f"{path}: {what}" if path.exists() else f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in _FORMATS:
@@ -431,15 +466,20 @@ def pair_from_record(record: Any, default_id: str) -> PreferencePair:
 
 
 def load_pairs(
-    path: str | Path | None = None, on_error: str = "raise", limit: int | None = None
+    path: str | Path | None = None,
+    on_error: str = "raise",
+    limit: int | None = None,
+    split: str = "train",
 ) -> LoadResult:
-    """Loads and validates a preference file.
+    """Loads and validates a preference file (or ``save_to_disk`` directory, or hub dataset).
 
     Args:
-        path: The file; None means the embedded default data set.
+        path: The file, directory or hub id (see :func:`read_source`); None means the embedded
+            default data set.
         on_error: ``raise`` stops at the first bad row with a :class:`DataError` naming file, row
             and field; ``skip`` leaves bad rows out and returns them in ``rejected``.
         limit: Keep only the first ``limit`` valid pairs (None keeps all).
+        split: The split of a hub dataset or saved ``DatasetDict``.
 
     Returns:
         The valid pairs and the rejected rows.
@@ -449,13 +489,13 @@ def load_pairs(
     """
     if on_error not in ON_ERROR:
         raise DataError(f"data.on_error: {on_error!r} is not one of {list(ON_ERROR)}")
-    source = Path(path).expanduser() if path else default_data_path()
+    source, stem, records = read_source(path, split)
     pairs: list[PreferencePair] = []
     rejected: list[RejectedRow] = []
     seen: set[str] = set()
-    for row, record in iter_records(source):
+    for row, record in records:
         try:
-            pair = pair_from_record(record, default_id=f"{source.stem}-{row}")
+            pair = pair_from_record(record, default_id=f"{stem}-{row}")
             if pair.id in seen:
                 raise RowError("id", f"duplicate id {pair.id!r}")
         except RowError as err:
@@ -482,7 +522,9 @@ class DataSpec:
     """The ``data`` config group: which file and how to read and tokenize it.
 
     Args:
-        path: Preference file; None means the embedded default set.
+        path: Preference file, ``save_to_disk`` directory or hub dataset id; None means the
+            embedded default set.
+        split: The split of a hub dataset or saved ``DatasetDict``.
         on_error: ``raise`` or ``skip`` (bad rows to ``rejected_rows.jsonl``).
         max_length: Longest prompt + reply in tokens.
         max_prompt_length: Longest prompt in tokens.
@@ -495,6 +537,7 @@ class DataSpec:
     """
 
     path: str | None = None
+    split: str = "train"
     on_error: str = "raise"
     max_length: int = 512
     max_prompt_length: int = 256
@@ -506,6 +549,7 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         settings.text("data.path", self.path, optional=True)
+        settings.text("data.split", self.split)
         settings.choice("data.on_error", self.on_error, ON_ERROR)
         settings.choice("data.chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
         settings.number("data.max_length", self.max_length, integer=True, ge=1)
@@ -525,7 +569,7 @@ class DataSpec:
 
     def load(self) -> LoadResult:
         """The pairs of ``path``, with the held-out ones (if any) set apart."""
-        loaded = load_pairs(self.path, self.on_error, self.limit)
+        loaded = load_pairs(self.path, self.on_error, self.limit, self.split)
         if self.eval_path is not None:
             extra = load_pairs(self.eval_path, self.on_error)
             loaded.heldout, loaded.rejected = extra.pairs, loaded.rejected + extra.rejected

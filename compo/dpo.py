@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,48 +34,89 @@ from tqdm.auto import tqdm
 from compo import distributed, settings, state
 from compo.encoding import EncodedPair
 from compo.errors import CompoError
-from compo.interfaces import plain_settings
+from compo.interfaces import local_generator, plain_settings
+from compo.lora import LoRA
 from compo.losses import LOSSES, SFT, PairwiseLoss
 from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
 from compo.stages import Job, Outcome
-from compo.trunk import FrozenTrunkCache, set_trainable, transformer_blocks
+from compo.trunk import (
+    FrozenTrunkCache,
+    low_precision,
+    set_trainable,
+    train_in_fp32,
+    transformer_blocks,
+)
 
 log = logging.getLogger(__name__)
 
 
-_SCHEDULES: dict[str, Callable[[float], float]] = {
-    "constant": lambda progress: 1.0,
-    "linear": lambda progress: 1.0 - progress,
-    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+# dpo.schedule -> transformers' scheduler. Every one starts with ``warmup_steps`` of linear
+# warm-up from 0 (transformers' own "constant" would ignore the warm-up). Schedules needing more
+# than the step counts (a plateau metric, decay steps, a floor) are not offered.
+SCHEDULES = {
+    "constant": "constant_with_warmup",
+    "constant_with_warmup": "constant_with_warmup",
+    "linear": "linear",
+    "cosine": "cosine",
+    "cosine_with_restarts": "cosine_with_restarts",
+    "polynomial": "polynomial",
+    "inverse_sqrt": "inverse_sqrt",
 }
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then ``schedule``."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return _SCHEDULES[schedule]((step - warmup) / max(1, total - warmup))
+def lr_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    """``transformers.get_scheduler`` for ``dpo.schedule``: one multiplier per optimizer step.
+
+    Its state (the step count) is part of ``dpo_state/``, so a resumed run continues the same
+    learning rates.
+    """
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        SCHEDULES[schedule],
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=total_steps,
+    )
 
 
-def _save_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, progress: dict):
+@contextlib.contextmanager
+def _seeded_dropout(*key: int, device: torch.device):
+    """Dropout masks (LoRA's, the model's) drawn from a seed of ``key``, not from wherever the
+    global RNG stands, so a resumed run draws the same masks; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(local_generator(*key).initial_seed())
+        yield
+
+
+def _pt_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _save_state(
+    state_dir: Path, model: nn.Module, names: list[str], optimizer, scheduler, progress: dict
+):
     if not distributed.is_main():  # every rank holds the same state; one writes it
         return
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().contiguous().cpu() for n in names}
     state.check_finite(tensors.items(), f"resume state {state_dir}")
-    buffer = io.BytesIO()
-    torch.save(optimizer.state_dict(), buffer)
     payloads = {
         "trainable": ("safetensors", safetensors_save(tensors)),
-        "optimizer": ("pt", buffer.getvalue()),
+        "optimizer": ("pt", _pt_bytes(optimizer.state_dict())),
+        "scheduler": ("pt", _pt_bytes(scheduler.state_dict())),
     }
     state.commit(state_dir, progress["step"], payloads, progress)
 
 
-def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, expect: dict):
+def _load_state(
+    state_dir: Path, model: nn.Module, names: list[str], optimizer, scheduler, expect: dict
+):
     """Restores a verified ``dpo_state/`` and returns its step; None when there is none."""
-    loaded = state.load(state_dir, ("trainable", "optimizer"))
+    loaded = state.load(state_dir, ("trainable", "optimizer", "scheduler"))
     if loaded is None:
         return None
     progress, blobs = loaded
@@ -88,6 +129,7 @@ def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, 
         for name, value in tensors.items():
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(io.BytesIO(blobs["optimizer"]), weights_only=True))
+    scheduler.load_state_dict(torch.load(io.BytesIO(blobs["scheduler"]), weights_only=True))
     return progress["step"]
 
 
@@ -140,8 +182,9 @@ class DPOTrainer:
         weight_by_confidence: Multiply each pair's loss by its ``confidence``.
         lr: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
-        warmup_steps: Optimizer steps of linear warm-up.
-        schedule: After warm-up: constant, linear (to zero) or cosine.
+        warmup_steps: Optimizer steps of linear warm-up (from 0, as in transformers).
+        schedule: After warm-up (``transformers.get_scheduler``): constant, linear (to zero),
+            cosine, cosine_with_restarts, polynomial, inverse_sqrt (see :data:`SCHEDULES`).
         epochs: Passes over the pairs.
         batch_size: Pairs per forward/backward pass.
         grad_accum: Passes per optimizer step.
@@ -160,6 +203,9 @@ class DPOTrainer:
             SFT -> DPO chain, in ``sft_state/`` and ``trace/sft.jsonl``); the preference loss
             then takes the SFT model as its reference. 0: no SFT step.
         sft_lr: The SFT step's learning rate (None: ``lr``).
+        lora: LoRA adapters on the trained blocks instead of training their weights
+            (:class:`compo.lora.LoRA`; None or ``r=0``: off). The adapter is merged at the end
+            and written to ``<phase>_adapter/``, then into ``checkpoint/adapter/``.
     """
 
     def __init__(
@@ -185,8 +231,9 @@ class DPOTrainer:
         cache_trunk: bool = True,
         sft_epochs: int = 0,
         sft_lr: float | None = None,
+        lora: LoRA | None = None,
     ) -> None:
-        settings.choice("dpo.schedule", schedule, _SCHEDULES)
+        settings.choice("dpo.schedule", schedule, SCHEDULES)
         settings.choice("dpo.scope", scope, ("all", "last_k"))
         for name, value in (
             ("epochs", epochs),
@@ -221,6 +268,11 @@ class DPOTrainer:
             raise settings.SettingError(
                 f"dpo.loss must be a loss of compo.losses (e.g. dpo=ipo), got {type(loss).__name__}"
             )
+        if lora is not None and not isinstance(lora, LoRA):
+            raise settings.SettingError(
+                f"dpo.lora must be null or compo.lora.LoRA settings, got {type(lora).__name__}"
+            )
+        self.lora = lora if lora is not None and lora.enabled else None
         self.loss, self.loss_name = loss, loss.name
         self.weight_by_confidence = weight_by_confidence
         self.lr, self.weight_decay = lr, weight_decay
@@ -243,6 +295,7 @@ class DPOTrainer:
         encoded = [job.encoded[i] for i in rows]
         confidences = [job.pairs[i].confidence for i in rows]
         metrics: dict[str, dict[str, Any]] = {}
+        files: dict[str, Path] = {}
         if self.sft_epochs:
             sft = copy.copy(self)
             sft.loss, sft.loss_name, sft.phase = SFT(), "sft", "sft"
@@ -251,6 +304,8 @@ class DPOTrainer:
                 job.policy, encoded, job.pad_token_id, job.out,
                 confidences=confidences,
             )  # fmt: skip
+            if self.lora:  # on the starting model; the DPO adapter is on the SFT model
+                files["sft_adapter"] = sft.adapter_dir(job.out)
             ready = False  # the reference is now the SFT model: scored anew by train()
         if self.loss.rewrites_pairs:  # other prompts: encoded anew, the shared scores do not apply
             rewritten = [self.loss.rewrite(job.pairs[i]) for i in rows]
@@ -271,7 +326,13 @@ class DPOTrainer:
             trunk=job.reference.trunk if ready else None,
         )
         job.reference.trunk = None  # frees the recorded states: no later stage reads them
-        return Outcome({**metrics, "dpo": dpo_metrics}, changed=True)
+        if self.lora:
+            files["adapter"] = self.adapter_dir(job.out)
+        return Outcome({**metrics, "dpo": dpo_metrics}, changed=True, files=files)
+
+    def adapter_dir(self, out: RunDir) -> Path:
+        """Where :meth:`train` writes this phase's LoRA adapter (``dpo_adapter/``)."""
+        return out.path / f"{self.phase}_adapter"
 
     def settings(self) -> dict[str, Any]:
         """What the trained weights depend on (recorded in ``dpo_state/`` and checked on resume)."""
@@ -290,6 +351,7 @@ class DPOTrainer:
             "last_k": self.last_k,
             "bf16": self.bf16,
             "seed": self.seed,
+            "lora": self.lora.settings() if self.lora else None,
         }
 
     def compute_loss(
@@ -409,8 +471,16 @@ class DPOTrainer:
         """
         started = time.perf_counter()
         device = next(model.parameters()).device
-        names = set_trainable(model, self.scope, self.last_k)
+        adapter = None
+        if self.lora:  # only the adapters train: every weight of the model stays frozen
+            adapter = self.lora.attach(model, self.scope, self.last_k, self.seed)
+            names = adapter.names
+        else:
+            names = set_trainable(model, self.scope, self.last_k)
         ref, scorer = self.prepare(model, pairs, pad_token_id, reference, trunk)
+        # A low-precision trunk (dtype=bfloat16) runs under autocast to its dtype, the trained
+        # parameters in fp32 (restored to their dtype at the end).
+        amp = torch.bfloat16 if self.bf16 else low_precision(model)
         mismatched = None
         if self.loss.needs_kl:  # before any update: its reference side is the starting model
             mismatched = MismatchedKL(
@@ -422,12 +492,14 @@ class DPOTrainer:
                 raise ValueError("weight_by_confidence needs confidences")
             weights = torch.tensor(list(confidences), dtype=torch.float32, device=device)
 
+        restore_dtypes = train_in_fp32(model, names)
         params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         per_step = self.batch_size * self.grad_accum
         steps_per_epoch = math.ceil(len(pairs) / per_step)
         total = steps_per_epoch * self.epochs
+        scheduler = lr_scheduler(optimizer, self.schedule, self.warmup_steps, total)
         identity = {"n_pairs": len(pairs), "total_steps": total, "loss": self.loss_name}
         # A state continues only the run that wrote it: same settings, same pairs and labels
         # (and confidences when they weight the loss), same starting weights.
@@ -440,7 +512,7 @@ class DPOTrainer:
         step = 0
         if self.resume:
             # Verified before use: a truncated or altered file is a CompoError, never loaded.
-            step = _load_state(state_dir, model, names, optimizer, setup) or 0
+            step = _load_state(state_dir, model, names, optimizer, scheduler, setup) or 0
             if step:
                 log.info(
                     "%s: resuming from %s at step %d of %d", self.phase, state_dir, step, total
@@ -456,13 +528,12 @@ class DPOTrainer:
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if self.bf16
-            else contextlib.nullcontext()
+            torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         )
         log.info(
-            "%s: %s on %d pairs, %d steps, %d trainable parameters (%s)", self.phase,
+            "%s: %s on %d pairs, %d steps, %d trainable parameters (%s%s)", self.phase,
             self.loss_name, len(pairs), total, n_trainable, self.scope,
+            f", LoRA r={self.lora.r} on {len(names) // 2} layers" if self.lora else "",
         )  # fmt: skip
         start_step, tokens = step, 0
         train_started = time.perf_counter()
@@ -481,20 +552,17 @@ class DPOTrainer:
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 order = torch.randperm(len(pairs), generator=gen).tolist()
                 rows = order[index * per_step : (index + 1) * per_step]
-                lr = self.lr * lr_factor(step, total, self.warmup_steps, self.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 sums: dict[str, float] = {}
                 step_tokens = 0
                 for start in range(0, len(rows), self.batch_size):
                     micro = rows[start : start + self.batch_size]
                     batch = [pairs[i] for i in micro]
-                    with autocast:
+                    with autocast, _seeded_dropout(self.seed, step, start, device=device):
                         scores = score_pairs(
                             scorer, batch, pad_token_id, batch_size=2 * len(batch),
                             requires_grad=True,
                         )  # fmt: skip
-                    kl = mismatched.kl(micro) if mismatched is not None else None
+                        kl = mismatched.kl(micro) if mismatched is not None else None
                     loss, stats = self.compute_loss(
                         scores,
                         (ref[0][micro], ref[1][micro]),
@@ -514,11 +582,13 @@ class DPOTrainer:
                 grad_norm = None
                 if self.max_grad_norm is not None:
                     grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm).item()
+                lr = optimizer.param_groups[0]["lr"]  # this step's rate, set by the scheduler
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens += step_tokens
-                row = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+                row = {"step": step, "epoch": epoch, "lr": lr}
                 row.update({k: v / len(rows) for k, v in sums.items()})
                 row.update(grad_norm=grad_norm, n_pairs=len(rows), tokens=step_tokens)
                 trace.write(row)
@@ -530,14 +600,21 @@ class DPOTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
                 if self.save_every and step % self.save_every == 0 and step < total:
-                    _save_state(state_dir, model, names, optimizer, {**setup, "step": step})
+                    _save_state(
+                        state_dir, model, names, optimizer, scheduler, {**setup, "step": step}
+                    )
         bar.close()
         model.eval()
         if self.gradient_checkpointing:
             disable = getattr(model, "activation_checkpointing_disable", None)
             (disable or model.gradient_checkpointing_disable)()
         if step > start_step:
-            _save_state(state_dir, model, names, optimizer, {**setup, "step": step})
+            _save_state(state_dir, model, names, optimizer, scheduler, {**setup, "step": step})
+        restore_dtypes()
+        if adapter is not None:
+            if distributed.is_main():
+                adapter.save(self.adapter_dir(out))
+            adapter.merge()  # ComPO and the checkpoint see a plain model with the update in it
         train_seconds = time.perf_counter() - train_started
         metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
         metrics["seconds"] = round(time.perf_counter() - started, 3)

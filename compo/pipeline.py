@@ -46,10 +46,11 @@ def _log(out: RunDir, outcome: Outcome) -> None:
         out.log_metrics(group, values)
 
 
-def _checkpoint(out: RunDir, policy: Any, tokenizer: Any, changed: bool) -> None:
-    """Saves the policy if a stage changed it; else no checkpoint may stand for this run."""
+def _checkpoint(out: RunDir, policy: Any, tokenizer: Any, changed: bool, files: dict) -> None:
+    """Saves the policy (and the stages' ``files``) if a stage changed it; else no checkpoint
+    may stand for this run."""
     if changed:
-        save_checkpoint(policy, tokenizer, out.checkpoint_dir)
+        save_checkpoint(policy, tokenizer, out.checkpoint_dir, files)
         log.info("checkpoint saved to %s", out.checkpoint_dir)
     elif out.checkpoint_dir.exists():
         shutil.rmtree(out.checkpoint_dir)
@@ -99,7 +100,7 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     # The checkpoint and eval.after are rank 0's alone: no collective operation follows.
     changed = first.changed or zeroth.changed
     if distributed.is_main():
-        _checkpoint(out, policy, tokenizer, changed)
+        _checkpoint(out, policy, tokenizer, changed, {**first.files, **zeroth.files})
         if changed:
             _log(out, stages.evaluator.after(job, split))
         out.log_metrics("plots", plots.draw(out.path, out.metrics))

@@ -90,11 +90,14 @@ def token_logps(
     weight = weight.float()
     bias = bias.float() if bias is not None else None
     out = []
-    for start in range(0, hidden.shape[0], chunk):
-        logits = F.linear(hidden[start : start + chunk].float(), weight, bias)
-        rows = targets[start : start + chunk]
-        # gather - logsumexp is log_softmax at one column, without a second (chunk, V) buffer.
-        out.append(logits.gather(-1, rows[:, None]).squeeze(-1) - logits.logsumexp(-1))
+    # Under autocast (dpo.bf16, a low-precision trunk) the matmul would run in bf16: log-probs
+    # off by ~0.05 nats. The output layer is computed in fp32 whatever the caller's context.
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[start : start + chunk].float(), weight, bias)
+            rows = targets[start : start + chunk]
+            # gather - logsumexp is log_softmax at one column, without a second (chunk, V) buffer.
+            out.append(logits.gather(-1, rows[:, None]).squeeze(-1) - logits.logsumexp(-1))
     if not out:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)

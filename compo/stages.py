@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from compo import settings
@@ -56,10 +57,12 @@ class Job:
 
 @dataclass
 class Outcome:
-    """A stage's metrics (``group -> {name: value}``) and whether it changed the policy."""
+    """A stage's metrics (``group -> {name: value}``), whether it changed the policy, and
+    directories to put inside ``checkpoint/`` by name (a LoRA adapter: ``adapter``)."""
 
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     changed: bool = False
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 @runtime_checkable
