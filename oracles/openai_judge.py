@@ -213,6 +213,14 @@ class OpenAIJudge(OutputJudge):
         )
         self.request_seconds = 0.0
 
+    def describe(self) -> dict[str, Any]:
+        """What decides a verdict (the verdict cache's key): endpoint, model, template, sampling.
+
+        Budgets, retries, timeouts and concurrency are left out: a run stopped by its budget
+        resumes its ComPO state when rerun with a larger one.
+        """
+        return {"type": f"{__name__}.{type(self).__qualname__}", **json.loads(self.identity)}
+
     @property
     def where(self) -> str:
         return self.base_url or "https://api.openai.com/v1"

@@ -323,3 +323,14 @@ def test_retry_after_as_an_http_date():
         datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=30), usegmt=True
     )
     assert 25 <= retry_after({"retry-after": when}) <= 30
+
+
+def test_a_resume_is_not_refused_for_a_new_budget_or_timeout():
+    from oracles.generative import GenerativeOracle
+
+    def described(**kwargs):
+        return GenerativeOracle(OpenAIJudge(api_key_env=None, **kwargs)).describe()
+
+    assert described() == described(max_requests=5000, timeout=90.0, max_retries=8, cache=False)
+    assert described() != described(model="gpt-4o-mini")
+    assert described() != described(base_url="http://127.0.0.1:8000/v1")
