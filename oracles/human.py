@@ -41,10 +41,11 @@ from oracles.label_queue import (
     shown_swapped,
     verdict_of,
 )
-from oracles.label_server import LabelServer, main
+from oracles.label_server import LabelServer, build_parser, main
 
-__all__ = ["ANSWERS", "HumanJudge", "LabelBudgetSpent", "LabelQueue", "LabelServer", "main"]
-__all__ += ["verdict_of"]
+# compo-label's pieces are re-exported: ``oracles.human`` was their home before the split.
+__all__ = ["ANSWERS", "HumanJudge", "LabelBudgetSpent", "LabelQueue", "LabelServer"]
+__all__ += ["build_parser", "main", "verdict_of"]
 
 log = logging.getLogger(__name__)
 HEARTBEAT = 5.0  # seconds between status refreshes while waiting (the page tells a stale run)
