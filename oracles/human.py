@@ -192,7 +192,9 @@ class HumanJudge(OutputJudge):
         if self.max_labels is None or self.counts["asked"] + n <= self.max_labels:
             return
         left = self.max_labels - self.counts["asked"]
-        note = f"its label budget is spent ({self.counts['asked']} of {self.max_labels} asked)"
+        note = (
+            f"its next batch needs {n} new labels, {left} of its budget of {self.max_labels} left"
+        )
         self.queue.set_status(state="stopped", note=note)
         raise LabelBudgetSpent(
             f"oracle.human: the next batch needs {n} new label(s), {left} of "

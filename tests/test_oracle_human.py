@@ -375,6 +375,7 @@ def test_the_label_budget_stops_the_run_in_one_line_and_a_rerun_continues(tmp_pa
     assert "1 of oracle.judge.max_labels=3 are left" in message
     queue = LabelQueue(tmp_path / "q.sqlite")
     assert queue.status()["state"] == "stopped" and len(queue.pending()) == 0  # nothing queued
+    assert queue.status()["note"] == "its next batch needs 2 new labels, 1 of its budget of 3 left"
     rerun = _web_judge(tmp_path, serve=False, max_labels=4)
     thread = _label_when_queued(queue, ["tie", "tie"])
     rerun.judge_batch([(PROMPT, x, y) for x, y in ("ab", "cd", "ef", "gh")])
@@ -432,8 +433,9 @@ def test_an_answer_is_confirmed_and_the_page_says_what_happens_next(server):
     assert "The run has ended and every label is saved: you can close this page." in _visible(
         _page(server)
     )
-    server.queue.set_status(state="stopped", note="its label budget is spent (5 of 5 asked)")
-    assert "The run stopped: its label budget is spent (5 of 5 asked)." in _visible(_page(server))
+    note = "its next batch needs 4 new labels, 1 of its budget of 5 left"
+    server.queue.set_status(state="stopped", note=note)
+    assert f"The run stopped: {note}." in _visible(_page(server))
 
 
 def test_a_run_not_heard_from_is_flagged_and_no_run_is_said(server):
