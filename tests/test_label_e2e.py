@@ -166,8 +166,11 @@ def _shorter(left: str, right: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _answer_in_browser(chrome, run: HumanRun, artifacts: Path) -> tuple[list[str], list[str]]:
-    """Answers every comparison the run shows, by keyboard, until the run exits.
+def _answer_in_browser(
+    chrome, run: HumanRun, url: str, artifacts: Path
+) -> tuple[list[str], list[str]]:
+    """Answers every comparison the run shows, by keyboard, until the run exits; after the first
+    answer the labeller closes the page and opens it again.
 
     Returns the keys pressed and the notices the page showed after them.
     """
@@ -200,6 +203,9 @@ def _answer_in_browser(chrome, run: HumanRun, artifacts: Path) -> tuple[list[str
         )
         notice = chrome.find_element(By.ID, "notice")
         notices.append(notice.text if notice.is_displayed() else "")
+        if len(keys) == 1:  # closed and reopened: the page carries no state of its own
+            chrome.get("about:blank")
+            chrome.get(url)
     return keys, notices
 
 
@@ -246,7 +252,7 @@ def test_a_person_labels_a_compo_run_by_keyboard_in_the_browser(chrome, human_ru
     assert "forbidden" in chrome.find_element(By.TAG_NAME, "body").text
 
     chrome.get(url)
-    keys, notices = _answer_in_browser(chrome, run, artifacts)
+    keys, notices = _answer_in_browser(chrome, run, url, artifacts)
     assert run.wait() == 0, "\n".join(run.lines)
 
     # After the last answer the run ended: the page says its server is gone, labels are saved.
