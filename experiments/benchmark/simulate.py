@@ -142,7 +142,7 @@ def build(rows: list[dict], users: int, eps: float, eta: float, seed: int, corre
     result = clicks_to_pairs(
         enumerate(shown, start=1), f"bench-eps{eps}.jsonl", correction=correction
     )
-    pairs = annotate(result.pairs, train)
+    pairs = annotate(result.rows, train)
     wrong = sum(not p["label_correct"] for p in pairs)
     stats = dict(result.stats, label_noise=round(wrong / max(1, len(pairs)), 4))
     return shown, pairs, stats
