@@ -189,3 +189,15 @@ def test_aggregator_utility_gain_over_the_starting_model(tmp_path):
     (job / "heldout_metrics.json").write_text(json.dumps(held))
     (record,) = aggregate.collect([tmp_path])
     assert record["heldout.delta_utility"] == pytest.approx(0.05)
+
+
+def test_every_benchmark_arm_file_is_in_the_tables():
+    """Each configs/experiment/bench_<arm>.yaml is an arm the aggregator orders, and every arm
+    of the first-order family is compared with DPO on the same pairs."""
+    import yaml
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("bench_*"))
+    arms = [yaml.safe_load(p.read_text())["bench"]["arm"] for p in files if p.stem != "bench_base"]
+    assert [f"bench_{a}" for a in arms] == [p.stem for p in files if p.stem != "bench_base"]
+    assert sorted(arms) == sorted(aggregate.ARM_ORDER)
+    assert {arm for arm, base in aggregate.CONTRASTS if base == "dpo_all"} >= set(aggregate.FAMILY)
