@@ -37,14 +37,31 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+# Read once: os.umask is process-wide, so reading it while other threads create files would race.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename.
+
+    The file gets the permissions a plain ``open`` would give it (mkstemp's are owner-only), so
+    data files written this way can be shared and shipped.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         # backslashreplace: a lone surrogate in a rejected row is written as its escape, not lost.
-        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as handle:
+        # newline: the same bytes on every platform (data files are shipped and hashed).
+        mode = {"encoding": "utf-8", "errors": "backslashreplace", "newline": "\n"}
+        with os.fdopen(fd, "w", **mode) as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from compo.data import load_pairs
+from compo.rundir import write_jsonl
 
 # The benchmark scripts live in experiments/ (not an installed package): import from the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -92,8 +93,8 @@ def test_benchmark_is_deterministic_and_noise_is_measured():
 
 def test_written_files_load_as_pairs(tmp_path):
     _, pairs, _ = simulate.build(rows(), users=6, eps=0.2, eta=1.0, seed=0, correction="ipw")
-    simulate.write_jsonl(pairs, tmp_path / "pairs.jsonl")
-    simulate.write_jsonl(simulate.heldout_pairs(rows("heldout")), tmp_path / "heldout.jsonl")
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    write_jsonl(tmp_path / "heldout.jsonl", simulate.heldout_pairs(rows("heldout")))
     loaded = load_pairs(tmp_path / "pairs.jsonl").pairs
     assert len(loaded) == len(pairs) and all(0.5 < p.confidence <= 1 for p in loaded)
     assert "true_margin" in loaded[0].metadata

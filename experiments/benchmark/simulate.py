@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from compo.clicks import clicks_to_pairs, examination_propensities
+from compo.rundir import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "experiments" / "benchmark" / "data"
@@ -148,12 +149,6 @@ def build(rows: list[dict], users: int, eps: float, eta: float, seed: int, corre
     return shown, pairs, stats
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    path.write_text(text, encoding="utf-8")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--responses", type=Path, default=DATA / "responses.jsonl")
@@ -170,11 +165,11 @@ def main(argv=None) -> int:
     shown, pairs, stats = build(rows, args.users, args.eps, args.eta, args.seed, args.correction)
     out = args.out or args.out_dir / f"pairs_eps{args.eps}_seed{args.seed}.jsonl"
     if args.impressions:  # ~0.8 MB per noise rate: written on request, not committed
-        write_jsonl(shown, args.impressions)
-    write_jsonl(pairs, out)
+        write_jsonl(args.impressions, shown)
+    write_jsonl(out, pairs)
     write_jsonl(
-        heldout_pairs([r for r in rows if r["split"] == "heldout"]),
         args.out_dir / "heldout_pairs.jsonl",
+        heldout_pairs([r for r in rows if r["split"] == "heldout"]),
     )
     print(json.dumps({"eps": args.eps, **stats}))
     return 0
