@@ -272,6 +272,20 @@ def test_kto_on_an_unpaired_file_runs_end_to_end(tmp_path, write_jsonl):
     assert (tmp_path / "checkpoint").is_dir()
 
 
+def test_an_unpaired_run_resumes_and_refuses_state_of_other_labels(tmp_path, write_jsonl):
+    from conftest import run_compo
+
+    settings = ("dpo=kto", "splitter=none", "optimizer=none", "eval=none", "dpo.scope=all")
+    data = write_jsonl(ROWS)
+    first = run_compo(tmp_path, f"data.path={data}", *settings)
+    again = run_compo(tmp_path, f"data.path={data}", *settings)
+    assert first["dpo.steps_run"] == 1 and again["dpo.steps_run"] == 0  # dpo_state/ is complete
+    assert again["dpo.loss_first"] == first["dpo.loss_first"]
+    flipped = write_jsonl([{**r, "label": not r["label"]} for r in ROWS], name="flipped.jsonl")
+    with pytest.raises(CompoError, match=r"dpo_state.* the data .* differ"):
+        run_compo(tmp_path, f"data.path={flipped}", *settings)
+
+
 @pytest.mark.parametrize(
     ("overrides", "fix"),
     [
