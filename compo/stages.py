@@ -179,10 +179,11 @@ def check_unpaired(source: Any, stages: dict[str, Any]) -> None:
     """
     fixes = {group: stage.unpaired_fix for group, stage in stages.items() if stage.unpaired_fix}
     if fixes:
+        *others, last = fixes
+        groups = f"{', '.join(others)} and {last}" if others else last
         raise DataError(
-            f"{source} holds unpaired rows (prompt, completion, label), which "
-            f"{' and '.join(fixes)} cannot use as configured (they need preference pairs); "
-            f"set {' '.join(fixes.values())}"
+            f"{source} holds unpaired rows (prompt, completion, label), which {groups} cannot use "
+            f"as configured (they need preference pairs); set {' '.join(fixes.values())}"
         )
 
 

@@ -294,6 +294,10 @@ def test_an_unpaired_run_resumes_and_refuses_state_of_other_labels(tmp_path, wri
         (["splitter=none", "optimizer=none", "dpo.sft_epochs=1"], "set dpo.sft_epochs=0$"),
         (["splitter=none", "optimizer=none", "dpo.loss.ld_alpha=0.5"], "dpo.loss.ld_alpha=null$"),
         (["splitter=confidence", "optimizer=none"], "which splitter cannot use"),
+        (
+            ["dpo=dpo"],
+            "which splitter, dpo and optimizer .*; set splitter=none dpo=kto optimizer=none$",
+        ),
     ],
 )
 def test_stages_that_need_pairs_refuse_an_unpaired_file(tmp_path, write_jsonl, overrides, fix):
