@@ -12,6 +12,13 @@ directory written by ``datasets.save_to_disk`` and a Hugging Face hub dataset id
 * raw HH-RLHF transcripts (``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` in ``chosen``/``rejected``,
   no ``prompt``).
 
+Unpaired rows (KTO's data, TRL's unpaired preference format): ``prompt`` (a string or chat
+messages), ``completion`` (a string, or chat messages ending with the assistant's reply; turns
+before it are the prompt when there is no ``prompt``) and ``label`` (true: desirable, false:
+undesirable; also ``"true"``/``"false"`` as text, as in CSV, and 1/0). A file holds one kind: its
+first valid row decides, and a row of the other kind is a bad row; :func:`load_pairs` reads files
+of unpaired rows only when asked (``unpaired=True``; :class:`compo.types.UnpairedExample` items).
+
 Optional fields: ``id`` (default ``<file stem>-<row>``), ``confidence`` in [0, 1] (default 1.0);
 every other field is kept in ``metadata``. Rows are numbered from 1 in file order (for JSONL
 without blank lines, the row is the line number).
@@ -43,10 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from compo import settings, sources
-from compo.encoding import CHAT_TEMPLATE_MODES, encode_pairs
+from compo.encoding import CHAT_TEMPLATE_MODES, encode_rows
 from compo.errors import DataError
 from compo.heldout import split_by_prompt
-from compo.types import Message, PreferencePair
+from compo.types import Message, PreferencePair, UnpairedExample
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +106,16 @@ class RejectedRow:
 
 @dataclass
 class LoadResult:
-    """The valid pairs, the rows set aside and the held-out pairs (see :mod:`compo.heldout`)."""
+    """The valid rows of a file (preference pairs, or unpaired examples) and the rejected ones."""
 
-    pairs: list[PreferencePair]
+    pairs: list[PreferencePair] | list[UnpairedExample]
     rejected: list[RejectedRow]
     heldout: list[PreferencePair] = field(default_factory=list)
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the file holds unpaired rows (``pairs`` are UnpairedExample items)."""
+        return bool(self.pairs) and isinstance(self.pairs[0], UnpairedExample)
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,16 +459,13 @@ def pair_from_record(record: Any, default_id: str) -> PreferencePair:
     prompt, chosen, rejected = _prompt_and_replies(record)
     if chosen.strip() == rejected.strip():
         raise RowError("rejected", "is identical to chosen")
-    raw_id = record.get("id")
-    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, str | int)):
-        raise RowError("id", f"expected a string or integer, got {type(raw_id).__name__}")
     metadata = {
         k: v
         for k, v in record.items()
         if k not in {"id", "prompt", "chosen", "rejected", "confidence"}
     }
     return PreferencePair(
-        id=str(raw_id) if raw_id is not None and str(raw_id) else default_id,
+        id=_row_id(record, default_id),
         prompt=prompt,
         chosen=chosen,
         rejected=rejected,
@@ -465,11 +474,96 @@ def pair_from_record(record: Any, default_id: str) -> PreferencePair:
     )
 
 
+def _row_id(record: dict[str, Any], default_id: str) -> str:
+    raw_id = record.get("id")
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, str | int)):
+        raise RowError("id", f"expected a string or integer, got {type(raw_id).__name__}")
+    return str(raw_id) if raw_id is not None and str(raw_id) else default_id
+
+
+_LABELS = {"true": True, "false": False}
+
+
+def _label(record: dict[str, Any]) -> bool:
+    value = record.get("label")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise RowError("label", "is missing (true: desirable, false: undesirable)")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABELS:  # CSV cells are text
+        return _LABELS[value.strip().lower()]
+    shown = repr(value) if len(repr(value)) <= 20 else f"{repr(value)[:17]}..."
+    raise RowError("label", f"expected true or false, got {shown}")
+
+
+def _given(record: dict[str, Any], name: str) -> bool:
+    value = record.get(name)
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def is_unpaired_row(record: Any) -> bool:
+    """Whether a source row is an unpaired example: no reply pair, a ``completion`` or ``label``.
+
+    (A CSV row has every column of the file: empty cells count as absent.)
+    """
+    return (
+        isinstance(record, dict)
+        and not _given(record, "chosen")
+        and not _given(record, "rejected")
+        and (_given(record, "completion") or _given(record, "label"))
+    )
+
+
+def example_from_record(record: Any, default_id: str) -> UnpairedExample:
+    """Validates one unpaired source row and turns it into an :class:`UnpairedExample`.
+
+    Args:
+        record: The row as read from the file.
+        default_id: Id to use when the row has none.
+
+    Raises:
+        RowError: Naming the field at fault and why.
+    """
+    record = as_object(record)
+    _check_unicode(record, None)
+    completion, prompt = record.get("completion"), record.get("prompt")
+    if isinstance(completion, list):  # TRL's conversational form, or a whole conversation
+        turns, reply = _split_conversation(_messages(completion, "completion"), "completion")
+        if not turns:
+            turns = (
+                _messages(prompt, "prompt") if isinstance(prompt, list) else _text(record, "prompt")
+            )
+        if isinstance(turns, list) and not any(m["content"].strip() for m in turns):
+            raise RowError("prompt", "is empty")
+    elif completion is None or isinstance(completion, str):
+        turns = _messages(prompt, "prompt") if isinstance(prompt, list) else _text(record, "prompt")
+        reply = _text(record, "completion")
+    else:
+        raise RowError(
+            "completion", f"expected a string or chat messages, got {type(completion).__name__}"
+        )
+    keys = {"id", "prompt", "completion", "label", "confidence"}
+    return UnpairedExample(
+        id=_row_id(record, default_id),
+        prompt=turns,
+        completion=reply,
+        label=_label(record),
+        confidence=_confidence(record),
+        metadata={k: v for k, v in record.items() if k not in keys},
+    )
+
+
+_KINDS = {False: "a preference pair", True: "an unpaired row (prompt, completion, label)"}
+
+
 def load_pairs(
     path: str | Path | None = None,
     on_error: str = "raise",
     limit: int | None = None,
     split: str = "train",
+    unpaired: bool = False,
 ) -> LoadResult:
     """Loads and validates a preference file (or ``save_to_disk`` directory, or hub dataset).
 
@@ -480,12 +574,15 @@ def load_pairs(
             and field; ``skip`` leaves bad rows out and returns them in ``rejected``.
         limit: Keep only the first ``limit`` valid pairs (None keeps all).
         split: The split of a hub dataset or saved ``DatasetDict``.
+        unpaired: Also read a file of unpaired rows (the result's ``pairs`` are then
+            :class:`UnpairedExample` items); otherwise such a file is a DataError.
 
     Returns:
-        The valid pairs and the rejected rows.
+        The valid pairs (or unpaired examples) and the rejected rows.
 
     Raises:
-        DataError: On an unreadable file, a bad row (``on_error=raise``) or no valid row at all.
+        DataError: On an unreadable file, a bad row (``on_error=raise``), no valid row at all, or
+            unpaired rows when they are not asked for.
     """
     if on_error not in ON_ERROR:
         raise DataError(f"data.on_error: {on_error!r} is not one of {list(ON_ERROR)}")
@@ -493,9 +590,19 @@ def load_pairs(
     pairs: list[PreferencePair] = []
     rejected: list[RejectedRow] = []
     seen: set[str] = set()
+    first: tuple[bool, int] | None = None  # (unpaired?, row) of the first valid row: its kind
     for row, record in records:
         try:
-            pair = pair_from_record(record, default_id=f"{stem}-{row}")
+            kind = is_unpaired_row(record)
+            if first is not None and kind != first[0]:
+                raise RowError(
+                    None,
+                    f"is {_KINDS[kind]}, but row {first[1]} is {_KINDS[first[0]]}: a file holds "
+                    "one kind (write a pair as two unpaired rows, chosen with label true and "
+                    "rejected with label false, or use two files)",
+                )
+            parse = example_from_record if kind else pair_from_record
+            pair = parse(record, default_id=f"{stem}-{row}")
             if pair.id in seen:
                 raise RowError("id", f"duplicate id {pair.id!r}")
         except RowError as err:
@@ -506,12 +613,19 @@ def load_pairs(
             kept = record if not isinstance(record, RowError) else None
             rejected.append(RejectedRow(str(source), row, err.field, err.reason, kept))
             continue
+        if first is None:
+            first = (kind, row)
+            if kind and not unpaired:
+                raise DataError(
+                    f"{source}: holds unpaired rows (prompt, completion, label; row {row}), but "
+                    "preference pairs (prompt, chosen, rejected) are needed here"
+                )
         seen.add(pair.id)
         pairs.append(pair)
         if limit is not None and len(pairs) >= limit:
             break
     if not pairs:
-        raise DataError(f"{source}: no valid preference pair ({len(rejected)} rows rejected)")
+        raise DataError(f"{source}: no valid row ({len(rejected)} rows rejected)")
     if rejected:
         log.warning("%s: %d bad rows set aside (see rejected_rows.jsonl)", source, len(rejected))
     return LoadResult(pairs, rejected)
@@ -568,8 +682,14 @@ class DataSpec:
             )
 
     def load(self) -> LoadResult:
-        """The pairs of ``path``, with the held-out ones (if any) set apart."""
-        loaded = load_pairs(self.path, self.on_error, self.limit, self.split)
+        """The pairs of ``path`` (or its unpaired examples: the stages check they can use them),
+        with the held-out pairs (if any) set apart."""
+        loaded = load_pairs(self.path, self.on_error, self.limit, self.split, unpaired=True)
+        if loaded.unpaired and (self.eval_path is not None or self.eval_fraction is not None):
+            raise settings.SettingError(
+                "data.eval_path / data.eval_fraction: held-out evaluation needs preference pairs "
+                f"and {self.path} holds unpaired rows; set both to null"
+            )
         if self.eval_path is not None:
             extra = load_pairs(self.eval_path, self.on_error)
             loaded.heldout, loaded.rejected = extra.pairs, loaded.rejected + extra.rejected
@@ -579,7 +699,7 @@ class DataSpec:
             )
         return loaded
 
-    def encode(self, pairs: list[PreferencePair], tokenizer: Any):
-        return encode_pairs(
+    def encode(self, pairs: list[PreferencePair] | list[UnpairedExample], tokenizer: Any):
+        return encode_rows(
             pairs, tokenizer, self.max_length, self.max_prompt_length, self.chat_template
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from compo import distributed, settings, state
-from compo.encoding import EncodedPair
+from compo.encoding import labels_of
 from compo.errors import CompoError
 from compo.interfaces import local_generator, plain_settings
 from compo.lora import LoRA
@@ -136,41 +137,54 @@ def _load_state(
 class MismatchedKL:
     """KTO's reference point: the policy's KL from the reference on mismatched prompt/reply pairs.
 
-    Prompt i goes with the replies of pair i + 1 (cyclic over the training pairs, so the pairing
-    does not depend on the batch order; TRL cycles within each batch). Their reference log-probs
-    are scored once, before training; the policy's at each step, without gradient.
+    Prompt i goes with the replies of pair i + 1, or of the next pair with another prompt when
+    i + 1 shares prompt i (cyclic over the training pairs, so the pairing does not depend on the
+    batch order; TRL cycles within each batch, whatever the prompts); for unpaired examples, with
+    the completion of the next example. Their reference log-probs are scored once, before
+    training; the policy's at each step, without gradient.
 
     Args:
         model: The policy before any update (it is the reference).
-        pairs: The encoded training pairs.
+        pairs: The encoded training pairs (or unpaired examples).
         pad_token_id: Padding id.
         batch_size: Sequences per pass of the reference scoring.
         desc: Progress-bar label.
     """
 
     def __init__(self, model, pairs: Sequence, pad_token_id: int, batch_size: int, desc: str):
-        n = len(pairs)
+        partner = _next_other_prompt([tuple(p.prompt_ids) for p in pairs])
         self.pairs = [
-            EncodedPair(p.pair_id, p.prompt_ids, pairs[(i + 1) % n].chosen_ids,
-                        pairs[(i + 1) % n].rejected_ids)
+            dataclasses.replace(pairs[partner[i]], prompt_ids=p.prompt_ids)
             for i, p in enumerate(pairs)
-        ]  # fmt: skip
+        ]
         self.model, self.pad_token_id = model, pad_token_id
-        chosen, rejected = score_pairs(
-            model, self.pairs, pad_token_id, batch_size=batch_size, desc=desc
-        )
-        self.reference = torch.stack([chosen.sum_logps, rejected.sum_logps]).detach()
+        scores = score_pairs(model, self.pairs, pad_token_id, batch_size=batch_size, desc=desc)
+        self.reference = torch.stack([s.sum_logps for s in scores]).detach()
 
     def kl(self, rows: Sequence[int]) -> Tensor:
         """Mean of log pi - log pi_ref over the mismatched sequences of ``rows``, clipped at 0."""
         with torch.no_grad():
-            chosen, rejected = score_pairs(
+            scores = score_pairs(
                 self.model, [self.pairs[i] for i in rows], self.pad_token_id,
                 batch_size=2 * len(rows),
             )  # fmt: skip
-        now = torch.stack([chosen.sum_logps, rejected.sum_logps])
+        now = torch.stack([s.sum_logps for s in scores])
         index = torch.tensor(list(rows), device=now.device)
         return (now - self.reference[:, index]).mean().clamp(min=0)
+
+
+def _next_other_prompt(prompts: Sequence[tuple[int, ...]]) -> list[int]:
+    """For each item, the next one (cyclically) with another prompt; i + 1 when all share one.
+
+    Files list several replies to one prompt in a row (click logs): item i + 1 would often answer
+    prompt i itself, which is not a mismatched pair.
+    """
+    n = len(prompts)
+    after: list[int | None] = [None] * n
+    for k in reversed(range(2 * n)):  # twice round, so runs that wrap around are resolved
+        i, j = k % n, (k + 1) % n
+        after[i] = j if prompts[j] != prompts[i] else after[j]
+    return [(i + 1) % n if a is None else a for i, a in enumerate(after)]
 
 
 class DPOTrainer:
@@ -286,6 +300,17 @@ class DPOTrainer:
         self.sft_epochs, self.sft_lr = sft_epochs, sft_lr
         self.phase = "dpo"  # names the state dir, trace and metrics ("sft" for the SFT step)
 
+    @property
+    def unpaired_fix(self) -> str | None:
+        """None when this stage trains on unpaired examples, else the setting that makes it."""
+        if not self.loss.accepts_unpaired:
+            return "dpo=kto"
+        if self.loss.ld_alpha is not None:  # LD-DPO weighs the length both replies of a pair share
+            return "dpo.loss.ld_alpha=null"
+        if self.sft_epochs:  # the SFT step trains on chosen replies
+            return "dpo.sft_epochs=0"
+        return None
+
     def fit(self, job: Job, rows: Sequence[int]) -> Outcome:
         """The first-order stage: trains on the pairs at ``rows`` (the clean split)."""
         if not rows:
@@ -356,24 +381,36 @@ class DPOTrainer:
 
     def compute_loss(
         self,
-        policy: tuple[SequenceScores, SequenceScores],
-        reference: tuple[Tensor, Tensor],
+        policy: tuple[SequenceScores, ...],
+        reference: tuple[Tensor, ...],
         weights: Tensor | None = None,
         kl: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Mean (optionally confidence-weighted) loss of a batch and its step statistics."""
-        losses, chosen_r, rejected_r = self.loss(policy, reference, kl)
+        """Mean (optionally confidence-weighted) loss of a batch and its summed step statistics.
+
+        Args:
+            policy: The policy's (chosen, rejected) scores, or (completion,) of unpaired examples.
+            reference: The reference's log-probs, in the same order.
+            weights: Per-item weights (confidences), or None.
+            kl: The batch's KL estimate, for a loss with ``needs_kl``.
+            labels: The unpaired examples' labels (true: desirable); None for pairs.
+        """
+        if labels is not None:
+            losses, rewards = self.loss.unpaired(policy[0], reference[0], labels, kl)
+            stats = _unpaired_stats(policy[0], rewards, labels)
+        else:
+            losses, chosen_r, rejected_r = self.loss(policy, reference, kl)
+            margin = chosen_r - rejected_r
+            stats = {
+                "reward_margin": margin.sum().item(),
+                "accuracy": (margin > 0).float().sum().item(),
+                "logp_chosen": policy[0].sum_logps.detach().sum().item(),
+                "logp_rejected": policy[1].sum_logps.detach().sum().item(),
+            }
         if weights is not None:
             losses = losses * weights
-        margin = chosen_r - rejected_r
-        stats = {
-            "loss": losses.detach().sum().item(),
-            "reward_margin": margin.sum().item(),
-            "accuracy": (margin > 0).float().sum().item(),
-            "logp_chosen": policy[0].sum_logps.detach().sum().item(),
-            "logp_rejected": policy[1].sum_logps.detach().sum().item(),
-        }
-        return losses.mean(), stats
+        return losses.mean(), {"loss": losses.detach().sum().item(), **stats}
 
     def _uses_cache(self, model: nn.Module) -> bool:
         blocks = len(transformer_blocks(model)) if self.scope == "last_k" else 0
@@ -428,7 +465,7 @@ class DPOTrainer:
         if self.loss.needs_reference:
             ref = tuple(self.loss.logps(s).detach().to(device) for s in reference)
         else:
-            ref = (torch.zeros(len(pairs), device=device), torch.zeros(len(pairs), device=device))
+            ref = tuple(torch.zeros(len(pairs), device=device) for _ in pairs[0].replies)
         if cache is None:
             return ref, model
         # The cached path assumes a Llama-like decoder; check it reproduces the full model.
@@ -458,7 +495,8 @@ class DPOTrainer:
 
         Args:
             model: The policy; on entry it is also the reference model.
-            pairs: :class:`compo.encoding.EncodedPair` items (the clean side).
+            pairs: :class:`compo.encoding.EncodedPair` items (the clean side), or
+                ``EncodedExample`` items for a loss that trains on unpaired examples (KTO).
             pad_token_id: Padding id.
             out: The run dir (``trace/dpo.jsonl``, ``dpo_state/``).
             confidences: Per-pair confidence, needed with ``weight_by_confidence``.
@@ -471,6 +509,11 @@ class DPOTrainer:
         """
         started = time.perf_counter()
         device = next(model.parameters()).device
+        labels = labels_of(pairs)
+        if labels is not None and self.unpaired_fix:
+            raise CompoError(
+                f"{self.phase}: unpaired examples need another setting: {self.unpaired_fix}"
+            )
         adapter = None
         if self.lora:  # only the adapters train: every weight of the model stays frozen
             adapter = self.lora.attach(model, self.scope, self.last_k, self.seed)
@@ -486,6 +529,14 @@ class DPOTrainer:
             mismatched = MismatchedKL(
                 model, pairs, pad_token_id, self.ref_batch_size, f"{self.phase}/kl-reference"
             )
+        balance: dict[str, Any] = {}
+        if labels is not None:
+            balance = {"n_desirable": sum(labels), "n_undesirable": len(labels) - sum(labels)}
+            advice = self.loss.balance_warning(*balance.values())
+            if advice:
+                log.warning("%s", advice)
+                balance["warning"] = advice
+            labels = torch.tensor(labels, dtype=torch.bool, device=device)
         weights = None
         if self.weight_by_confidence:
             if confidences is None:
@@ -531,8 +582,9 @@ class DPOTrainer:
             torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         )
         log.info(
-            "%s: %s on %d pairs, %d steps, %d trainable parameters (%s%s)", self.phase,
-            self.loss_name, len(pairs), total, n_trainable, self.scope,
+            "%s: %s on %d %s, %d steps, %d trainable parameters (%s%s)", self.phase,
+            self.loss_name, len(pairs), "pairs" if labels is None else "unpaired examples", total,
+            n_trainable, self.scope,
             f", LoRA r={self.lora.r} on {len(names) // 2} layers" if self.lora else "",
         )  # fmt: skip
         start_step, tokens = step, 0
@@ -565,9 +617,10 @@ class DPOTrainer:
                         kl = mismatched.kl(micro) if mismatched is not None else None
                     loss, stats = self.compute_loss(
                         scores,
-                        (ref[0][micro], ref[1][micro]),
+                        tuple(r[micro] for r in ref),
                         weights[micro] if weights is not None else None,
                         kl,
+                        labels[micro] if labels is not None else None,
                     )
                     if kl is not None:
                         stats["kl"] = kl.item() * len(micro)
@@ -576,8 +629,7 @@ class DPOTrainer:
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + value
                     step_tokens += sum(
-                        len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids)
-                        for p in batch
+                        len(p.prompt_ids) * len(p.replies) + sum(map(len, p.replies)) for p in batch
                     )
                 grad_norm = None
                 if self.max_grad_norm is not None:
@@ -589,7 +641,7 @@ class DPOTrainer:
                 step += 1
                 tokens += step_tokens
                 row = {"step": step, "epoch": epoch, "lr": lr}
-                row.update({k: v / len(rows) for k, v in sums.items()})
+                row.update(_step_means(sums, len(rows)))
                 row.update(grad_norm=grad_norm, n_pairs=len(rows), tokens=step_tokens)
                 trace.write(row)
                 if not math.isfinite(row["loss"]):  # stop now, not after the remaining steps
@@ -618,6 +670,7 @@ class DPOTrainer:
         train_seconds = time.perf_counter() - train_started
         metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
         metrics["seconds"] = round(time.perf_counter() - started, 3)
+        metrics.update(balance)
         return metrics
 
     def _summary(self, out, identity, start_step, n_trainable, tokens, seconds) -> dict[str, Any]:
@@ -636,7 +689,54 @@ class DPOTrainer:
             "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         }
         if rows:
-            for key in ("loss", "accuracy", "reward_margin", "logp_chosen", "logp_rejected"):
-                metrics[f"{key}_first"] = rows[0][key]
-                metrics[f"{key}_last"] = rows[-1][key]
+            for key in _SUMMARY_KEYS:
+                if key in rows[0]:
+                    metrics[f"{key}_first"] = rows[0][key]
+                    metrics[f"{key}_last"] = rows[-1][key]
         return metrics
+
+
+# The trace values whose first and last step are in the metrics (pairs: loss, accuracy,
+# reward_margin, logp_*; unpaired examples: loss, accuracy, and the per-label means).
+_SUMMARY_KEYS = (
+    "loss",
+    "accuracy",
+    "reward_margin",
+    "logp_chosen",
+    "logp_rejected",
+    "reward_desirable",
+    "reward_undesirable",
+    "logp_desirable",
+    "logp_undesirable",
+)
+_LABEL_SIDES = ("desirable", "undesirable")
+
+
+def _unpaired_stats(scores: SequenceScores, rewards: Tensor, labels: Tensor) -> dict[str, float]:
+    """Summed step statistics of unpaired examples: ``accuracy`` counts those whose implicit
+    reward has their label's sign (desirable above the reference, undesirable below); rewards and
+    log-probs are summed per label, with the count of each label (see :func:`_step_means`)."""
+    sign = torch.where(labels, 1.0, -1.0).to(rewards.dtype)
+    stats = {"accuracy": ((rewards * sign) > 0).float().sum().item()}
+    for side, mask in zip(_LABEL_SIDES, (labels, ~labels), strict=True):
+        stats[f"n_{side}"] = float(mask.sum().item())
+        stats[f"reward_{side}"] = rewards[mask].sum().item()
+        stats[f"logp_{side}"] = scores.sum_logps.detach()[mask].sum().item()
+    return stats
+
+
+def _step_means(sums: dict[str, float], n_rows: int) -> dict[str, Any]:
+    """A step's trace values from its summed batch statistics: means over the step's rows; a
+    statistic of one label's examples (``*_desirable``) over that label's count (None without
+    such examples in the step); the counts themselves as integers."""
+    out: dict[str, Any] = {}
+    for key, value in sums.items():
+        side = key.rsplit("_", 1)[-1]
+        if key.startswith("n_"):
+            out[key] = int(value)
+        elif side in _LABEL_SIDES:
+            count = sums[f"n_{side}"]
+            out[key] = value / count if count else None
+        else:
+            out[key] = value / n_rows
+    return out

@@ -23,7 +23,15 @@ from compo.heldout import record_heldout
 from compo.interfaces import ComparisonOracle
 from compo.models import ModelLoader, save_checkpoint
 from compo.rundir import RunDir
-from compo.stages import Evaluator, FirstOrderStage, Job, Outcome, Splitter, ZerothOrderStage
+from compo.stages import (
+    Evaluator,
+    FirstOrderStage,
+    Job,
+    Outcome,
+    Splitter,
+    ZerothOrderStage,
+    check_unpaired,
+)
 
 log = logging.getLogger("compo")
 
@@ -66,6 +74,9 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     """
     started = time.perf_counter()
     loaded = stages.data.load()
+    if loaded.unpaired:  # KTO's data: refused before any model loads if a stage needs pairs
+        pairwise = {"splitter": stages.splitter, "dpo": stages.first_order}
+        check_unpaired(stages.data.path, {**pairwise, "optimizer": stages.zeroth_order})
     if loaded.rejected:
         out.write_rows("rejected_rows", [r.to_dict() for r in loaded.rejected])
     out.log_metrics("data", {"n_pairs": len(loaded.pairs), "n_rows_rejected": len(loaded.rejected)})

@@ -38,13 +38,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
     os.umask(mask)
     return mask
 
 
-_UMASK = _current_umask()
+# Read once: os.umask is process-wide, so reading it while other threads create files would race.
+# mkstemp creates files 0600; run-dir and data files get the mode a plain open() would give them,
+# so colleagues, sweep tools and shipped data files can read them.
+_FILE_MODE = 0o666 & ~_read_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -53,9 +56,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        # mkstemp creates the file 0600; a run dir's files get the mode any file the user writes
-        # would get (0666 minus the umask), so colleagues and sweep tools can read them.
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -69,6 +70,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` to ``path`` as UTF-8, atomically (see :func:`atomic_write_bytes`)."""
     # backslashreplace: a lone surrogate in a rejected row is written as its escape, not lost.
+    # Bytes, so "\n" stays "\n" on every platform (data files are shipped and hashed).
     atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 

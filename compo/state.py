@@ -14,6 +14,7 @@ is committed (:func:`check_finite`), and a state is resumed only by the setup th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -68,10 +69,9 @@ def digest_tensors(tensors: Iterable[Any]) -> str:
 
 
 def digest_pairs(pairs: Sequence[Any], extra: Sequence[Any] | None = None) -> str:
-    """sha256 of encoded pairs (ids and token ids: swapping chosen and rejected changes it)."""
-    rows = [
-        (p.pair_id, list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids)) for p in pairs
-    ]
+    """sha256 of encoded pairs (ids and token ids: swapping chosen and rejected changes it) or
+    unpaired examples (ids, token ids and labels)."""
+    rows = [dataclasses.astuple(p) for p in pairs]
     return hashlib.sha256(json.dumps([rows, extra]).encode()).hexdigest()
 
 

@@ -117,12 +117,8 @@ class FrozenTrunkCache:
         self.states: dict[tuple[int, ...], Tensor] = {}
 
     def covers(self, pairs: Sequence) -> bool:
-        """Whether every sequence of ``pairs`` has been recorded."""
-        return all(
-            tuple(p.prompt_ids + reply) in self.states
-            for p in pairs
-            for reply in (p.chosen_ids, p.rejected_ids)
-        )
+        """Whether every sequence of ``pairs`` (or of unpaired examples) has been recorded."""
+        return all(tuple(p.prompt_ids + reply) in self.states for p in pairs for reply in p.replies)
 
     def filling(self) -> _View:
         """A view scoring with the full model while recording the trunk's output per sequence."""

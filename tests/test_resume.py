@@ -409,6 +409,6 @@ def test_atomic_writes_get_the_users_file_mode(tmp_path, monkeypatch):
     import compo.rundir
 
     for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
-        monkeypatch.setattr(compo.rundir, "_UMASK", umask)
+        monkeypatch.setattr(compo.rundir, "_FILE_MODE", 0o666 & ~umask)
         compo.rundir.atomic_write_text(tmp_path / "metrics.json", "{}")
         assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == mode

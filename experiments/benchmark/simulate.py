@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from compo.clicks import clicks_to_pairs, examination_propensities
+from compo.rundir import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "experiments" / "benchmark" / "data"
@@ -142,16 +143,10 @@ def build(rows: list[dict], users: int, eps: float, eta: float, seed: int, corre
     result = clicks_to_pairs(
         enumerate(shown, start=1), f"bench-eps{eps}.jsonl", correction=correction
     )
-    pairs = annotate(result.pairs, train)
+    pairs = annotate(result.rows, train)
     wrong = sum(not p["label_correct"] for p in pairs)
     stats = dict(result.stats, label_noise=round(wrong / max(1, len(pairs)), 4))
     return shown, pairs, stats
-
-
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    path.write_text(text, encoding="utf-8")
 
 
 def main(argv=None) -> int:
@@ -170,11 +165,11 @@ def main(argv=None) -> int:
     shown, pairs, stats = build(rows, args.users, args.eps, args.eta, args.seed, args.correction)
     out = args.out or args.out_dir / f"pairs_eps{args.eps}_seed{args.seed}.jsonl"
     if args.impressions:  # ~0.8 MB per noise rate: written on request, not committed
-        write_jsonl(shown, args.impressions)
-    write_jsonl(pairs, out)
+        write_jsonl(args.impressions, shown)
+    write_jsonl(out, pairs)
     write_jsonl(
-        heldout_pairs([r for r in rows if r["split"] == "heldout"]),
         args.out_dir / "heldout_pairs.jsonl",
+        heldout_pairs([r for r in rows if r["split"] == "heldout"]),
     )
     print(json.dumps({"eps": args.eps, **stats}))
     return 0
