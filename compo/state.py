@@ -207,7 +207,7 @@ def check_identity(state_dir: Path, progress: dict, expect: dict, option: str) -
     (``lr``), a differing digest (``data``, ``start``, ``fingerprint``) is described.
     """
     digests = {
-        "data": "the training pairs, labels or confidences differ (or the held-out split)",
+        "data": "the training data (pairs or examples, labels, weights) or held-out split differ",
         "start": "the starting weights differ",
         "fingerprint": "its settings, pairs (or the held-out split) or starting weights differ",
     }

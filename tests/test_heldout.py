@@ -176,7 +176,7 @@ def test_resume_state_is_not_reused_across_another_heldout_split(
     args = [f"data.path={mixed_pairs}", "splitter=none", "dpo.lr=1e-3", "optimizer=none"]
     run_compo(tmp_path, *args, "data.eval_fraction=0.2")
     assert (tmp_path / "dpo_state" / "progress.json").is_file()
-    with pytest.raises(CompoError, match="dpo_state: written by another setup: the training pairs"):
+    with pytest.raises(CompoError, match="dpo_state: written by another setup: the training data"):
         run_compo(tmp_path, *args, "data.eval_fraction=0.5")  # other pairs to train on
     again = run_compo(tmp_path, *args, "data.eval_fraction=0.2")  # the same split: resumed
     assert again["dpo.steps_run"] == 0

@@ -282,7 +282,7 @@ def test_an_unpaired_run_resumes_and_refuses_state_of_other_labels(tmp_path, wri
     assert first["dpo.steps_run"] == 1 and again["dpo.steps_run"] == 0  # dpo_state/ is complete
     assert again["dpo.loss_first"] == first["dpo.loss_first"]
     flipped = write_jsonl([{**r, "label": not r["label"]} for r in ROWS], name="flipped.jsonl")
-    with pytest.raises(CompoError, match=r"dpo_state.* the data .* differ"):
+    with pytest.raises(CompoError, match=r"dpo_state.* the training data .* differ"):
         run_compo(tmp_path, f"data.path={flipped}", *settings)
 
 
