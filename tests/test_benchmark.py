@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -10,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from compo.data import load_pairs
 
@@ -19,20 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.benchmark import aggregate, simulate
 from experiments.benchmark.utility import (
     HiddenUtility,
+    hashed_encoder,
     is_complete,
     overlength,
     repetition,
 )
-
-
-def hashed_encoder(texts):
-    """A deterministic stand-in for MiniLM: bag of hashed words, L2-normalised."""
-    out = torch.zeros(len(texts), 64)
-    for row, text in enumerate(texts):
-        for word in text.lower().split():
-            out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % 64] += 1.0
-    return torch.nn.functional.normalize(out, dim=-1)
-
 
 PROMPTS = [
     ("What is the capital of France?", ["Paris is the capital.", "France capital", "I like cats."]),

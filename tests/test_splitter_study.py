@@ -16,7 +16,7 @@ from compo.models import TinyModel
 from compo.splitter import ChesSplitter, ConfidenceSplitter, LikelihoodMarginSplitter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from experiments.benchmark import simulate, splitter_study
+from experiments.benchmark import simulate, splitter_study, stats
 from tests.test_benchmark import rows
 
 
@@ -97,3 +97,32 @@ def test_study_end_to_end_on_the_tiny_model(files, tmp_path):
     assert 0 <= res["splitters"]["margin_signed"]["auroc"] <= 1
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "| bt0.5 |" in out.with_suffix(".md").read_text()
+
+
+def test_two_way_bootstrap_covers_the_true_mean_under_seed_and_prompt_effects():
+    """Data with a seed effect, a prompt effect and answer noise: the 95% interval of the mean
+    covers the true mean (0) in most of 100 simulated benchmarks, and ignoring the seed axis
+    (one seed) would be narrower."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    for _ in range(100):
+        seed_effect = rng.normal(0, 0.5, (5, 1, 1))
+        prompt_effect = rng.normal(0, 0.5, (1, 40, 1))
+        cells = {"u": seed_effect + prompt_effect + rng.normal(0, 1, (5, 40, 3))}
+        ci = stats.two_way_bootstrap(cells, stats.mean_of("u"), resamples=300)
+        covered += ci.low <= 0 <= ci.high
+    assert covered >= 85
+    again = stats.two_way_bootstrap(cells, stats.mean_of("u"), resamples=300)
+    assert again == ci  # seeded
+    assert ci.low <= ci.value <= ci.high and ci.value == pytest.approx(cells["u"].mean())
+
+
+def test_bootstrap_helpers():
+    assert stats.outcomes(
+        np.array([1.0, 0.0, 0.5]), np.array([0.0, 1.0, 0.5 + 1e-6]), 1e-4
+    ).tolist() == [1.0, 0.0, 0.5]
+    with pytest.raises(ValueError):
+        stats.two_way_bootstrap({"a": np.zeros((2, 3)), "b": np.zeros((2, 4))}, stats.mean_of("a"))
+    assert stats.Interval(0.1, 0.02, 0.2).excludes_zero()
+    assert not stats.Interval(0.1, -0.02, 0.2).excludes_zero()
+    assert stats.Interval(0.1, 0.02, 0.2).format(signed=True) == "+0.100 [+0.020, +0.200]"
