@@ -28,12 +28,14 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from compo import distributed, settings
+from compo import distributed, settings, tracking
 from compo.errors import CompoError
 from compo.interfaces import ComparisonOracle, OracleError
+from compo.objective import Objective, sweeper_direction
 from compo.pipeline import Stages, run_pipeline
 from compo.rundir import RunDir, lock_run_dir
 from compo.stages import (
@@ -67,14 +69,22 @@ def _build(node: DictConfig, group: str) -> Any:
 
 
 def check_run_settings(cfg: DictConfig) -> None:
-    """Checks the top-level settings every group interpolates (``seed``, ``device``)."""
+    """Checks the top-level settings every group interpolates (``seed``, ``device``, ``dtype``)
+    and ``report_to``.
+
+    ``auto`` is resolved here, once: every ``${device}`` then names the same device, and the
+    run dir's ``config.yaml`` says what ran.
+    """
     settings.seed("seed", cfg.seed)
-    settings.device("device", cfg.device)
+    cfg.device = settings.device("device", cfg.device)
+    cfg.dtype = settings.dtype("dtype", cfg.dtype, cfg.device)
+    tracking.check(cfg.report_to)
 
 
 # The headline numbers of a run; everything else is in metrics.json.
 SUMMARY_KEYS = (
     "data.n_pairs",
+    "data.heldout.n_pairs",
     "split.n_clean",
     "split.n_ambiguous",
     "dpo.loss_first",
@@ -94,6 +104,11 @@ SUMMARY_KEYS = (
     "eval.displacement.ambiguous.delta_logp_chosen",
     "eval.displacement.ambiguous.delta_logp_rejected",
     "eval.displacement.ambiguous.frac_both_down",
+    "eval.heldout.before.accuracy",
+    "eval.heldout.after.accuracy",
+    "eval.displacement.heldout.frac_both_down",
+    "run.objective",
+    "run.objective_value",
     "run.seconds",
 )
 
@@ -143,22 +158,39 @@ def build_stages(cfg: DictConfig) -> Stages:
     return stages
 
 
+def _sweeper_direction() -> str | None:
+    """The direction of the sweeper running this job, if it optimises a value (multirun only)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return sweeper_direction(HydraConfig.get().sweeper)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Builds the stages, then runs the recipe in ``run_dir``; returns the flat metrics.
 
     Every stage is built (checking its settings) before any file or model is read, so a bad
     setting fails in a second and leaves nothing behind. Rank 0 alone writes the run dir and holds
-    its lock; other ranks compute the same things and only read resume state.
+    its lock; other ranks compute the same things and only read resume state. The objective
+    (``run.objective_value``, what a sweeper optimises) is looked up once the run is done.
+
+    Raises:
+        CompoError: A user mistake; also the objective missing, after the run dir is written.
     """
+    objective = Objective(cfg.objective, cfg.objective_direction, _sweeper_direction())
     stages = build_stages(cfg)
     if not distributed.is_main():
         return run_pipeline(stages, distributed.ReadOnlyRunDir(run_dir))
-    with lock_run_dir(run_dir):
-        out = RunDir(run_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    with lock_run_dir(run_dir), tracking.start(plain["report_to"], run_dir, plain) as trackers:
+        out = RunDir(run_dir, trackers)
         metrics = run_pipeline(stages, out)
+        found = objective.evaluate(metrics)
+        out.log_metrics("run", found.as_metrics())
         out.save(OmegaConf.to_yaml(cfg, resolve=True))
     print(_summary_table(metrics))
     print(f"run dir: {out.path}")
+    if found.error is not None:
+        raise CompoError(found.error)
     return metrics
 
 
@@ -176,8 +208,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         log.error("%s", exc)
         print(f"compo: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    # The returned value is what a Hydra sweeper optimises.
-    return metrics.get("eval.after.accuracy", metrics.get("eval.before.accuracy"))
+    # What a Hydra sweeper optimises (None on ranks other than 0, and without an objective).
+    return metrics.get("run.objective_value")
 
 
 def _quiet_hydra_args(argv: list[str]) -> list[str]:

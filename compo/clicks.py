@@ -1,7 +1,9 @@
-"""Click logs -> preference pairs with a confidence (console script ``compo-clicks``).
+"""Click logs -> preference pairs, or unpaired rows, with a confidence (command line:
+:mod:`compo.clicks_cli`, ``compo-clicks``).
 
     compo-clicks impressions.jsonl --out pairs.jsonl
     compo-clicks impressions.jsonl --out pairs.jsonl --correction ipw --eta 1.0 --on-error skip
+    compo-clicks impressions.jsonl --out thumbs.jsonl --unpaired     # KTO's data: dpo=kto
 
 Input: one impression per row (JSONL, JSON, CSV or Parquet, read like preference files)::
 
@@ -34,9 +36,10 @@ a = 1: uniform). One unopposed click gives 0.75, three give 0.9375; a 3-to-1 spl
 Pairs with exactly equal evidence in both directions carry no preference: they are counted and
 reported, not written.
 
-Numeric flags are checked when parsed (``--eta`` and ``--min-dwell`` finite and >= 0, ``--prior``
-in (0, 1e6], each ``--propensities`` value in (0, 1]); ``--out`` and the rejected-rows file must be
-writable files other than the input. Such mistakes end in a one-line error, exit status 2.
+The command line is :mod:`compo.clicks_cli`. Numeric flags are checked when parsed (``--eta``
+and ``--min-dwell`` finite and >= 0, ``--prior`` in (0, 1e6], each ``--propensities`` value in
+(0, 1]); ``--out`` and the rejected-rows file must be writable files other than the input. Such
+mistakes end in a one-line error, exit status 2.
 
 Malformed rows follow ``compo.data``'s rules: the run stops with one line naming file, row and
 field (exit status 2), or with ``--on-error skip`` the row goes to the rejected-rows file with the
@@ -45,25 +48,29 @@ reason. Nothing is dropped silently.
 Output: JSONL rows ``{"id", "prompt", "chosen", "rejected", "confidence", "n_impressions",
 "n_wins", "n_losses", "weighted_wins", "weighted_losses"}``; ``compo.data.load_pairs`` reads them
 and keeps the counts as each pair's metadata.
+
+Unpaired output (``--unpaired``, :func:`clicks_to_unpaired`): one row per (prompt, response) with
+evidence, ``{"id", "prompt", "completion", "label", "confidence", "n_impressions", "n_clicks",
+"n_skips", "weighted_clicks", "weighted_skips"}``: a click is evidence that its response is
+desirable; a response the rule says was examined and skipped, that it is undesirable (same
+weights); the label follows the weightier side, the confidence the Beta posterior above. A click
+on the top response, which yields no pair, is evidence here. ``compo dpo=kto splitter=none
+optimizer=none data.path=<out>`` trains on them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
-import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compo import settings
-from compo.data import ROLES, RejectedRow, RowError, as_object, iter_records
+from compo.data import ROLES, RejectedRow, RowError, as_object
 from compo.errors import CompoError, DataError
-from compo.rundir import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +227,13 @@ def parse_impression(record: Any) -> Impression:
     return Impression(prompt, responses, clicks, dwell, None if raw_id is None else str(raw_id))
 
 
+def clicked(imp: Impression, min_dwell: float | None = None) -> set[int]:
+    """The positions that count as clicked: clicks shorter than ``min_dwell`` seconds do not."""
+    if min_dwell is not None and imp.dwell is not None:
+        return {c for c, d in zip(imp.clicks, imp.dwell, strict=True) if d >= min_dwell}
+    return set(imp.clicks)
+
+
 def impression_preferences(
     imp: Impression, rule: str = "skip_above", min_dwell: float | None = None
 ) -> list[tuple[int, int, int]]:
@@ -232,14 +246,12 @@ def impression_preferences(
     """
     if rule not in RULES:
         raise CompoError(f"rule: {rule!r} is not one of {list(RULES)}")
-    clicked = set(imp.clicks)
-    if min_dwell is not None and imp.dwell is not None:
-        clicked = {c for c, d in zip(imp.clicks, imp.dwell, strict=True) if d >= min_dwell}
+    hits = clicked(imp, min_dwell)
     out = []
-    for c in sorted(clicked):
-        out += [(c, j, c) for j in range(c) if j not in clicked]
+    for c in sorted(hits):
+        out += [(c, j, c) for j in range(c) if j not in hits]
         if rule == "skip_next":
-            below = [j for j in range(c + 1, len(imp.responses)) if j not in clicked]
+            below = [j for j in range(c + 1, len(imp.responses)) if j not in hits]
             if below:
                 out.append((c, below[0], c))
     return out
@@ -253,7 +265,7 @@ def impression_preferences(
 @dataclass
 class _Evidence:
     prompt: Any
-    texts: tuple[str, str]  # sorted, so both directions share one record
+    texts: tuple[str, ...]  # a pair: sorted, so both directions share one record; else one text
     wins: list[int] = field(default_factory=lambda: [0, 0])
     weight: list[float] = field(default_factory=lambda: [0.0, 0.0])
     impressions: set[int] = field(default_factory=set)
@@ -261,11 +273,90 @@ class _Evidence:
 
 @dataclass
 class ClickResult:
-    """Pairs (compo's schema), rejected rows and counts of one conversion."""
+    """Rows written by one conversion (pairs in compo's schema, or unpaired rows), the rejected
+    input rows and counts."""
 
-    pairs: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
     rejected: list[RejectedRow]
     stats: dict[str, int]
+
+
+@dataclass
+class _Log:
+    """The validated impressions of a click log, with what conversion needs of each."""
+
+    impressions: list[tuple[int, Impression, list[float]]]  # row, impression, propensities
+    rejected: list[RejectedRow]
+
+
+def _read_log(
+    records: Iterable[tuple[int, Any]],
+    source: str,
+    correction: str,
+    eta: float,
+    propensities: Sequence[float] | None,
+    min_dwell: float | None,
+    prior: float,
+    on_error: str,
+) -> _Log:
+    """Checks the settings, then validates every impression (bad rows: DataError or set aside)."""
+    settings.choice("correction", correction, CORRECTIONS)
+    settings.choice("on_error", on_error, ("raise", "skip"))
+    if propensities is not None and not all(0 < p <= 1 for p in propensities):
+        raise CompoError("propensities: every value must be in (0, 1]")
+    settings.number("eta", eta, ge=0)
+    settings.number("min_dwell", min_dwell, ge=0, optional=True)
+    settings.number("prior", prior, gt=0, le=MAX_PRIOR)
+    log_ = _Log([], [])
+    for row, record in records:
+        try:
+            imp = parse_impression(record)
+            if propensities is not None and len(imp.responses) > len(propensities):
+                raise RowError(
+                    "responses", f"{len(imp.responses)} shown, {len(propensities)} propensities"
+                )
+        except RowError as err:
+            if on_error == "raise":
+                raise DataError(
+                    err.describe(Path(source), row) + " (--on-error skip sets such rows aside)"
+                ) from None
+            kept = record if not isinstance(record, RowError) else None
+            log_.rejected.append(RejectedRow(source, row, err.field, err.reason, kept))
+            continue
+        prop = list(propensities or examination_propensities(len(imp.responses), eta))
+        log_.impressions.append((row, imp, prop))
+    return log_
+
+
+def _raw_weight(position: int, prop: list[float], correction: str, explicit: bool, eta: float):
+    """1 / p_k of evidence from a click at ``position`` under ``ipw``, else 1."""
+    if correction != "ipw":
+        return 1.0
+    p_k = prop[position]
+    raw = 1.0 / p_k if p_k > 0 else math.inf
+    if not math.isfinite(raw):
+        fix = "larger --propensities" if explicit else f"an --eta below {eta:g}"
+        raise CompoError(
+            f"ipw: the propensity of position {position} ({p_k:.3g}) is too small to "
+            f"invert in floating point; use {fix}"
+        )
+    return raw
+
+
+def _pool(
+    evidence: dict[tuple, _Evidence], derived: list[tuple[tuple, int, float]], explicit: bool
+) -> None:
+    """Adds each derived observation to its record, its raw weight divided by their mean over
+    the whole log (self-normalised: the total evidence is the number of observations)."""
+    mean = sum(w for *_, w in derived) / len(derived) if derived else 1.0
+    if not math.isfinite(mean):  # each 1/p_k is finite, their sum need not be
+        raise CompoError(
+            "ipw: the position weights 1/p_k sum beyond floating-point range; use larger "
+            + ("--propensities" if explicit else "positions' propensities (a smaller --eta)")
+        )
+    for key, side, raw in derived:
+        evidence[key].wins[side] += 1
+        evidence[key].weight[side] += raw / mean
 
 
 def clicks_to_pairs(
@@ -295,37 +386,14 @@ def clicks_to_pairs(
     Returns:
         Pairs in first-seen order, rejected rows and counts.
     """
-    settings.choice("correction", correction, CORRECTIONS)
-    settings.choice("on_error", on_error, ("raise", "skip"))
-    if propensities is not None and not all(0 < p <= 1 for p in propensities):
-        raise CompoError("propensities: every value must be in (0, 1]")
-    settings.number("eta", eta, ge=0)
-    settings.number("min_dwell", min_dwell, ge=0, optional=True)
-    settings.number("prior", prior, gt=0, le=MAX_PRIOR)
-    evidence: dict[tuple[str, str, str], _Evidence] = {}
-    derived: list[tuple[tuple[str, str, str], int, float]] = []  # key, winner side, raw weight
-    rejected: list[RejectedRow] = []
-    stats = dict(n_impressions=0, n_rows_rejected=0, n_without_preference=0)
-    for row, record in records:
-        try:
-            imp = parse_impression(record)
-            if propensities is not None and len(imp.responses) > len(propensities):
-                raise RowError(
-                    "responses", f"{len(imp.responses)} shown, {len(propensities)} propensities"
-                )
-        except RowError as err:
-            if on_error == "raise":
-                raise DataError(
-                    err.describe(Path(source), row) + " (--on-error skip sets such rows aside)"
-                ) from None
-            kept = record if not isinstance(record, RowError) else None
-            rejected.append(RejectedRow(source, row, err.field, err.reason, kept))
-            continue
-        stats["n_impressions"] += 1
+    clicks = _read_log(records, source, correction, eta, propensities, min_dwell, prior, on_error)
+    evidence: dict[tuple, _Evidence] = {}
+    derived: list[tuple[tuple, int, float]] = []  # key, winner side, raw weight
+    stats = dict(n_impressions=len(clicks.impressions), n_rows_rejected=0, n_without_preference=0)
+    for row, imp, prop in clicks.impressions:
         prefs = impression_preferences(imp, rule, min_dwell)
         if not prefs:
             stats["n_without_preference"] += 1
-        prop = propensities or examination_propensities(len(imp.responses), eta)
         prompt_key = json.dumps(imp.prompt, sort_keys=True, ensure_ascii=False)
         for winner, loser, position in prefs:
             a, b = imp.responses[winner].strip(), imp.responses[loser].strip()
@@ -333,26 +401,9 @@ def clicks_to_pairs(
             key = (prompt_key, *texts)
             ev = evidence.setdefault(key, _Evidence(imp.prompt, texts))
             ev.impressions.add(row)
-            raw = 1.0
-            if correction == "ipw":
-                p_k = prop[position]
-                raw = 1.0 / p_k if p_k > 0 else math.inf
-                if not math.isfinite(raw):
-                    fix = "larger --propensities" if propensities else f"an --eta below {eta:g}"
-                    raise CompoError(
-                        f"ipw: the propensity of position {position} ({p_k:.3g}) is too small to "
-                        f"invert in floating point; use {fix}"
-                    )
+            raw = _raw_weight(position, prop, correction, propensities is not None, eta)
             derived.append((key, 0 if texts[0] == a else 1, raw))
-    mean = sum(w for *_, w in derived) / len(derived) if derived else 1.0
-    if not math.isfinite(mean):  # each 1/p_k is finite, their sum need not be
-        raise CompoError(
-            "ipw: the position weights 1/p_k sum beyond floating-point range; use larger "
-            + ("--propensities" if propensities else "positions' propensities (a smaller --eta)")
-        )
-    for key, side, raw in derived:
-        evidence[key].wins[side] += 1
-        evidence[key].weight[side] += raw / mean
+    _pool(evidence, derived, propensities is not None)
     pairs, ties = [], 0
     for ev in evidence.values():
         if math.isclose(ev.weight[0], ev.weight[1], rel_tol=1e-12, abs_tol=1e-12):
@@ -376,198 +427,86 @@ def clicks_to_pairs(
             }
         )
     stats |= dict(
-        n_rows_rejected=len(rejected),
+        n_rows_rejected=len(clicks.rejected),
         n_preferences=len(derived),
         n_pairs=len(pairs),
         n_ties=ties,
     )
-    return ClickResult(pairs, rejected, stats)
+    return ClickResult(pairs, clicks.rejected, stats)
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+def clicks_to_unpaired(
+    records: Iterable[tuple[int, Any]],
+    source: str = "clicks",
+    rule: str = "skip_above",
+    correction: str = "none",
+    eta: float = 1.0,
+    propensities: Sequence[float] | None = None,
+    min_dwell: float | None = None,
+    prior: float = 1.0,
+    on_error: str = "raise",
+) -> ClickResult:
+    """Turns impressions into unpaired rows (KTO's data): clicked responses are desirable,
+    responses examined and skipped undesirable, with a confidence.
 
-
-def _number(valid: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
-    """An argparse ``type``: a finite float for which ``ok`` holds, described by ``valid``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _propensity_list(text: str) -> list[float]:
-    """An argparse ``type``: comma-separated examination propensities, each in (0, 1]."""
-    values = []
-    for part in text.split(","):
-        try:
-            values.append(float(part))
-        except ValueError:
-            values.append(math.nan)
-    if not all(0 < v <= 1 for v in values):  # also false for NaN
-        raise argparse.ArgumentTypeError(
-            f"must be comma-separated numbers in (0, 1], one per position, got {text!r}"
-        )
-    return values
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Reports a bad flag in one line (argparse prints the whole usage first); --help has it."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``compo-clicks``."""
-    p = _OneLineParser(
-        prog="compo-clicks", description="Click logs -> preference pairs with a confidence."
-    )
-    p.add_argument("input", type=Path, help="impressions (JSONL, JSON, CSV or Parquet)")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output pairs (JSONL)")
-    p.add_argument(
-        "--rule",
-        choices=RULES,
-        default="skip_above",
-        help="Joachims' rule: a click beats the skipped results above it (skip_above) or the next",
-    )
-    p.add_argument(
-        "--correction",
-        choices=CORRECTIONS,
-        default="none",
-        help="ipw: weight each click by 1 / its position's examination propensity",
-    )
-    p.add_argument(
-        "--eta",
-        type=_number("a finite number >= 0", lambda v: v >= 0),
-        default=1.0,
-        help="p_k = (1/(k+1))**eta; 0: no position bias",
-    )
-    p.add_argument(
-        "--propensities", type=_propensity_list, default=None, help="comma-separated p_0,p_1,..."
-    )
-    p.add_argument(
-        "--min-dwell",
-        type=_number("a finite number of seconds >= 0", lambda v: v >= 0),
-        default=None,
-        help="shorter clicks do not count",
-    )
-    p.add_argument(
-        "--prior",
-        type=_number(f"a number in (0, {MAX_PRIOR:g}]", lambda v: 0 < v <= MAX_PRIOR),
-        default=1.0,
-        help="a of the Beta(a, a) prior",
-    )
-    p.add_argument(
-        "--on-error",
-        choices=("raise", "skip"),
-        default="raise",
-        help="raise: stop at the first bad row | skip: set bad rows aside in --rejected",
-    )
-    p.add_argument("--rejected", type=Path, default=None, help="default: <out>.rejected.jsonl")
-    return p
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """True if ``a`` and ``b`` name one file, however spelled (relative, ``..``, symlinks)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)  # hard links, case-insensitive file systems
-    except OSError:  # one of them does not exist yet
-        return False
-
-
-def _check_writable(what: str, path: Path) -> None:
-    """Raises CompoError unless ``path`` can become a file; missing parents are created later."""
-    if path.is_dir():
-        raise CompoError(f"{what}: {path} is a directory, not a file name")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise CompoError(f"{what}: cannot create {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CompoError(f"{what}: cannot create {path}: {ancestor} is not writable")
-
-
-def _destinations(args: argparse.Namespace) -> tuple[Path, str] | None:
-    """Checks where the run will write, before any work.
+    A click is evidence for its response (weight 1/p_k of its position k under ``ipw``); a
+    response that ``rule`` says was examined and skipped (shown above a click; with
+    ``skip_next`` also right below one) is evidence against it, once per impression, with the
+    weight of the first click that reveals it (as the pair it loses in :func:`clicks_to_pairs`).
+    Evidence about one (prompt, response) is pooled over impressions: with w the weighted clicks
+    and l the weighted skips, label = w > l and confidence = P(theta > 1/2) under
+    Beta(a + max(w, l), a + min(w, l)), the rule of the paired output. Equal evidence gives no
+    row (counted in ``n_ties``). Arguments as :func:`clicks_to_pairs`.
 
     Returns:
-        The rejected-rows file and how to name it in messages; None without ``--on-error skip``.
-
-    Raises:
-        CompoError: A destination is the input, a directory, or cannot be created.
+        Rows ``{id, prompt, completion, label, confidence, n_impressions, n_clicks, n_skips,
+        weighted_clicks, weighted_skips}`` in first-seen order, rejected rows and counts.
     """
-    _check_writable("--out", args.out)
-    if _same_file(args.out, args.input):
-        raise CompoError(f"--out: {args.out} is the input {args.input}; it would be overwritten")
-    if args.on_error != "skip":
-        return None  # the first bad row stops the run: no rejected-rows file
-    rejected = args.rejected or args.out.with_suffix(".rejected.jsonl")
-    what = "--rejected" if args.rejected else "rejected-rows file (from --out; set --rejected)"
-    _check_writable(what, rejected)
-    if _same_file(rejected, args.input):
-        raise CompoError(f"{what}: {rejected} is the input {args.input}; it would be overwritten")
-    if _same_file(rejected, args.out):
-        raise CompoError(f"{what}: {rejected} is also --out")
-    return rejected, what
-
-
-def _write(what: str, path: Path, rows: list[dict[str, Any]]) -> None:
-    """Writes ``rows`` atomically; an OS failure becomes one line naming ``what``."""
-    try:
-        write_jsonl(path, rows)
-    except OSError as exc:
-        raise CompoError(f"{what}: cannot write {path}: {exc.strerror or exc}") from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point; user errors end in one line and exit status 2."""
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        rejected_to = _destinations(args)
-        result = clicks_to_pairs(
-            iter_records(args.input),
-            str(args.input),
-            rule=args.rule,
-            correction=args.correction,
-            eta=args.eta,
-            propensities=args.propensities,
-            min_dwell=args.min_dwell,
-            prior=args.prior,
-            on_error=args.on_error,
+    clicks = _read_log(records, source, correction, eta, propensities, min_dwell, prior, on_error)
+    evidence: dict[tuple, _Evidence] = {}
+    derived: list[tuple[tuple, int, float]] = []  # key, side (0: click, 1: skip), raw weight
+    stats = dict(n_impressions=len(clicks.impressions), n_rows_rejected=0, n_without_evidence=0)
+    explicit = propensities is not None
+    for row, imp, prop in clicks.impressions:
+        seen: dict[int, tuple[int, int]] = {c: (0, c) for c in sorted(clicked(imp, min_dwell))}
+        for _, loser, position in impression_preferences(imp, rule, min_dwell):
+            seen.setdefault(loser, (1, position))  # its first revealing click's weight
+        if not seen:
+            stats["n_without_evidence"] += 1
+        prompt_key = json.dumps(imp.prompt, sort_keys=True, ensure_ascii=False)
+        for index, (side, position) in seen.items():
+            text = imp.responses[index].strip()
+            key = (prompt_key, text)
+            evidence.setdefault(key, _Evidence(imp.prompt, (text,))).impressions.add(row)
+            derived.append((key, side, _raw_weight(position, prop, correction, explicit, eta)))
+    _pool(evidence, derived, explicit)
+    out, ties = [], 0
+    for ev in evidence.values():
+        w, lo = ev.weight
+        if math.isclose(w, lo, rel_tol=1e-12, abs_tol=1e-12):
+            ties += 1
+            continue
+        out.append(
+            {
+                "id": f"{Path(source).stem}-ex{len(out) + 1:05d}",
+                "prompt": ev.prompt,
+                "completion": ev.texts[0],
+                "label": w > lo,
+                "confidence": round(beta_confidence(max(w, lo), min(w, lo), prior), 6),
+                # Flat, so compo.data.load_pairs keeps them as the example's metadata.
+                "n_impressions": len(ev.impressions),
+                "n_clicks": ev.wins[0],
+                "n_skips": ev.wins[1],
+                "weighted_clicks": round(w, 6),
+                "weighted_skips": round(lo, 6),
+            }
         )
-        if not result.pairs:
-            raise DataError(f"{args.input}: no preference pair could be derived ({result.stats})")
-        # Rejected rows first: a pairs file, once there, always comes with its rejected rows.
-        if result.rejected:
-            rejected_path, what = rejected_to  # rows are only set aside with --on-error skip
-            _write(what, rejected_path, [r.to_dict() for r in result.rejected])
-        _write("--out", args.out, result.pairs)
-    except CompoError as exc:
-        print(f"compo-clicks: error: {exc}", file=sys.stderr)
-        return 2
-    if result.rejected:
-        print(f"compo-clicks: {len(result.rejected)} bad rows set aside in {rejected_path}")
-    print("compo-clicks: " + ", ".join(f"{k}={v}" for k, v in result.stats.items()))
-    print(f"compo-clicks: wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    stats |= dict(
+        n_rows_rejected=len(clicks.rejected),
+        n_observations=len(derived),
+        n_examples=len(out),
+        n_desirable=sum(r["label"] for r in out),
+        n_undesirable=sum(not r["label"] for r in out),
+        n_ties=ties,
+    )
+    return ClickResult(out, clicks.rejected, stats)

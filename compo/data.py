@@ -1,7 +1,8 @@
 """Preference pairs: loading and validating files (tokenization: :mod:`compo.encoding`).
 
-Supported files: JSONL, JSON (an array of objects, or one object per line), CSV and Parquet, in the
-public schemas:
+Supported files: JSONL, JSON (an array of objects, or one object per line), CSV and Parquet; also a
+directory written by ``datasets.save_to_disk`` and a Hugging Face hub dataset id (with a split; see
+:mod:`compo.sources`), whose rows are validated the same way. The public schemas:
 
 * string fields ``prompt``, ``chosen``, ``rejected`` (e.g. UltraFeedback-binarized's ``prompt``);
 * ``chosen``/``rejected`` as chat-message lists sharing the prompt turns (HH-RLHF and UltraFeedback
@@ -10,6 +11,13 @@ public schemas:
   conversational preference format);
 * raw HH-RLHF transcripts (``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` in ``chosen``/``rejected``,
   no ``prompt``).
+
+Unpaired rows (KTO's data, TRL's unpaired preference format): ``prompt`` (a string or chat
+messages), ``completion`` (a string, or chat messages ending with the assistant's reply; turns
+before it are the prompt when there is no ``prompt``) and ``label`` (true: desirable, false:
+undesirable; also ``"true"``/``"false"`` as text, as in CSV, and 1/0). A file holds one kind: its
+first valid row decides, and a row of the other kind is a bad row; :func:`load_pairs` reads files
+of unpaired rows only when asked (``unpaired=True``; :class:`compo.types.UnpairedExample` items).
 
 Optional fields: ``id`` (default ``<file stem>-<row>``), ``confidence`` in [0, 1] (default 1.0);
 every other field is kept in ``metadata``. Rows are numbered from 1 in file order (for JSONL
@@ -36,15 +44,16 @@ import logging
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from compo import settings
-from compo.encoding import CHAT_TEMPLATE_MODES, encode_pairs
+from compo import settings, sources
+from compo.encoding import CHAT_TEMPLATE_MODES, encode_rows
 from compo.errors import DataError
-from compo.types import Message, PreferencePair
+from compo.heldout import split_by_prompt
+from compo.types import Message, PreferencePair, UnpairedExample
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +106,16 @@ class RejectedRow:
 
 @dataclass
 class LoadResult:
-    pairs: list[PreferencePair]
+    """The valid rows of a file (preference pairs, or unpaired examples) and the rejected ones."""
+
+    pairs: list[PreferencePair] | list[UnpairedExample]
     rejected: list[RejectedRow]
+    heldout: list[PreferencePair] = field(default_factory=list)
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the file holds unpaired rows (``pairs`` are UnpairedExample items)."""
+        return bool(self.pairs) and isinstance(self.pairs[0], UnpairedExample)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +250,36 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(table.to_pylist(), start=1)
 
 
+def read_source(
+    path: str | Path | None, split: str = "train"
+) -> tuple[str | Path, str, Iterator[tuple[int, Any]]]:
+    """Resolves ``data.path`` and returns (label for messages, stem for default ids, rows).
+
+    A path that exists locally is a file (read here) or a ``save_to_disk`` directory; a name
+    that does not, and has no file extension of ours, is tried as a hub dataset id.
+
+    Args:
+        path: File, ``save_to_disk`` directory or hub id; None is the embedded default set.
+        split: The split of a hub dataset or of a saved ``DatasetDict``.
+    """
+    if not path:
+        source = default_data_path()
+        return source, source.stem, iter_records(source)
+    source = Path(path).expanduser()
+    if sources.is_saved_dataset(source):
+        label, rows = sources.read_saved(source, split)
+        return label, source.name, rows
+    hub_id = str(path)
+    if (
+        not source.exists()
+        and source.suffix.lower() not in _FORMATS
+        and sources.looks_like_hub_id(hub_id)
+    ):
+        label, rows = sources.read_hub(hub_id, split)
+        return label, hub_id.rpartition("/")[2], rows
+    return source, source.stem, iter_records(source)
+
+
 def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
     """Yields ``(row, record)`` pairs of a file, rows numbered from 1; ``record`` is a RowError for
     an unreadable row.
@@ -243,7 +290,11 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
         DataError: The file is missing, has an unknown extension or cannot be read at all.
     """
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "is not a regular file"
+        what = (
+            "is a directory, and not one written by datasets.save_to_disk"
+            if path.is_dir()
+            else "is not a regular file"
+        )
         raise DataError(f"{path}: {what}" if path.exists() else f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in _FORMATS:
@@ -408,16 +459,13 @@ def pair_from_record(record: Any, default_id: str) -> PreferencePair:
     prompt, chosen, rejected = _prompt_and_replies(record)
     if chosen.strip() == rejected.strip():
         raise RowError("rejected", "is identical to chosen")
-    raw_id = record.get("id")
-    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, str | int)):
-        raise RowError("id", f"expected a string or integer, got {type(raw_id).__name__}")
     metadata = {
         k: v
         for k, v in record.items()
         if k not in {"id", "prompt", "chosen", "rejected", "confidence"}
     }
     return PreferencePair(
-        id=str(raw_id) if raw_id is not None and str(raw_id) else default_id,
+        id=_row_id(record, default_id),
         prompt=prompt,
         chosen=chosen,
         rejected=rejected,
@@ -426,32 +474,135 @@ def pair_from_record(record: Any, default_id: str) -> PreferencePair:
     )
 
 
-def load_pairs(
-    path: str | Path | None = None, on_error: str = "raise", limit: int | None = None
-) -> LoadResult:
-    """Loads and validates a preference file.
+def _row_id(record: dict[str, Any], default_id: str) -> str:
+    raw_id = record.get("id")
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, str | int)):
+        raise RowError("id", f"expected a string or integer, got {type(raw_id).__name__}")
+    return str(raw_id) if raw_id is not None and str(raw_id) else default_id
+
+
+_LABELS = {"true": True, "false": False}
+
+
+def _label(record: dict[str, Any]) -> bool:
+    value = record.get("label")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise RowError("label", "is missing (true: desirable, false: undesirable)")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABELS:  # CSV cells are text
+        return _LABELS[value.strip().lower()]
+    shown = repr(value) if len(repr(value)) <= 20 else f"{repr(value)[:17]}..."
+    raise RowError("label", f"expected true or false, got {shown}")
+
+
+def _given(record: dict[str, Any], name: str) -> bool:
+    value = record.get(name)
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def is_unpaired_row(record: Any) -> bool:
+    """Whether a source row is an unpaired example: no reply pair, a ``completion`` or ``label``.
+
+    (A CSV row has every column of the file: empty cells count as absent.)
+    """
+    return (
+        isinstance(record, dict)
+        and not _given(record, "chosen")
+        and not _given(record, "rejected")
+        and (_given(record, "completion") or _given(record, "label"))
+    )
+
+
+def example_from_record(record: Any, default_id: str) -> UnpairedExample:
+    """Validates one unpaired source row and turns it into an :class:`UnpairedExample`.
 
     Args:
-        path: The file; None means the embedded default data set.
+        record: The row as read from the file.
+        default_id: Id to use when the row has none.
+
+    Raises:
+        RowError: Naming the field at fault and why.
+    """
+    record = as_object(record)
+    _check_unicode(record, None)
+    completion, prompt = record.get("completion"), record.get("prompt")
+    if isinstance(completion, list):  # TRL's conversational form, or a whole conversation
+        turns, reply = _split_conversation(_messages(completion, "completion"), "completion")
+        if not turns:
+            turns = (
+                _messages(prompt, "prompt") if isinstance(prompt, list) else _text(record, "prompt")
+            )
+        if isinstance(turns, list) and not any(m["content"].strip() for m in turns):
+            raise RowError("prompt", "is empty")
+    elif completion is None or isinstance(completion, str):
+        turns = _messages(prompt, "prompt") if isinstance(prompt, list) else _text(record, "prompt")
+        reply = _text(record, "completion")
+    else:
+        raise RowError(
+            "completion", f"expected a string or chat messages, got {type(completion).__name__}"
+        )
+    keys = {"id", "prompt", "completion", "label", "confidence"}
+    return UnpairedExample(
+        id=_row_id(record, default_id),
+        prompt=turns,
+        completion=reply,
+        label=_label(record),
+        confidence=_confidence(record),
+        metadata={k: v for k, v in record.items() if k not in keys},
+    )
+
+
+_KINDS = {False: "a preference pair", True: "an unpaired row (prompt, completion, label)"}
+
+
+def load_pairs(
+    path: str | Path | None = None,
+    on_error: str = "raise",
+    limit: int | None = None,
+    split: str = "train",
+    unpaired: bool = False,
+) -> LoadResult:
+    """Loads and validates a preference file (or ``save_to_disk`` directory, or hub dataset).
+
+    Args:
+        path: The file, directory or hub id (see :func:`read_source`); None means the embedded
+            default data set.
         on_error: ``raise`` stops at the first bad row with a :class:`DataError` naming file, row
             and field; ``skip`` leaves bad rows out and returns them in ``rejected``.
         limit: Keep only the first ``limit`` valid pairs (None keeps all).
+        split: The split of a hub dataset or saved ``DatasetDict``.
+        unpaired: Also read a file of unpaired rows (the result's ``pairs`` are then
+            :class:`UnpairedExample` items); otherwise such a file is a DataError.
 
     Returns:
-        The valid pairs and the rejected rows.
+        The valid pairs (or unpaired examples) and the rejected rows.
 
     Raises:
-        DataError: On an unreadable file, a bad row (``on_error=raise``) or no valid row at all.
+        DataError: On an unreadable file, a bad row (``on_error=raise``), no valid row at all, or
+            unpaired rows when they are not asked for.
     """
     if on_error not in ON_ERROR:
         raise DataError(f"data.on_error: {on_error!r} is not one of {list(ON_ERROR)}")
-    source = Path(path).expanduser() if path else default_data_path()
+    source, stem, records = read_source(path, split)
     pairs: list[PreferencePair] = []
     rejected: list[RejectedRow] = []
     seen: set[str] = set()
-    for row, record in iter_records(source):
+    first: tuple[bool, int] | None = None  # (unpaired?, row) of the first valid row: its kind
+    for row, record in records:
         try:
-            pair = pair_from_record(record, default_id=f"{source.stem}-{row}")
+            kind = is_unpaired_row(record)
+            if first is not None and kind != first[0]:
+                raise RowError(
+                    None,
+                    f"is {_KINDS[kind]}, but row {first[1]} is {_KINDS[first[0]]}: a file holds "
+                    "one kind (write a pair as two unpaired rows, chosen with label true and "
+                    "rejected with label false, or use two files)",
+                )
+            parse = example_from_record if kind else pair_from_record
+            pair = parse(record, default_id=f"{stem}-{row}")
             if pair.id in seen:
                 raise RowError("id", f"duplicate id {pair.id!r}")
         except RowError as err:
@@ -462,12 +613,19 @@ def load_pairs(
             kept = record if not isinstance(record, RowError) else None
             rejected.append(RejectedRow(str(source), row, err.field, err.reason, kept))
             continue
+        if first is None:
+            first = (kind, row)
+            if kind and not unpaired:
+                raise DataError(
+                    f"{source}: holds unpaired rows (prompt, completion, label; row {row}), but "
+                    "preference pairs (prompt, chosen, rejected) are needed here"
+                )
         seen.add(pair.id)
         pairs.append(pair)
         if limit is not None and len(pairs) >= limit:
             break
     if not pairs:
-        raise DataError(f"{source}: no valid preference pair ({len(rejected)} rows rejected)")
+        raise DataError(f"{source}: no valid row ({len(rejected)} rows rejected)")
     if rejected:
         log.warning("%s: %d bad rows set aside (see rejected_rows.jsonl)", source, len(rejected))
     return LoadResult(pairs, rejected)
@@ -478,23 +636,34 @@ class DataSpec:
     """The ``data`` config group: which file and how to read and tokenize it.
 
     Args:
-        path: Preference file; None means the embedded default set.
+        path: Preference file, ``save_to_disk`` directory or hub dataset id; None means the
+            embedded default set.
+        split: The split of a hub dataset or saved ``DatasetDict``.
         on_error: ``raise`` or ``skip`` (bad rows to ``rejected_rows.jsonl``).
         max_length: Longest prompt + reply in tokens.
         max_prompt_length: Longest prompt in tokens.
         chat_template: ``auto``, ``always`` or ``never``.
-        limit: Use only the first ``limit`` valid pairs.
+        limit: Use only the first ``limit`` valid pairs of ``path``.
+        eval_path: A file of held-out pairs (same formats and checks as ``path``), or None.
+        eval_fraction: Share of ``path``'s prompts held out with all their pairs, in (0, 1), or
+            None. At most one of ``eval_path`` and ``eval_fraction``; neither: no held-out set.
+        seed: Seeds the draw of the held-out prompts (the run seed).
     """
 
     path: str | None = None
+    split: str = "train"
     on_error: str = "raise"
     max_length: int = 512
     max_prompt_length: int = 256
     chat_template: str = "auto"
     limit: int | None = None
+    eval_path: str | None = None
+    eval_fraction: float | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         settings.text("data.path", self.path, optional=True)
+        settings.text("data.split", self.split)
         settings.choice("data.on_error", self.on_error, ON_ERROR)
         settings.choice("data.chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
         settings.number("data.max_length", self.max_length, integer=True, ge=1)
@@ -502,11 +671,35 @@ class DataSpec:
             "data.max_prompt_length", self.max_prompt_length, integer=True, ge=1, lt=self.max_length
         )
         settings.number("data.limit", self.limit, integer=True, ge=1, optional=True)
+        if settings.text("data.eval_path", self.eval_path, optional=True) == "":
+            raise settings.SettingError("data.eval_path is empty; give a file, or null for none")
+        settings.number("data.eval_fraction", self.eval_fraction, gt=0, lt=1, optional=True)
+        settings.seed("data.seed", self.seed)
+        if self.eval_path is not None and self.eval_fraction is not None:
+            raise settings.SettingError(
+                "data.eval_path and data.eval_fraction are both set; choose one (a held-out "
+                "file, or a share of data.path's prompts)"
+            )
 
     def load(self) -> LoadResult:
-        return load_pairs(self.path, self.on_error, self.limit)
+        """The pairs of ``path`` (or its unpaired examples: the stages check they can use them),
+        with the held-out pairs (if any) set apart."""
+        loaded = load_pairs(self.path, self.on_error, self.limit, self.split, unpaired=True)
+        if loaded.unpaired and (self.eval_path is not None or self.eval_fraction is not None):
+            raise settings.SettingError(
+                "data.eval_path / data.eval_fraction: held-out evaluation needs preference pairs "
+                f"and {self.path} holds unpaired rows; set both to null"
+            )
+        if self.eval_path is not None:
+            extra = load_pairs(self.eval_path, self.on_error)
+            loaded.heldout, loaded.rejected = extra.pairs, loaded.rejected + extra.rejected
+        elif self.eval_fraction is not None:
+            loaded.pairs, loaded.heldout = split_by_prompt(
+                loaded.pairs, self.eval_fraction, self.seed
+            )
+        return loaded
 
-    def encode(self, pairs: list[PreferencePair], tokenizer: Any):
-        return encode_pairs(
+    def encode(self, pairs: list[PreferencePair] | list[UnpairedExample], tokenizer: Any):
+        return encode_rows(
             pairs, tokenizer, self.max_length, self.max_prompt_length, self.chat_template
         )

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,50 +33,91 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from compo import distributed, settings, state
-from compo.encoding import EncodedPair
+from compo.encoding import labels_of
 from compo.errors import CompoError
-from compo.interfaces import plain_settings
+from compo.interfaces import local_generator, plain_settings
+from compo.lora import LoRA
 from compo.losses import LOSSES, SFT, PairwiseLoss
 from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
 from compo.stages import Job, Outcome
-from compo.trunk import FrozenTrunkCache, set_trainable, transformer_blocks
+from compo.trunk import (
+    FrozenTrunkCache,
+    low_precision,
+    set_trainable,
+    train_in_fp32,
+    transformer_blocks,
+)
 
 log = logging.getLogger(__name__)
 
 
-_SCHEDULES: dict[str, Callable[[float], float]] = {
-    "constant": lambda progress: 1.0,
-    "linear": lambda progress: 1.0 - progress,
-    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+# dpo.schedule -> transformers' scheduler. Every one starts with ``warmup_steps`` of linear
+# warm-up from 0 (transformers' own "constant" would ignore the warm-up). Schedules needing more
+# than the step counts (a plateau metric, decay steps, a floor) are not offered.
+SCHEDULES = {
+    "constant": "constant_with_warmup",
+    "constant_with_warmup": "constant_with_warmup",
+    "linear": "linear",
+    "cosine": "cosine",
+    "cosine_with_restarts": "cosine_with_restarts",
+    "polynomial": "polynomial",
+    "inverse_sqrt": "inverse_sqrt",
 }
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then ``schedule``."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return _SCHEDULES[schedule]((step - warmup) / max(1, total - warmup))
+def lr_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    """``transformers.get_scheduler`` for ``dpo.schedule``: one multiplier per optimizer step.
+
+    Its state (the step count) is part of ``dpo_state/``, so a resumed run continues the same
+    learning rates.
+    """
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        SCHEDULES[schedule],
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=total_steps,
+    )
 
 
-def _save_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, progress: dict):
+@contextlib.contextmanager
+def _seeded_dropout(*key: int, device: torch.device):
+    """Dropout masks (LoRA's, the model's) drawn from a seed of ``key``, not from wherever the
+    global RNG stands, so a resumed run draws the same masks; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(local_generator(*key).initial_seed())
+        yield
+
+
+def _pt_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _save_state(
+    state_dir: Path, model: nn.Module, names: list[str], optimizer, scheduler, progress: dict
+):
     if not distributed.is_main():  # every rank holds the same state; one writes it
         return
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().contiguous().cpu() for n in names}
     state.check_finite(tensors.items(), f"resume state {state_dir}")
-    buffer = io.BytesIO()
-    torch.save(optimizer.state_dict(), buffer)
     payloads = {
         "trainable": ("safetensors", safetensors_save(tensors)),
-        "optimizer": ("pt", buffer.getvalue()),
+        "optimizer": ("pt", _pt_bytes(optimizer.state_dict())),
+        "scheduler": ("pt", _pt_bytes(scheduler.state_dict())),
     }
     state.commit(state_dir, progress["step"], payloads, progress)
 
 
-def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, expect: dict):
+def _load_state(
+    state_dir: Path, model: nn.Module, names: list[str], optimizer, scheduler, expect: dict
+):
     """Restores a verified ``dpo_state/`` and returns its step; None when there is none."""
-    loaded = state.load(state_dir, ("trainable", "optimizer"))
+    loaded = state.load(state_dir, ("trainable", "optimizer", "scheduler"))
     if loaded is None:
         return None
     progress, blobs = loaded
@@ -88,47 +130,61 @@ def _load_state(state_dir: Path, model: nn.Module, names: list[str], optimizer, 
         for name, value in tensors.items():
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(io.BytesIO(blobs["optimizer"]), weights_only=True))
+    scheduler.load_state_dict(torch.load(io.BytesIO(blobs["scheduler"]), weights_only=True))
     return progress["step"]
 
 
 class MismatchedKL:
     """KTO's reference point: the policy's KL from the reference on mismatched prompt/reply pairs.
 
-    Prompt i goes with the replies of pair i + 1 (cyclic over the training pairs, so the pairing
-    does not depend on the batch order; TRL cycles within each batch). Their reference log-probs
-    are scored once, before training; the policy's at each step, without gradient.
+    Prompt i goes with the replies of pair i + 1, or of the next pair with another prompt when
+    i + 1 shares prompt i (cyclic over the training pairs, so the pairing does not depend on the
+    batch order; TRL cycles within each batch, whatever the prompts); for unpaired examples, with
+    the completion of the next example. Their reference log-probs are scored once, before
+    training; the policy's at each step, without gradient.
 
     Args:
         model: The policy before any update (it is the reference).
-        pairs: The encoded training pairs.
+        pairs: The encoded training pairs (or unpaired examples).
         pad_token_id: Padding id.
         batch_size: Sequences per pass of the reference scoring.
         desc: Progress-bar label.
     """
 
     def __init__(self, model, pairs: Sequence, pad_token_id: int, batch_size: int, desc: str):
-        n = len(pairs)
+        partner = _next_other_prompt([tuple(p.prompt_ids) for p in pairs])
         self.pairs = [
-            EncodedPair(p.pair_id, p.prompt_ids, pairs[(i + 1) % n].chosen_ids,
-                        pairs[(i + 1) % n].rejected_ids)
+            dataclasses.replace(pairs[partner[i]], prompt_ids=p.prompt_ids)
             for i, p in enumerate(pairs)
-        ]  # fmt: skip
+        ]
         self.model, self.pad_token_id = model, pad_token_id
-        chosen, rejected = score_pairs(
-            model, self.pairs, pad_token_id, batch_size=batch_size, desc=desc
-        )
-        self.reference = torch.stack([chosen.sum_logps, rejected.sum_logps]).detach()
+        scores = score_pairs(model, self.pairs, pad_token_id, batch_size=batch_size, desc=desc)
+        self.reference = torch.stack([s.sum_logps for s in scores]).detach()
 
     def kl(self, rows: Sequence[int]) -> Tensor:
         """Mean of log pi - log pi_ref over the mismatched sequences of ``rows``, clipped at 0."""
         with torch.no_grad():
-            chosen, rejected = score_pairs(
+            scores = score_pairs(
                 self.model, [self.pairs[i] for i in rows], self.pad_token_id,
                 batch_size=2 * len(rows),
             )  # fmt: skip
-        now = torch.stack([chosen.sum_logps, rejected.sum_logps])
+        now = torch.stack([s.sum_logps for s in scores])
         index = torch.tensor(list(rows), device=now.device)
         return (now - self.reference[:, index]).mean().clamp(min=0)
+
+
+def _next_other_prompt(prompts: Sequence[tuple[int, ...]]) -> list[int]:
+    """For each item, the next one (cyclically) with another prompt; i + 1 when all share one.
+
+    Files list several replies to one prompt in a row (click logs): item i + 1 would often answer
+    prompt i itself, which is not a mismatched pair.
+    """
+    n = len(prompts)
+    after: list[int | None] = [None] * n
+    for k in reversed(range(2 * n)):  # twice round, so runs that wrap around are resolved
+        i, j = k % n, (k + 1) % n
+        after[i] = j if prompts[j] != prompts[i] else after[j]
+    return [(i + 1) % n if a is None else a for i, a in enumerate(after)]
 
 
 class DPOTrainer:
@@ -140,8 +196,9 @@ class DPOTrainer:
         weight_by_confidence: Multiply each pair's loss by its ``confidence``.
         lr: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
-        warmup_steps: Optimizer steps of linear warm-up.
-        schedule: After warm-up: constant, linear (to zero) or cosine.
+        warmup_steps: Optimizer steps of linear warm-up (from 0, as in transformers).
+        schedule: After warm-up (``transformers.get_scheduler``): constant, linear (to zero),
+            cosine, cosine_with_restarts, polynomial, inverse_sqrt (see :data:`SCHEDULES`).
         epochs: Passes over the pairs.
         batch_size: Pairs per forward/backward pass.
         grad_accum: Passes per optimizer step.
@@ -160,6 +217,9 @@ class DPOTrainer:
             SFT -> DPO chain, in ``sft_state/`` and ``trace/sft.jsonl``); the preference loss
             then takes the SFT model as its reference. 0: no SFT step.
         sft_lr: The SFT step's learning rate (None: ``lr``).
+        lora: LoRA adapters on the trained blocks instead of training their weights
+            (:class:`compo.lora.LoRA`; None or ``r=0``: off). The adapter is merged at the end
+            and written to ``<phase>_adapter/``, then into ``checkpoint/adapter/``.
     """
 
     def __init__(
@@ -185,8 +245,9 @@ class DPOTrainer:
         cache_trunk: bool = True,
         sft_epochs: int = 0,
         sft_lr: float | None = None,
+        lora: LoRA | None = None,
     ) -> None:
-        settings.choice("dpo.schedule", schedule, _SCHEDULES)
+        settings.choice("dpo.schedule", schedule, SCHEDULES)
         settings.choice("dpo.scope", scope, ("all", "last_k"))
         for name, value in (
             ("epochs", epochs),
@@ -221,6 +282,11 @@ class DPOTrainer:
             raise settings.SettingError(
                 f"dpo.loss must be a loss of compo.losses (e.g. dpo=ipo), got {type(loss).__name__}"
             )
+        if lora is not None and not isinstance(lora, LoRA):
+            raise settings.SettingError(
+                f"dpo.lora must be null or compo.lora.LoRA settings, got {type(lora).__name__}"
+            )
+        self.lora = lora if lora is not None and lora.enabled else None
         self.loss, self.loss_name = loss, loss.name
         self.weight_by_confidence = weight_by_confidence
         self.lr, self.weight_decay = lr, weight_decay
@@ -234,6 +300,17 @@ class DPOTrainer:
         self.sft_epochs, self.sft_lr = sft_epochs, sft_lr
         self.phase = "dpo"  # names the state dir, trace and metrics ("sft" for the SFT step)
 
+    @property
+    def unpaired_fix(self) -> str | None:
+        """None when this stage trains on unpaired examples, else the setting that makes it."""
+        if not self.loss.accepts_unpaired:
+            return "dpo=kto"
+        if self.loss.ld_alpha is not None:  # LD-DPO weighs the length both replies of a pair share
+            return "dpo.loss.ld_alpha=null"
+        if self.sft_epochs:  # the SFT step trains on chosen replies
+            return "dpo.sft_epochs=0"
+        return None
+
     def fit(self, job: Job, rows: Sequence[int]) -> Outcome:
         """The first-order stage: trains on the pairs at ``rows`` (the clean split)."""
         if not rows:
@@ -243,6 +320,7 @@ class DPOTrainer:
         encoded = [job.encoded[i] for i in rows]
         confidences = [job.pairs[i].confidence for i in rows]
         metrics: dict[str, dict[str, Any]] = {}
+        files: dict[str, Path] = {}
         if self.sft_epochs:
             sft = copy.copy(self)
             sft.loss, sft.loss_name, sft.phase = SFT(), "sft", "sft"
@@ -251,6 +329,8 @@ class DPOTrainer:
                 job.policy, encoded, job.pad_token_id, job.out,
                 confidences=confidences,
             )  # fmt: skip
+            if self.lora:  # on the starting model; the DPO adapter is on the SFT model
+                files["sft_adapter"] = sft.adapter_dir(job.out)
             ready = False  # the reference is now the SFT model: scored anew by train()
         if self.loss.rewrites_pairs:  # other prompts: encoded anew, the shared scores do not apply
             rewritten = [self.loss.rewrite(job.pairs[i]) for i in rows]
@@ -271,7 +351,13 @@ class DPOTrainer:
             trunk=job.reference.trunk if ready else None,
         )
         job.reference.trunk = None  # frees the recorded states: no later stage reads them
-        return Outcome({**metrics, "dpo": dpo_metrics}, changed=True)
+        if self.lora:
+            files["adapter"] = self.adapter_dir(job.out)
+        return Outcome({**metrics, "dpo": dpo_metrics}, changed=True, files=files)
+
+    def adapter_dir(self, out: RunDir) -> Path:
+        """Where :meth:`train` writes this phase's LoRA adapter (``dpo_adapter/``)."""
+        return out.path / f"{self.phase}_adapter"
 
     def settings(self) -> dict[str, Any]:
         """What the trained weights depend on (recorded in ``dpo_state/`` and checked on resume)."""
@@ -290,28 +376,41 @@ class DPOTrainer:
             "last_k": self.last_k,
             "bf16": self.bf16,
             "seed": self.seed,
+            "lora": self.lora.settings() if self.lora else None,
         }
 
     def compute_loss(
         self,
-        policy: tuple[SequenceScores, SequenceScores],
-        reference: tuple[Tensor, Tensor],
+        policy: tuple[SequenceScores, ...],
+        reference: tuple[Tensor, ...],
         weights: Tensor | None = None,
         kl: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Mean (optionally confidence-weighted) loss of a batch and its step statistics."""
-        losses, chosen_r, rejected_r = self.loss(policy, reference, kl)
+        """Mean (optionally confidence-weighted) loss of a batch and its summed step statistics.
+
+        Args:
+            policy: The policy's (chosen, rejected) scores, or (completion,) of unpaired examples.
+            reference: The reference's log-probs, in the same order.
+            weights: Per-item weights (confidences), or None.
+            kl: The batch's KL estimate, for a loss with ``needs_kl``.
+            labels: The unpaired examples' labels (true: desirable); None for pairs.
+        """
+        if labels is not None:
+            losses, rewards = self.loss.unpaired(policy[0], reference[0], labels, kl)
+            stats = _unpaired_stats(policy[0], rewards, labels)
+        else:
+            losses, chosen_r, rejected_r = self.loss(policy, reference, kl)
+            margin = chosen_r - rejected_r
+            stats = {
+                "reward_margin": margin.sum().item(),
+                "accuracy": (margin > 0).float().sum().item(),
+                "logp_chosen": policy[0].sum_logps.detach().sum().item(),
+                "logp_rejected": policy[1].sum_logps.detach().sum().item(),
+            }
         if weights is not None:
             losses = losses * weights
-        margin = chosen_r - rejected_r
-        stats = {
-            "loss": losses.detach().sum().item(),
-            "reward_margin": margin.sum().item(),
-            "accuracy": (margin > 0).float().sum().item(),
-            "logp_chosen": policy[0].sum_logps.detach().sum().item(),
-            "logp_rejected": policy[1].sum_logps.detach().sum().item(),
-        }
-        return losses.mean(), stats
+        return losses.mean(), {"loss": losses.detach().sum().item(), **stats}
 
     def _uses_cache(self, model: nn.Module) -> bool:
         blocks = len(transformer_blocks(model)) if self.scope == "last_k" else 0
@@ -366,7 +465,7 @@ class DPOTrainer:
         if self.loss.needs_reference:
             ref = tuple(self.loss.logps(s).detach().to(device) for s in reference)
         else:
-            ref = (torch.zeros(len(pairs), device=device), torch.zeros(len(pairs), device=device))
+            ref = tuple(torch.zeros(len(pairs), device=device) for _ in pairs[0].replies)
         if cache is None:
             return ref, model
         # The cached path assumes a Llama-like decoder; check it reproduces the full model.
@@ -396,7 +495,8 @@ class DPOTrainer:
 
         Args:
             model: The policy; on entry it is also the reference model.
-            pairs: :class:`compo.encoding.EncodedPair` items (the clean side).
+            pairs: :class:`compo.encoding.EncodedPair` items (the clean side), or
+                ``EncodedExample`` items for a loss that trains on unpaired examples (KTO).
             pad_token_id: Padding id.
             out: The run dir (``trace/dpo.jsonl``, ``dpo_state/``).
             confidences: Per-pair confidence, needed with ``weight_by_confidence``.
@@ -409,25 +509,48 @@ class DPOTrainer:
         """
         started = time.perf_counter()
         device = next(model.parameters()).device
-        names = set_trainable(model, self.scope, self.last_k)
+        labels = labels_of(pairs)
+        if labels is not None and self.unpaired_fix:
+            raise CompoError(
+                f"{self.phase}: unpaired examples need another setting: {self.unpaired_fix}"
+            )
+        adapter = None
+        if self.lora:  # only the adapters train: every weight of the model stays frozen
+            adapter = self.lora.attach(model, self.scope, self.last_k, self.seed)
+            names = adapter.names
+        else:
+            names = set_trainable(model, self.scope, self.last_k)
         ref, scorer = self.prepare(model, pairs, pad_token_id, reference, trunk)
+        # A low-precision trunk (dtype=bfloat16) runs under autocast to its dtype, the trained
+        # parameters in fp32 (restored to their dtype at the end).
+        amp = torch.bfloat16 if self.bf16 else low_precision(model)
         mismatched = None
         if self.loss.needs_kl:  # before any update: its reference side is the starting model
             mismatched = MismatchedKL(
                 model, pairs, pad_token_id, self.ref_batch_size, f"{self.phase}/kl-reference"
             )
+        balance: dict[str, Any] = {}
+        if labels is not None:
+            balance = {"n_desirable": sum(labels), "n_undesirable": len(labels) - sum(labels)}
+            advice = self.loss.balance_warning(*balance.values())
+            if advice:
+                log.warning("%s", advice)
+                balance["warning"] = advice
+            labels = torch.tensor(labels, dtype=torch.bool, device=device)
         weights = None
         if self.weight_by_confidence:
             if confidences is None:
                 raise ValueError("weight_by_confidence needs confidences")
             weights = torch.tensor(list(confidences), dtype=torch.float32, device=device)
 
+        restore_dtypes = train_in_fp32(model, names)
         params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         per_step = self.batch_size * self.grad_accum
         steps_per_epoch = math.ceil(len(pairs) / per_step)
         total = steps_per_epoch * self.epochs
+        scheduler = lr_scheduler(optimizer, self.schedule, self.warmup_steps, total)
         identity = {"n_pairs": len(pairs), "total_steps": total, "loss": self.loss_name}
         # A state continues only the run that wrote it: same settings, same pairs and labels
         # (and confidences when they weight the loss), same starting weights.
@@ -440,7 +563,7 @@ class DPOTrainer:
         step = 0
         if self.resume:
             # Verified before use: a truncated or altered file is a CompoError, never loaded.
-            step = _load_state(state_dir, model, names, optimizer, setup) or 0
+            step = _load_state(state_dir, model, names, optimizer, scheduler, setup) or 0
             if step:
                 log.info(
                     "%s: resuming from %s at step %d of %d", self.phase, state_dir, step, total
@@ -456,13 +579,13 @@ class DPOTrainer:
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if self.bf16
-            else contextlib.nullcontext()
+            torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         )
         log.info(
-            "%s: %s on %d pairs, %d steps, %d trainable parameters (%s)", self.phase,
-            self.loss_name, len(pairs), total, n_trainable, self.scope,
+            "%s: %s on %d %s, %d steps, %d trainable parameters (%s%s)", self.phase,
+            self.loss_name, len(pairs), "pairs" if labels is None else "unpaired examples", total,
+            n_trainable, self.scope,
+            f", LoRA r={self.lora.r} on {len(names) // 2} layers" if self.lora else "",
         )  # fmt: skip
         start_step, tokens = step, 0
         train_started = time.perf_counter()
@@ -481,25 +604,23 @@ class DPOTrainer:
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 order = torch.randperm(len(pairs), generator=gen).tolist()
                 rows = order[index * per_step : (index + 1) * per_step]
-                lr = self.lr * lr_factor(step, total, self.warmup_steps, self.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 sums: dict[str, float] = {}
                 step_tokens = 0
                 for start in range(0, len(rows), self.batch_size):
                     micro = rows[start : start + self.batch_size]
                     batch = [pairs[i] for i in micro]
-                    with autocast:
+                    with autocast, _seeded_dropout(self.seed, step, start, device=device):
                         scores = score_pairs(
                             scorer, batch, pad_token_id, batch_size=2 * len(batch),
                             requires_grad=True,
                         )  # fmt: skip
-                    kl = mismatched.kl(micro) if mismatched is not None else None
+                        kl = mismatched.kl(micro) if mismatched is not None else None
                     loss, stats = self.compute_loss(
                         scores,
-                        (ref[0][micro], ref[1][micro]),
+                        tuple(r[micro] for r in ref),
                         weights[micro] if weights is not None else None,
                         kl,
+                        labels[micro] if labels is not None else None,
                     )
                     if kl is not None:
                         stats["kl"] = kl.item() * len(micro)
@@ -508,18 +629,19 @@ class DPOTrainer:
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + value
                     step_tokens += sum(
-                        len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids)
-                        for p in batch
+                        len(p.prompt_ids) * len(p.replies) + sum(map(len, p.replies)) for p in batch
                     )
                 grad_norm = None
                 if self.max_grad_norm is not None:
                     grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm).item()
+                lr = optimizer.param_groups[0]["lr"]  # this step's rate, set by the scheduler
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens += step_tokens
-                row = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-                row.update({k: v / len(rows) for k, v in sums.items()})
+                row = {"step": step, "epoch": epoch, "lr": lr}
+                row.update(_step_means(sums, len(rows)))
                 row.update(grad_norm=grad_norm, n_pairs=len(rows), tokens=step_tokens)
                 trace.write(row)
                 if not math.isfinite(row["loss"]):  # stop now, not after the remaining steps
@@ -530,17 +652,25 @@ class DPOTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
                 if self.save_every and step % self.save_every == 0 and step < total:
-                    _save_state(state_dir, model, names, optimizer, {**setup, "step": step})
+                    _save_state(
+                        state_dir, model, names, optimizer, scheduler, {**setup, "step": step}
+                    )
         bar.close()
         model.eval()
         if self.gradient_checkpointing:
             disable = getattr(model, "activation_checkpointing_disable", None)
             (disable or model.gradient_checkpointing_disable)()
         if step > start_step:
-            _save_state(state_dir, model, names, optimizer, {**setup, "step": step})
+            _save_state(state_dir, model, names, optimizer, scheduler, {**setup, "step": step})
+        restore_dtypes()
+        if adapter is not None:
+            if distributed.is_main():
+                adapter.save(self.adapter_dir(out))
+            adapter.merge()  # ComPO and the checkpoint see a plain model with the update in it
         train_seconds = time.perf_counter() - train_started
         metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
         metrics["seconds"] = round(time.perf_counter() - started, 3)
+        metrics.update(balance)
         return metrics
 
     def _summary(self, out, identity, start_step, n_trainable, tokens, seconds) -> dict[str, Any]:
@@ -559,7 +689,54 @@ class DPOTrainer:
             "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         }
         if rows:
-            for key in ("loss", "accuracy", "reward_margin", "logp_chosen", "logp_rejected"):
-                metrics[f"{key}_first"] = rows[0][key]
-                metrics[f"{key}_last"] = rows[-1][key]
+            for key in _SUMMARY_KEYS:
+                if key in rows[0]:
+                    metrics[f"{key}_first"] = rows[0][key]
+                    metrics[f"{key}_last"] = rows[-1][key]
         return metrics
+
+
+# The trace values whose first and last step are in the metrics (pairs: loss, accuracy,
+# reward_margin, logp_*; unpaired examples: loss, accuracy, and the per-label means).
+_SUMMARY_KEYS = (
+    "loss",
+    "accuracy",
+    "reward_margin",
+    "logp_chosen",
+    "logp_rejected",
+    "reward_desirable",
+    "reward_undesirable",
+    "logp_desirable",
+    "logp_undesirable",
+)
+_LABEL_SIDES = ("desirable", "undesirable")
+
+
+def _unpaired_stats(scores: SequenceScores, rewards: Tensor, labels: Tensor) -> dict[str, float]:
+    """Summed step statistics of unpaired examples: ``accuracy`` counts those whose implicit
+    reward has their label's sign (desirable above the reference, undesirable below); rewards and
+    log-probs are summed per label, with the count of each label (see :func:`_step_means`)."""
+    sign = torch.where(labels, 1.0, -1.0).to(rewards.dtype)
+    stats = {"accuracy": ((rewards * sign) > 0).float().sum().item()}
+    for side, mask in zip(_LABEL_SIDES, (labels, ~labels), strict=True):
+        stats[f"n_{side}"] = float(mask.sum().item())
+        stats[f"reward_{side}"] = rewards[mask].sum().item()
+        stats[f"logp_{side}"] = scores.sum_logps.detach()[mask].sum().item()
+    return stats
+
+
+def _step_means(sums: dict[str, float], n_rows: int) -> dict[str, Any]:
+    """A step's trace values from its summed batch statistics: means over the step's rows; a
+    statistic of one label's examples (``*_desirable``) over that label's count (None without
+    such examples in the step); the counts themselves as integers."""
+    out: dict[str, Any] = {}
+    for key, value in sums.items():
+        side = key.rsplit("_", 1)[-1]
+        if key.startswith("n_"):
+            out[key] = int(value)
+        elif side in _LABEL_SIDES:
+            count = sums[f"n_{side}"]
+            out[key] = value / count if count else None
+        else:
+            out[key] = value / n_rows
+    return out

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from compo import settings
+from compo.encoding import labels_of
 from compo.scoring import SequenceScores, score_pairs
 from compo.splitter import Split
 from compo.stages import Job, Outcome, ReferenceScores
@@ -69,6 +70,67 @@ def likelihood_displacement(
     }
 
 
+def pair_rows(job: Job, split: Split, after: tuple[SequenceScores, SequenceScores]) -> list[dict]:
+    """One row per pair: its side of the split and log pi(y+|x), log pi(y-|x) before and after."""
+    columns = {
+        "logp_chosen_before": job.reference.get()[0].sum_logps,
+        "logp_rejected_before": job.reference.get()[1].sum_logps,
+        "logp_chosen_after": after[0].sum_logps,
+        "logp_rejected_after": after[1].sum_logps,
+        "n_tokens_chosen": after[0].n_tokens,
+        "n_tokens_rejected": after[1].n_tokens,
+    }
+    values = {key: column.tolist() for key, column in columns.items()}
+    ambiguous = set(split.ambiguous)
+    return [
+        {
+            "id": pair.pair_id,
+            "side": "ambiguous" if i in ambiguous else "clean",
+            **{key: column[i] for key, column in values.items()},
+        }
+        for i, pair in enumerate(job.encoded)
+    ]
+
+
+def unpaired_metrics(scores: SequenceScores, labels: Sequence[bool]) -> dict[str, Any]:
+    """Mean log-probs of the desirable and of the undesirable completions of unpaired examples.
+
+    There is no preference accuracy without pairs; KTO should raise the first and lower the second.
+    A label without examples has None means.
+    """
+    out: dict[str, Any] = {"n_examples": len(labels)}
+    mask = torch.tensor(list(labels), dtype=torch.bool, device=scores.sum_logps.device)
+    for side, rows in (("desirable", mask), ("undesirable", ~mask)):
+        n = int(rows.sum().item())
+        out[f"n_{side}"] = n
+        out[f"logp_{side}_mean"] = scores.sum_logps[rows].mean().item() if n else None
+        out[f"logp_{side}_per_token"] = scores.mean_logps[rows].mean().item() if n else None
+    return out
+
+
+def unpaired_displacement(
+    before: SequenceScores, after: SequenceScores, labels: Sequence[bool]
+) -> dict[str, Any]:
+    """How the log-probs of desirable and undesirable completions moved between two models: mean
+    changes, and the fractions of desirable completions that lost probability and of undesirable
+    ones that gained it (None for a label without examples)."""
+    delta = after.sum_logps - before.sum_logps
+    mask = torch.tensor(list(labels), dtype=torch.bool, device=delta.device)
+    desirable, undesirable = delta[mask], delta[~mask]
+    return {
+        "delta_logp_desirable": desirable.mean().item() if desirable.numel() else None,
+        "delta_logp_undesirable": undesirable.mean().item() if undesirable.numel() else None,
+        "frac_desirable_down": (desirable < 0).float().mean().item() if desirable.numel() else None,
+        "frac_undesirable_up": (
+            (undesirable > 0).float().mean().item() if undesirable.numel() else None
+        ),
+    }
+
+
+def _metrics(scores: tuple[SequenceScores, ...], labels: Sequence[bool] | None) -> dict[str, Any]:
+    return preference_metrics(*scores) if labels is None else unpaired_metrics(scores[0], labels)
+
+
 class PreferenceEval:
     """The ``eval=preference`` option: scores every pair before and after training.
 
@@ -90,19 +152,58 @@ class PreferenceEval:
         return ReferenceScores(model, encoded, pad_token_id, self.batch_size, "eval/before", trunk)
 
     def before(self, job: Job) -> Outcome:
-        """``eval.before``: accuracy and log-probs of every pair under the starting policy."""
-        return Outcome({"eval.before": preference_metrics(*job.reference.get())})
+        """``eval.before``: accuracy and log-probs of every pair under the starting policy (for
+        unpaired examples: the log-probs of the desirable and of the undesirable ones).
+
+        With a held-out set, the same on it (``eval.heldout.before``), computed here once, before
+        any stage changes the policy; ``eval.after`` compares against these scores.
+        """
+        metrics = {"eval.before": _metrics(job.reference.get(), labels_of(job.encoded))}
+        if job.heldout is not None:
+            metrics.update(_heldout_metrics("before", job.heldout.get()))
+        return Outcome(metrics)
 
     def after(self, job: Job, split: Split) -> Outcome:
-        """``eval.after`` and the likelihood displacement on each side of the split."""
+        """``eval.after`` and the likelihood displacement on each side of the split (and on the
+        held-out pairs).
+
+        Each pair's log-probabilities before and after go to ``eval_pairs.jsonl`` (the pictures
+        of :mod:`compo.plots` and anyone's own analysis read them there).
+        """
+        labels = labels_of(job.encoded)
         after = self.score(job.policy, job.encoded, job.pad_token_id, desc="eval/after")
-        metrics = {"eval.after": preference_metrics(*after)}
+        if labels is None:  # unpaired examples have no pair to draw
+            job.out.write_rows("eval_pairs", pair_rows(job, split, after))
+        metrics = {"eval.after": _metrics(after, labels)}
         for side, rows in (("clean", split.clean), ("ambiguous", split.ambiguous)):
             if rows:
-                rows_after = (after[0].take(rows), after[1].take(rows))
-                shift = likelihood_displacement(job.reference.rows(rows), rows_after)
+                rows_after = tuple(scores.take(rows) for scores in after)
+                before = job.reference.rows(rows)
+                if labels is None:
+                    shift = likelihood_displacement(before, rows_after)
+                else:
+                    side_labels = [labels[i] for i in rows]
+                    shift = unpaired_displacement(before[0], rows_after[0], side_labels)
                 metrics[f"eval.displacement.{side}"] = shift
+        if job.heldout is not None:
+            held = self.score(
+                job.policy, job.heldout.encoded, job.pad_token_id, desc="eval/heldout-after"
+            )
+            metrics.update(_heldout_metrics("after", held))
+            metrics["eval.displacement.heldout"] = likelihood_displacement(job.heldout.get(), held)
         return Outcome(metrics)
+
+
+def _heldout_metrics(when: str, scores: tuple[SequenceScores, SequenceScores]) -> dict:
+    """``eval.heldout.<when>.*`` and the headline ``eval.heldout.accuracy`` / ``margin_mean``.
+
+    The headline keys hold the latest model's numbers: ``after`` overwrites ``before``, so they are
+    the final model's either way (no ``eval.after`` exists when no stage changed the model). They
+    are what a sweep optimises (``objective=auto``).
+    """
+    found = preference_metrics(*scores)
+    headline = {"accuracy": found["accuracy"], "margin_mean": found["margin_mean"]}
+    return {f"eval.heldout.{when}": found, "eval.heldout": headline}
 
 
 # --------------------------------------------------------------------------------------------

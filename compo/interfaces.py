@@ -96,6 +96,13 @@ class OutputJudge(Protocol):
         """Counters for ``metrics.json`` (under ``oracle.judge.``)."""
         return {}
 
+    def describe(self) -> dict[str, Any]:
+        """What this judge's verdicts depend on (its oracle's ``describe`` holds it), so a ComPO
+        state is never continued with another judge (default: :func:`plain_settings`). A judge
+        leaves out what only decides how it runs (timeouts, budgets, ports): changing those
+        must not refuse a resume."""
+        return plain_settings(self)
+
 
 @runtime_checkable
 class ComparisonOracle(Protocol):
@@ -175,7 +182,8 @@ class ComparisonOracle(Protocol):
 
 
 def plain_settings(obj: Any) -> dict[str, Any]:
-    """An object's class and its public attributes holding plain values, its ``judge`` included.
+    """An object's class and its public attributes holding plain values, its ``judge`` included
+    (as the judge describes itself, when it can).
 
     Constructors keep their settings as such attributes; counters live in dicts and run state in
     private attributes, so neither is part of it.
@@ -183,7 +191,8 @@ def plain_settings(obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"type": f"{type(obj).__module__}.{type(obj).__qualname__}"}
     for key, value in sorted(vars(obj).items()):
         if key == "judge":
-            out[key] = plain_settings(value)
+            describe = getattr(value, "describe", None)
+            out[key] = describe() if callable(describe) else plain_settings(value)
         elif not key.startswith("_") and isinstance(value, str | int | float | bool | None):
             out[key] = value
     return out

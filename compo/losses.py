@@ -51,6 +51,8 @@ class PairwiseLoss:
     needs_reference = True
     #: Whether the loss takes KTO's KL reference point (see :class:`KTO`).
     needs_kl = False
+    #: Whether the loss also trains on unpaired examples (:meth:`KTO.unpaired`).
+    accepts_unpaired = False
 
     def __init__(
         self,
@@ -260,14 +262,16 @@ class ORPO(PairwiseLoss):
 
 
 class KTO(PairwiseLoss):
-    """KTO (Ethayarajh et al. 2024) on pairs: the chosen reply is desirable, the rejected one
-    undesirable, each judged against the reference point ``z`` (the policy's KL from the reference,
-    estimated on mismatched prompt/reply pairs of the batch, detached and clipped at 0):
+    """KTO (Ethayarajh et al. 2024) on unpaired examples, or on pairs (the chosen reply is
+    desirable, the rejected one undesirable), each example judged against the reference point
+    ``z`` (the policy's KL from the reference, estimated on mismatched prompt/reply pairs of the
+    batch, detached and clipped at 0):
 
         desirable:   w_d (1 - sigmoid(beta (log pi(y+)/pi_ref(y+) - z)))
         undesirable: w_u (1 - sigmoid(beta (z - log pi(y-)/pi_ref(y-))))
 
-    A pair's loss is the mean of its two examples', so the batch mean is TRL's mean over examples.
+    A pair's loss is the mean of its two examples', so the batch mean is TRL's mean over examples;
+    on unpaired examples (:meth:`unpaired`) each example's loss is its own term, as in TRL.
 
     Args:
         desirable_weight: w_d (raise it when desirable examples are rarer).
@@ -277,6 +281,7 @@ class KTO(PairwiseLoss):
 
     name = "kto"
     needs_kl = True
+    accepts_unpaired = True
 
     def __init__(
         self, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **options
@@ -297,6 +302,46 @@ class KTO(PairwiseLoss):
         if self.rpo_alpha:
             loss = loss + self.rpo_alpha * nll(policy[0])
         return loss, *self.rewards(pc, pr, rc, rr)
+
+    def unpaired(
+        self, policy: SequenceScores, reference: Tensor, labels: Tensor, kl: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-example losses and implicit rewards of unpaired examples.
+
+        Args:
+            policy: The policy's scores of each example's completion.
+            reference: The reference's log-probs of them (as :meth:`logps` selects them).
+            labels: True for a desirable example.
+            kl: The batch's KL estimate ``z`` (None: 0).
+
+        Returns:
+            ``(losses, rewards)``, rewards ``beta * (log pi - log pi_ref)`` detached. With
+            ``rpo_alpha``, desirable examples also pay that weight times their NLL.
+        """
+        logratio = self.logps(policy) - reference
+        z = torch.zeros_like(logratio[:1]) if kl is None else kl.detach()
+        desirable = self.desirable_weight * (1 - torch.sigmoid(self.beta * (logratio - z)))
+        undesirable = self.undesirable_weight * (1 - torch.sigmoid(self.beta * (z - logratio)))
+        loss = torch.where(labels, desirable, undesirable)
+        if self.rpo_alpha:
+            loss = loss + self.rpo_alpha * nll(policy) * labels
+        return loss, self.beta * logratio.detach()
+
+    def balance_warning(self, n_desirable: int, n_undesirable: int) -> str | None:
+        """The paper's advice (its Eq. 8, as TRL checks it) when the weights do not offset the
+        data's imbalance: ``w_d n_d / (w_u n_u)`` should lie in [1, 4/3]; None when it does."""
+        if not n_desirable or not n_undesirable:
+            missing = "desirable" if not n_desirable else "undesirable"
+            return f"kto: no {missing} examples: only one side of the loss trains"
+        ratio = self.desirable_weight * n_desirable / (self.undesirable_weight * n_undesirable)
+        if 1 <= ratio <= 4 / 3:
+            return None
+        low = n_undesirable * self.undesirable_weight / n_desirable
+        return (
+            f"kto: {n_desirable} desirable and {n_undesirable} undesirable examples: "
+            f"w_d n_d / (w_u n_u) = {ratio:.2f}, outside the paper's [1, 4/3]; set "
+            f"dpo.loss.desirable_weight in [{low:.2f}, {low * 4 / 3:.2f}]"
+        )
 
 
 class SFT(PairwiseLoss):

@@ -19,8 +19,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -64,14 +65,6 @@ class ModelLoader(Protocol):
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]: ...
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ModelLoadError(
-            f"model.dtype: unknown dtype {name!r}; choose one of {sorted(_DTYPES)}"
-        )
-    return _DTYPES[name]
-
-
 def untie_output_layer(model: PreTrainedModel) -> bool:
     """Gives the output layer its own weight when it shares one with the input embeddings.
 
@@ -101,20 +94,41 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: str):
+def _cast_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def keep_output_layer_fp32(model: PreTrainedModel) -> None:
+    """Keeps the output layer in fp32 when the rest of the model is in a lower precision.
+
+    Both stages that change the policy change the output layer (DPO's default scope; ComPO
+    perturbs it alone), and updates of ~1e-6 per entry vanish when added to bf16 weights. In
+    fp32, ComPO's master copy is the weight itself and the checkpoint keeps every update. Forward
+    passes that do not go through :mod:`compo.scoring` (generation) get its input cast to fp32.
+    """
+    head = model.get_output_embeddings()
+    if head is None or head.weight.dtype == torch.float32:
+        return
+    head.float()
+    head.register_forward_pre_hook(_cast_to_weight_dtype)
+
+
+def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: str, dtype: str):
+    """Pads, unties the output layer, then puts the model in ``dtype`` (its output layer in
+    fp32) on ``device``, in eval mode."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     untie_output_layer(model)
-    model.to(device)
+    model.to(device=device, dtype=_DTYPES[dtype])
+    keep_output_layer_fp32(model)
     model.eval()
     return model, tokenizer
 
 
-def _load_pretrained(path: str, dtype: str, device: str, revision: str | None = None):
-    torch_dtype = _torch_dtype(dtype)
+def _load_pretrained(path: str, dtype: str, revision: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], revision=revision)
     except OSError as exc:
         where = "local directory" if Path(path).exists() else "hub id (is the hub reachable?)"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -127,8 +141,10 @@ class PretrainedModel:
 
     Args:
         name_or_path: Local directory (with ``config.json``) or hub id.
-        dtype: ``float32`` (default, what CPU training needs), ``bfloat16`` or ``float16``.
-        device: Torch device string.
+        dtype: The trunk's dtype: ``float32`` (what CPU training needs), ``bfloat16``,
+            ``float16`` or ``auto`` (see :func:`compo.settings.dtype`); the output layer stays
+            fp32.
+        device: Torch device string, or ``auto``.
         revision: Hub revision; ignored for local directories.
     """
 
@@ -140,12 +156,13 @@ class PretrainedModel:
         revision: str | None = None,
     ) -> None:
         self.name = str(name_or_path)
-        self.dtype, self.revision = dtype, revision
+        self.revision = revision
         self.device = settings.device("model.device", device)
+        self.dtype = settings.dtype("model.dtype", dtype, self.device)
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        model, tokenizer = _load_pretrained(self.name, self.dtype, self.device, self.revision)
-        return _finish(model, tokenizer, self.device)
+        model, tokenizer = _load_pretrained(self.name, self.dtype, self.revision)
+        return _finish(model, tokenizer, self.device, self.dtype)
 
 
 def locate_smollm2_gguf() -> Path:
@@ -207,16 +224,16 @@ class EmbeddedSmolLM2:
 
     Args:
         cache_dir: Where the converted model lives; default ``default_cache_dir()``.
-        dtype: Torch dtype name.
-        device: Torch device string.
+        dtype: The trunk's dtype (as for :class:`PretrainedModel`).
+        device: Torch device string, or ``auto``.
     """
 
     name = "SmolLM2-135M-Instruct"
 
     def __init__(self, cache_dir: str | None = None, dtype: str = "float32", device: str = "cpu"):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.dtype = dtype
         self.device = settings.device("model.device", device)
+        self.dtype = settings.dtype("model.dtype", dtype, self.device)
 
     def local_path(self) -> Path:
         """Returns the safetensors directory, converting the GGUF file on first use."""
@@ -226,8 +243,8 @@ class EmbeddedSmolLM2:
         return target
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        model, tokenizer = _load_pretrained(str(self.local_path()), self.dtype, self.device)
-        return _finish(model, tokenizer, self.device)
+        model, tokenizer = _load_pretrained(str(self.local_path()), self.dtype)
+        return _finish(model, tokenizer, self.device, self.dtype)
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -268,7 +285,8 @@ class TinyModel:
         max_position_embeddings: Longest sequence.
         init_std: Weight initialisation scale; larger than usual so the random model is not
             near-uniform and log-prob differences are visible.
-        device: Torch device string.
+        device: Torch device string, or ``auto``.
+        dtype: The trunk's dtype (as for :class:`PretrainedModel`); built in fp32, then cast.
     """
 
     def __init__(
@@ -282,6 +300,7 @@ class TinyModel:
         max_position_embeddings: int = 2048,
         init_std: float = 0.1,
         device: str = "cpu",
+        dtype: str = "float32",
     ) -> None:
         for key, value in (
             ("num_layers", num_layers),
@@ -300,6 +319,7 @@ class TinyModel:
             )
         self.seed = settings.seed("model.seed", seed)
         self.device = settings.device("model.device", device)
+        self.dtype = settings.dtype("model.dtype", dtype, self.device)
         self.sizes = dict(
             hidden_size=hidden_size,
             num_hidden_layers=num_layers,
@@ -325,27 +345,19 @@ class TinyModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = LlamaForCausalLM(config)
-        return _finish(model, tokenizer, self.device)
+        return _finish(model, tokenizer, self.device, self.dtype)
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
-    """Saves model and tokenizer in HF format (safetensors), replacing ``path`` atomically.
+def write_dir_atomically(path: Path, fill: Callable[[Path], Any]) -> Path:
+    """Fills a temporary sibling of ``path`` with ``fill(tmp)``, then puts it in place of ``path``.
 
-    Args:
-        model: The model to save.
-        tokenizer: Its tokenizer.
-        path: Target directory.
-
-    Returns:
-        ``path``.
+    A crash at any moment leaves either the old directory or the new one, never half of one.
     """
-    state.check_finite(model.named_parameters(), f"checkpoint {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        fill(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -358,3 +370,31 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    extra: dict[str, Path] | None = None,
+) -> Path:
+    """Saves model and tokenizer in HF format (safetensors), replacing ``path`` atomically.
+
+    Args:
+        model: The model to save.
+        tokenizer: Its tokenizer.
+        path: Target directory.
+        extra: Directories copied inside it, by name (a stage's LoRA adapter: ``adapter``).
+
+    Returns:
+        ``path``.
+    """
+    state.check_finite(model.named_parameters(), f"checkpoint {path}")
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, source in (extra or {}).items():
+            shutil.copytree(source, tmp / name)
+
+    return write_dir_atomically(path, fill)

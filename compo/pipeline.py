@@ -1,7 +1,8 @@
 """The recipe: one run of compo, top to bottom.
 
-    pairs -> model -> tokens -> oracle checked -> reference scores -> eval.before -> split
-          -> first-order stage (clean pairs) -> ComPO (ambiguous pairs) -> checkpoint -> eval.after
+    pairs (held-out ones set apart) -> model -> tokens -> oracle checked -> reference scores
+          -> eval.before -> split -> first-order stage (clean pairs) -> ComPO (ambiguous pairs)
+          -> checkpoint -> eval.after
 
 Every stage is an object built from its config group (see :mod:`compo.stages` for the contract);
 a group set to ``none`` builds a stage that does nothing, so this function has no branch per
@@ -16,12 +17,21 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from compo import distributed
+from compo import distributed, plots
 from compo.data import DataSpec
+from compo.heldout import record_heldout
 from compo.interfaces import ComparisonOracle
 from compo.models import ModelLoader, save_checkpoint
 from compo.rundir import RunDir
-from compo.stages import Evaluator, FirstOrderStage, Job, Outcome, Splitter, ZerothOrderStage
+from compo.stages import (
+    Evaluator,
+    FirstOrderStage,
+    Job,
+    Outcome,
+    Splitter,
+    ZerothOrderStage,
+    check_unpaired,
+)
 
 log = logging.getLogger("compo")
 
@@ -44,10 +54,11 @@ def _log(out: RunDir, outcome: Outcome) -> None:
         out.log_metrics(group, values)
 
 
-def _checkpoint(out: RunDir, policy: Any, tokenizer: Any, changed: bool) -> None:
-    """Saves the policy if a stage changed it; else no checkpoint may stand for this run."""
+def _checkpoint(out: RunDir, policy: Any, tokenizer: Any, changed: bool, files: dict) -> None:
+    """Saves the policy (and the stages' ``files``) if a stage changed it; else no checkpoint
+    may stand for this run."""
     if changed:
-        save_checkpoint(policy, tokenizer, out.checkpoint_dir)
+        save_checkpoint(policy, tokenizer, out.checkpoint_dir, files)
         log.info("checkpoint saved to %s", out.checkpoint_dir)
     elif out.checkpoint_dir.exists():
         shutil.rmtree(out.checkpoint_dir)
@@ -63,9 +74,13 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     """
     started = time.perf_counter()
     loaded = stages.data.load()
+    if loaded.unpaired:  # KTO's data: refused before any model loads if a stage needs pairs
+        pairwise = {"splitter": stages.splitter, "dpo": stages.first_order}
+        check_unpaired(stages.data.path, {**pairwise, "optimizer": stages.zeroth_order})
     if loaded.rejected:
         out.write_rows("rejected_rows", [r.to_dict() for r in loaded.rejected])
     out.log_metrics("data", {"n_pairs": len(loaded.pairs), "n_rows_rejected": len(loaded.rejected)})
+    out.log_metrics("data.heldout", record_heldout(out, loaded.pairs, loaded.heldout))
 
     log.info("loading model %s", stages.model.name)
     policy, tokenizer = stages.model.load()
@@ -80,6 +95,10 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     trunk = stages.first_order.frozen_trunk(policy)
     reference = stages.evaluator.reference(policy, encoded, tokenizer.pad_token_id, trunk)
     job = Job(policy, tokenizer, stages.data, loaded.pairs, encoded, reference, out)
+    if loaded.heldout:  # the evaluator alone sees them
+        heldout, truncation = stages.data.encode(loaded.heldout, tokenizer)
+        out.log_metrics("data.heldout", truncation.as_metrics())
+        job.heldout = stages.evaluator.reference(policy, heldout, tokenizer.pad_token_id)
     _log(out, stages.evaluator.before(job))
 
     split = stages.splitter.split(policy, loaded.pairs, encoded, tokenizer.pad_token_id, reference)
@@ -92,9 +111,10 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     # The checkpoint and eval.after are rank 0's alone: no collective operation follows.
     changed = first.changed or zeroth.changed
     if distributed.is_main():
-        _checkpoint(out, policy, tokenizer, changed)
+        _checkpoint(out, policy, tokenizer, changed, {**first.files, **zeroth.files})
         if changed:
             _log(out, stages.evaluator.after(job, split))
+        out.log_metrics("plots", plots.draw(out.path, out.metrics))
     out.log_metrics("run", {"model_changed": changed})
     out.log_metrics("run", {"seconds": round(time.perf_counter() - started, 3)})
     return out.metrics

@@ -13,11 +13,12 @@ from typing import Any
 
 from compo.scoring import SequenceScores, score_pairs
 
-Scores = tuple[SequenceScores, SequenceScores]
+Scores = tuple[SequenceScores, ...]  # (chosen, rejected) of pairs; (completion,) of examples
 
 
 class ReferenceScores:
-    """(chosen, rejected) scores of every pair under the starting policy, computed once.
+    """(chosen, rejected) scores of every pair (or (completion,) of every unpaired example) under
+    the starting policy, computed once.
 
     Args:
         model: The policy before any update.
@@ -67,6 +68,5 @@ class ReferenceScores:
         return self._scores
 
     def rows(self, rows: Sequence[int]) -> Scores:
-        """The scores of the pairs at ``rows``."""
-        chosen, rejected = self.get()
-        return chosen.take(rows), rejected.take(rows)
+        """The scores of the pairs (or unpaired examples) at ``rows``."""
+        return tuple(scores.take(rows) for scores in self.get())

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from compo.errors import CompoError
+from compo.tracking import NO_TRACKING, Tracking
 
 
 def _jsonable(value: Any) -> Any:
@@ -37,21 +38,40 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+# Read once: os.umask is process-wide, so reading it while other threads create files would race.
+# mkstemp creates files 0600; run-dir and data files get the mode a plain open() would give them,
+# so colleagues, sweep tools and shipped data files can read them.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file in the same directory and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        # backslashreplace: a lone surrogate in a rejected row is written as its escape, not lost.
-        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as handle:
-            handle.write(text)
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` as UTF-8, atomically (see :func:`atomic_write_bytes`)."""
+    # backslashreplace: a lone surrogate in a rejected row is written as its escape, not lost.
+    # Bytes, so "\n" stays "\n" on every platform (data files are shipped and hashed).
+    atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -111,14 +131,16 @@ class TraceWriter:
     the file) never leaves a writer appending to a deleted file.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tracking: Tracking = NO_TRACKING) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.tracking = tracking
 
     def write(self, row: Mapping[str, Any]) -> None:
-        """Appends ``row`` as one complete line."""
+        """Appends ``row`` as one complete line, then hands it to the run's trackers."""
         with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as handle:
             handle.write(json.dumps(_jsonable(row), ensure_ascii=False, default=str) + "\n")
+        self.tracking.row(self.path.stem, row)
 
     def close(self) -> None:
         """Nothing stays open between rows."""
@@ -135,12 +157,15 @@ class RunDir:
 
     Args:
         path: The directory (Hydra's output dir for the job); created if missing.
+        tracking: The experiment trackers that get a copy of every trace row and of the final
+            metrics (:mod:`compo.tracking`; none by default).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, tracking: Tracking = NO_TRACKING) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics: dict[str, Any] = {}
+        self.tracking = tracking
 
     def log_metrics(self, prefix: str, values: Mapping[str, Any]) -> None:
         """Records ``values`` under ``prefix.key`` (written by :meth:`save`)."""
@@ -153,12 +178,14 @@ class RunDir:
         Not before: a run that fails or is refused (e.g. resume state of other settings) must
         leave the files of the run that produced this dir's checkpoint and state as they were.
         """
+        self.tracking.metrics(self.metrics)
+        self.log_metrics("report_to", self.tracking.problems())  # a tracker dropped on the way
         atomic_write_text(self.path / "config.yaml", config_yaml)
         atomic_write_json(self.path / "metrics.json", self.metrics)
 
     def trace(self, name: str) -> TraceWriter:
         """Opens ``trace/<name>.jsonl`` for appending."""
-        return TraceWriter(self.path / "trace" / f"{name}.jsonl")
+        return TraceWriter(self.path / "trace" / f"{name}.jsonl", self.tracking)
 
     def write_rows(self, name: str, rows: list[Mapping[str, Any]]) -> None:
         """Writes ``<name>.jsonl`` in the run dir atomically (a whole file, e.g. judged labels)."""

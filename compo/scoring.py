@@ -90,11 +90,14 @@ def token_logps(
     weight = weight.float()
     bias = bias.float() if bias is not None else None
     out = []
-    for start in range(0, hidden.shape[0], chunk):
-        logits = F.linear(hidden[start : start + chunk].float(), weight, bias)
-        rows = targets[start : start + chunk]
-        # gather - logsumexp is log_softmax at one column, without a second (chunk, V) buffer.
-        out.append(logits.gather(-1, rows[:, None]).squeeze(-1) - logits.logsumexp(-1))
+    # Under autocast (dpo.bf16, a low-precision trunk) the matmul would run in bf16: log-probs
+    # off by ~0.05 nats. The output layer is computed in fp32 whatever the caller's context.
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[start : start + chunk].float(), weight, bias)
+            rows = targets[start : start + chunk]
+            # gather - logsumexp is log_softmax at one column, without a second (chunk, V) buffer.
+            out.append(logits.gather(-1, rows[:, None]).squeeze(-1) - logits.logsumexp(-1))
     if not out:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)
@@ -217,31 +220,32 @@ def score_sequences(
 
 
 def score_pairs(model: torch.nn.Module, pairs: Sequence, pad_token_id: int, **kwargs):
-    """Scores the chosen and the rejected reply of each encoded pair.
+    """Scores the replies of encoded pairs (or of unpaired examples), all in one pass.
 
     Args:
         model: The causal LM.
-        pairs: :class:`compo.encoding.EncodedPair` items.
+        pairs: :class:`compo.encoding.EncodedPair` items, or ``EncodedExample`` items (one kind).
         pad_token_id: Padding id.
         **kwargs: Passed to :func:`score_sequences`.
 
     Returns:
-        ``(chosen_scores, rejected_scores)``.
+        ``(chosen_scores, rejected_scores)`` of pairs; ``(completion_scores,)`` of examples.
     """
+    k = len(pairs[0].replies) if pairs else 2
     prompts = [p.prompt_ids for p in pairs]
     # The length both replies of a pair share: what length-desensitised losses (ld_alpha) weigh
     # in full, the rest of the longer reply being down-weighted.
-    shared = [min(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    shared = [min(len(reply) for reply in p.replies) for p in pairs]
     both = score_sequences(
         model,
-        prompts + prompts,
-        [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+        prompts * k,
+        [p.replies[j] for j in range(k) for p in pairs],
         pad_token_id,
-        head_tokens=shared + shared,
+        head_tokens=shared * k,
         **kwargs,
     )
     n = len(pairs)
-    return _take(both, slice(0, n), 0), _take(both, slice(n, 2 * n), n)
+    return tuple(_take(both, slice(j * n, (j + 1) * n), j * n) for j in range(k))
 
 
 def _take(scores: SequenceScores, rows: slice, offset: int) -> SequenceScores:

@@ -134,19 +134,24 @@ def choice(key: str, value: Any, options: Iterable[Any]) -> Any:
 
 
 def device(key: str, value: Any) -> str:
-    """Returns ``value`` if torch knows the device and this machine has it.
+    """Returns the device to run on: ``value`` if torch knows it and this machine has it.
+
+    ``auto`` is ``cuda`` when a CUDA GPU is present, else ``cpu``. Apple's ``mps`` is used only
+    when asked for by name: not every operation compo runs has an MPS kernel.
 
     Args:
         key: The config key (``device``).
-        value: ``cpu``, ``cuda``, ``cuda:1``, ``mps``...
+        value: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``...
     """
     import torch  # here, not at module level: oracles import this module without torch
 
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         parsed = torch.device(value)
     except (RuntimeError, TypeError):
         raise SettingError(
-            f"{key}: {value!r} is not a device torch knows (e.g. cpu, cuda)"
+            f"{key}: {value!r} is not a device torch knows (auto, cpu, cuda, cuda:1, mps)"
         ) from None
     available = {
         "cpu": lambda: True,
@@ -160,3 +165,27 @@ def device(key: str, value: Any) -> str:
     if not available.get(parsed.type, lambda: False)():
         raise SettingError(f"{key}={value}: this machine has no such device (use device=cpu)")
     return value
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def dtype(key: str, value: Any, on: str) -> str:
+    """Returns the dtype name the model's trunk is loaded in.
+
+    ``auto`` is ``bfloat16`` on a CUDA GPU that supports it, else ``float32`` (CPUs, older GPUs:
+    ``float16`` must be asked for, its range overflows in some models).
+
+    Args:
+        key: The config key (``dtype``).
+        value: One of :data:`DTYPES`.
+        on: The resolved device (see :func:`device`).
+    """
+    choice(key, value, DTYPES)
+    if value != "auto":
+        return value
+    import torch
+
+    if torch.device(on).type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"

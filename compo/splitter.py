@@ -95,6 +95,7 @@ class LikelihoodMarginSplitter:
     """
 
     name = "likelihood_margin"
+    unpaired_fix = "splitter=none"  # its rule compares the two replies of a pair
     uses_reference = True  # split() takes the reference scores instead of computing them
 
     def __init__(self, delta: float = 3.0, per_token: bool = False, batch_size: int = 8) -> None:
@@ -170,6 +171,7 @@ class ChesSplitter:
     """
 
     name = "ches"
+    unpaired_fix = "splitter=none"  # its rule compares the two replies of a pair
 
     def __init__(
         self,
@@ -223,6 +225,7 @@ class ConfidenceSplitter:
     """
 
     name = "confidence"
+    unpaired_fix = "splitter=none"  # the ambiguous side goes to ComPO, which needs pairs
 
     def __init__(self, threshold: float = 0.5) -> None:
         # Confidences are in [0, 1]: a threshold above 1 marks every pair ambiguous, <= 0 none.

@@ -7,6 +7,10 @@ variants), a :class:`ZerothOrderStage` (ComPO, with its comparison oracle) and a
 group's ``none`` option builds, so the recipe never asks whether a stage is there. Stages return
 their metrics as an :class:`Outcome`; the recipe alone writes them.
 
+A data file may hold unpaired examples (prompt, completion, label: KTO's data) instead of pairs.
+Each stage says whether it can use them (``unpaired_fix``: None, or the setting that would make
+it); :func:`check_unpaired` refuses such a file in one line before any model is loaded.
+
 :class:`ReferenceScores` owns the starting policy's scores of every pair: computed once, on first
 use (by ``eval.before``, the splitter or the first-order stage, whichever asks first), through the
 first-order stage's frozen-trunk recorder so its later passes skip the frozen blocks.
@@ -16,9 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from compo import settings
+from compo.errors import DataError
 from compo.interfaces import ComparisonOracle
 from compo.reference import ReferenceScores
 from compo.splitter import Split
@@ -32,7 +38,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class Job:
-    """What every stage works on."""
+    """What every stage works on.
+
+    ``pairs``, ``encoded`` and ``reference`` are the training pairs. ``heldout`` owns the starting
+    policy's scores of the held-out pairs (``data.eval_path`` / ``data.eval_fraction``), or is None
+    without a held-out set: only the evaluator reads it (``eval.before`` computes it, before any
+    stage changes the policy).
+    """
 
     policy: Any
     tokenizer: Any
@@ -41,6 +53,7 @@ class Job:
     encoded: list[EncodedPair]
     reference: ReferenceScores
     out: RunDir
+    heldout: ReferenceScores | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -49,15 +62,20 @@ class Job:
 
 @dataclass
 class Outcome:
-    """A stage's metrics (``group -> {name: value}``) and whether it changed the policy."""
+    """A stage's metrics (``group -> {name: value}``), whether it changed the policy, and
+    directories to put inside ``checkpoint/`` by name (a LoRA adapter: ``adapter``)."""
 
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     changed: bool = False
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 @runtime_checkable
 class Splitter(Protocol):
     """Sends each pair to the clean side (first-order stage) or the ambiguous side (ComPO)."""
+
+    #: None when the stage takes unpaired examples, else the setting that would (splitter=none).
+    unpaired_fix: str | None
 
     def split(
         self,
@@ -72,6 +90,9 @@ class Splitter(Protocol):
 @runtime_checkable
 class FirstOrderStage(Protocol):
     """Trains on the clean pairs with a gradient (DPO, IPO, cDPO, rDPO, SimPO)."""
+
+    #: None when the stage trains on unpaired examples, else the setting that would (dpo=kto).
+    unpaired_fix: str | None
 
     def frozen_trunk(self, model: Any) -> Any:
         """An empty cache of the blocks this stage leaves frozen (filled by the reference pass,
@@ -89,6 +110,8 @@ class ZerothOrderStage(Protocol):
 
     #: Whether :meth:`fit` asks a comparison oracle (``oracle=none`` is refused then).
     needs_oracle: bool
+    #: None when the stage takes unpaired examples, else the setting that would (optimizer=none).
+    unpaired_fix: str | None
 
     def fit(self, job: Job, rows: Sequence[int], oracle: ComparisonOracle) -> Outcome:
         """Updates ``job.policy`` in place from ``oracle``'s verdicts on the pairs at ``rows``."""
@@ -115,7 +138,9 @@ class Evaluator(Protocol):
 
 
 class NoSplitter:
-    """``splitter=none``: every pair is clean."""
+    """``splitter=none``: every pair (or unpaired example) is clean."""
+
+    unpaired_fix = None
 
     def __init__(self, **ignored: Any) -> None:
         pass
@@ -126,6 +151,8 @@ class NoSplitter:
 
 class NoFirstOrder:
     """``dpo=none``: no first-order training."""
+
+    unpaired_fix = None
 
     def __init__(self, **ignored: Any) -> None:
         pass
@@ -144,9 +171,30 @@ class NoZerothOrder:
         pass
 
     needs_oracle = False
+    unpaired_fix = None
 
     def fit(self, job: Job, rows: Sequence[int], oracle: ComparisonOracle) -> Outcome:
         return Outcome()
+
+
+def check_unpaired(source: Any, stages: dict[str, Any]) -> None:
+    """Refuses a file of unpaired examples when a stage needs preference pairs.
+
+    Args:
+        source: The data file (``data.path``), for the message.
+        stages: Config group -> stage, e.g. ``{"splitter": ..., "dpo": ..., "optimizer": ...}``.
+
+    Raises:
+        DataError: One line naming the groups that need pairs and the settings to change.
+    """
+    fixes = {group: stage.unpaired_fix for group, stage in stages.items() if stage.unpaired_fix}
+    if fixes:
+        *others, last = fixes
+        groups = f"{', '.join(others)} and {last}" if others else last
+        raise DataError(
+            f"{source} holds unpaired rows (prompt, completion, label), which {groups} cannot use "
+            f"as configured (they need preference pairs); set {' '.join(fixes.values())}"
+        )
 
 
 class NoOracle(ComparisonOracle):

@@ -14,6 +14,7 @@ is committed (:func:`check_finite`), and a state is resumed only by the setup th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -68,10 +69,9 @@ def digest_tensors(tensors: Iterable[Any]) -> str:
 
 
 def digest_pairs(pairs: Sequence[Any], extra: Sequence[Any] | None = None) -> str:
-    """sha256 of encoded pairs (ids and token ids: swapping chosen and rejected changes it)."""
-    rows = [
-        (p.pair_id, list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids)) for p in pairs
-    ]
+    """sha256 of encoded pairs (ids and token ids: swapping chosen and rejected changes it) or
+    unpaired examples (ids, token ids and labels)."""
+    rows = [dataclasses.astuple(p) for p in pairs]
     return hashlib.sha256(json.dumps([rows, extra]).encode()).hexdigest()
 
 
@@ -207,9 +207,9 @@ def check_identity(state_dir: Path, progress: dict, expect: dict, option: str) -
     (``lr``), a differing digest (``data``, ``start``, ``fingerprint``) is described.
     """
     digests = {
-        "data": "the data (pairs, labels or confidences) differ",
+        "data": "the training pairs, labels or confidences differ (or the held-out split)",
         "start": "the starting weights differ",
-        "fingerprint": "its settings, data or starting weights differ",
+        "fingerprint": "its settings, pairs (or the held-out split) or starting weights differ",
     }
     for key, value in expect.items():
         found = progress.get(key)

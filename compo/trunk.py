@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from compo.errors import CompoError
@@ -52,6 +53,35 @@ def set_trainable(model: nn.Module, scope: str, last_k: int) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def low_precision(model: nn.Module) -> torch.dtype | None:
+    """The model's floating dtype below fp32 (its trunk's, e.g. ``dtype=bfloat16``), or None."""
+    low = {p.dtype for p in model.parameters() if p.is_floating_point()} - {torch.float32}
+    return min(low, key=lambda d: torch.finfo(d).bits) if low else None
+
+
+def train_in_fp32(model: nn.Module, names: Sequence[str]) -> Callable[[], None]:
+    """Puts the trainable parameters ``names`` in fp32 and returns the function restoring them.
+
+    AdamW steps of a learning rate's size vanish in bf16 weights (a bf16 weight near 0.05 moves
+    in steps of 2e-4), so the trained parameters are fp32 while training, as in mixed-precision
+    training, and the frozen trunk keeps its dtype. Restoring casts the trained values once.
+    """
+    params = dict(model.named_parameters())
+    low = {
+        n: params[n].dtype
+        for n in names
+        if params[n].is_floating_point() and params[n].dtype != torch.float32
+    }
+    for name in low:
+        params[name].data = params[name].data.float()
+
+    def restore() -> None:
+        for name, dtype in low.items():
+            params[name].data = params[name].data.to(dtype)
+
+    return restore
+
+
 class _View:
     """What :func:`compo.scoring.score_sequences` needs of a model, with another decoder."""
 
@@ -87,12 +117,8 @@ class FrozenTrunkCache:
         self.states: dict[tuple[int, ...], Tensor] = {}
 
     def covers(self, pairs: Sequence) -> bool:
-        """Whether every sequence of ``pairs`` has been recorded."""
-        return all(
-            tuple(p.prompt_ids + reply) in self.states
-            for p in pairs
-            for reply in (p.chosen_ids, p.rejected_ids)
-        )
+        """Whether every sequence of ``pairs`` (or of unpaired examples) has been recorded."""
+        return all(tuple(p.prompt_ids + reply) in self.states for p in pairs for reply in p.replies)
 
     def filling(self) -> _View:
         """A view scoring with the full model while recording the trunk's output per sequence."""

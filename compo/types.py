@@ -1,4 +1,4 @@
-"""The data types every stage shares: a preference pair and a chat message.
+"""The data types every stage shares: a preference pair, an unpaired example and a chat message.
 
 They live apart from :mod:`compo.data` (files) and :mod:`compo.encoding` (tokens) so that neither
 has to import the other, and so :mod:`compo.interfaces` can hand them to oracles without either.
@@ -38,6 +38,38 @@ class PreferencePair:
             "prompt": self.prompt,
             "chosen": self.chosen,
             "rejected": self.rejected,
+            "confidence": self.confidence,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass
+class UnpairedExample:
+    """One unpaired judgement, KTO's data: ``completion`` is a desirable (``label`` true) or an
+    undesirable (false) reply to ``prompt`` (thumbs up/down, a click or a skip).
+
+    Attributes:
+        id: Unique within a data set.
+        prompt: A plain string, or the chat messages that precede the reply.
+        completion: The reply.
+        label: True when the reply is desirable.
+        confidence: How much the label is trusted, in [0, 1].
+        metadata: Every other field of the source row.
+    """
+
+    id: str
+    prompt: str | list[Message]
+    completion: str
+    label: bool
+    confidence: float = 1.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "label": self.label,
             "confidence": self.confidence,
             "metadata": self.metadata,
         }

@@ -15,14 +15,13 @@ ComPO iteration is compared with that of plain inference on the same pair.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import threading
 import time
+from pathlib import Path
 
-import psutil
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compo.data import PreferencePair
 from compo.encoding import encode_pairs
 from compo.models import EmbeddedSmolLM2, TinyModel
@@ -30,6 +29,7 @@ from compo.scoring import score_pairs
 from compo.zo import GaussianSphere, LowRank, Scope, SupportRestricted
 from compo.zo.estimator import MonteCarlo
 from compo.zo.head import HeadEvaluator
+from experiments.memory import MIB, PeakRSS
 from oracles.likelihood import LikelihoodOracle
 
 PAIR = PreferencePair(
@@ -45,29 +45,6 @@ PAIR = PreferencePair(
     "Plants are complicated and it is hard to say without seeing them. Maybe ask at a garden "
     "store. Yellow leaves are common and usually the plant will be fine in the end, probably.",
 )
-
-
-class PeakRSS:
-    """Samples the process's resident memory every 5 ms and keeps the peak."""
-
-    def __init__(self) -> None:
-        self.proc, self.peak, self._stop = psutil.Process(os.getpid()), 0, threading.Event()
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def authors_per_perturbation(model, scope, pairs, pad, radius, n) -> float:
@@ -148,10 +125,9 @@ def main() -> None:
     for name, n, sec in rows:
         print(f"{name:<44} {n:>5} {sec:>15.4f} {full / sec:>8.1f}x")
     print(f"compo cache (once per iteration): {cache:.3f} s")
-    mib = 2**20
     print(
-        f"peak RSS: inference {inference.peak / mib:.0f} MiB, ComPO iteration (Gaussian, batch "
-        f"{args.batch}) {iteration.peak / mib:.0f} MiB, ratio {iteration.peak / inference.peak:.2f}"
+        f"peak RSS: inference {inference.peak / MIB:.0f} MiB, ComPO iteration (Gaussian, batch "
+        f"{args.batch}) {iteration.peak / MIB:.0f} MiB, ratio {iteration.peak / inference.peak:.2f}"
     )
 
 

@@ -77,12 +77,10 @@ import argparse
 import itertools
 import json
 import logging
-import os
 import random
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -94,6 +92,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout without install
 from compo.data import load_pairs  # noqa: E402
 from compo.encoding import encode_pairs  # noqa: E402
 from compo.models import EmbeddedSmolLM2  # noqa: E402
+from compo.rundir import write_jsonl  # noqa: E402
 from compo.scoring import score_pairs  # noqa: E402
 from experiments import generation  # noqa: E402
 from experiments.generation import TEMPERATURE, TOP_P  # noqa: E402
@@ -447,21 +446,6 @@ def pick_ambiguous(per_prompt: list[list[dict]], n_clear: int, share: float) -> 
     return picked
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    """Writes atomically (temp file + rename), one compact JSON object a line, UTF-8."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the file ships in the package
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------
 # Sanity check: the reference model's margin per kind
 # --------------------------------------------------------------------------------------------
@@ -558,7 +542,7 @@ def save_answers(path: Path, prompts, greedy, samples) -> None:
         }
         for i, p in enumerate(prompts)
     ]
-    write_jsonl(rows, path)
+    write_jsonl(path, rows)
 
 
 def load_answers(path: Path, prompts: list[Prompt]):
@@ -611,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("model loaded in %.0f s", time.perf_counter() - started)
     if not args.score_only:
         rows = build(args, model, tokenizer)
-        write_jsonl(rows, args.out)
+        write_jsonl(args.out, rows)
         counts = Counter(r["kind"] for r in rows)
         size = args.out.stat().st_size
         log.info("wrote %d pairs to %s (%d bytes)", len(rows), args.out, size)

@@ -1,284 +1,68 @@
 """A human judge: in the terminal, or on a small local web page (``compo-label``).
 
-    compo model=tiny optimizer=compo oracle=human                       # answer in the terminal
-    compo model=tiny optimizer=compo oracle=human oracle.judge.mode=web # prints a URL to open
-    compo-label --queue ~/.cache/compo/labels.sqlite                    # label a queue later
+    compo model=tiny optimizer=compo_tiny oracle=human                        # in the terminal
+    compo model=tiny optimizer=compo_tiny oracle=human oracle.judge.mode=web  # prints a URL
+    compo-label --queue ~/.cache/compo/labels.sqlite                          # label a queue later
 
-Both responses are shown in random order (seeded), never as "current" and "perturbed", and are
-answered ``1``, ``2``, ``tie`` or ``skip`` (skip abstains). Every comparison and label is kept in a
-sqlite queue as soon as it exists, so a restart of either side loses no label, and a comparison
-labelled before is not asked again. The web page binds to 127.0.0.1 and needs the one-time token
-printed in its URL.
-
-A label is posted to ``/label`` (the page's form) or ``/api/label`` (JSON), with the token in the
-URL (``?token=...``): a request without the right token is refused (403) before its body is read.
-Bodies are at most ``MAX_BODY`` bytes of UTF-8 and must arrive within
-``LabelServer.request_timeout`` seconds.
+Both responses are shown in random order (seeded per comparison, recorded in the queue), never as
+"current" and "perturbed", and are answered ``1`` (the first/left), ``2`` (the second/right),
+``tie`` or ``skip`` (skip abstains). Every comparison and label is kept in a sqlite queue
+(:mod:`oracles.label_queue`) as soon as it exists, so a restart of either side loses no label,
+and a comparison labelled before is not asked again. In web mode the run serves the page
+(:mod:`oracles.label_server`) on 127.0.0.1 with a one-time token in its URL, prints that URL, and
+while it waits prints how many comparisons wait for a label; the page can be closed and reopened
+at any time. ``max_labels`` is this run's budget of new labels: a batch that would exceed it
+stops the run with one line (a rerun with a larger budget continues from the last committed
+iteration, reusing every label given).
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import hmac
-import html
-import json
-import random
-import secrets
-import sqlite3
+import logging
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+import weakref
 from typing import Any, TextIO
-from urllib.parse import parse_qs, urlparse
+
+from tqdm import tqdm
 
 from compo.interfaces import (
+    CompoError,
     Judgement,
     OracleError,
     OutputJudge,
     Verdict,
-    default_cache_dir,
     settings,
 )
-from oracles.cache import open_sqlite
+from oracles.label_queue import (
+    ANSWERS,
+    LabelQueue,
+    comparison_key,
+    shown_swapped,
+    verdict_of,
+)
+from oracles.label_server import LabelServer, build_parser, main
 
-ANSWERS = ("1", "2", "tie", "skip")
-MAX_BODY = 64 * 1024  # a label is under 200 bytes; anything near this is not a label
+# compo-label's pieces are re-exported: ``oracles.human`` was their home before the split.
+__all__ = ["ANSWERS", "HumanJudge", "LabelBudgetSpent", "LabelQueue", "LabelServer"]
+__all__ += ["build_parser", "main", "verdict_of"]
 
-
-class LabelQueue:
-    """Comparisons waiting for (or holding) a human label, in one sqlite file.
-
-    Args:
-        path: The sqlite file; None: ``<compo cache dir>/labels.sqlite``.
-    """
-
-    def __init__(self, path: str | Path | None = None) -> None:
-        if path is None:
-            path = default_cache_dir() / "labels.sqlite"
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = open_sqlite(
-            self.path,
-            "CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, prompt TEXT, first TEXT, "
-            "second TEXT, swapped INTEGER, label TEXT, created REAL, labelled REAL)",
-        )
-
-    def add(self, prompt: str, current: str, perturbed: str, swapped: bool) -> str:
-        """Queues a comparison (kept as is if already queued) and returns its id."""
-        key = hashlib.sha256(json.dumps([prompt, current, perturbed]).encode()).hexdigest()[:24]
-        first, second = (perturbed, current) if swapped else (current, perturbed)
-        with self._lock, self._db:
-            self._db.execute(
-                "INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, NULL, ?, NULL)",
-                (key, prompt, first, second, int(swapped), time.time()),
-            )
-        return key
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM items WHERE id = ?", (key,)).fetchone()
-        return self._row(row) if row else None
-
-    def pending(self) -> list[dict[str, Any]]:
-        """Unlabelled comparisons, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM items WHERE label IS NULL ORDER BY created, id"
-            ).fetchall()
-        return [self._row(r) for r in rows]
-
-    def label(self, key: str, answer: str) -> bool:
-        """Stores ``answer`` (1, 2, tie, skip) for item ``key``; False if there is no such item."""
-        if answer not in ANSWERS:
-            raise ValueError(f"answer must be one of {ANSWERS}, got {answer!r}")
-        with self._lock, self._db:
-            cur = self._db.execute(
-                "UPDATE items SET label = ?, labelled = ? WHERE id = ?", (answer, time.time(), key)
-            )
-        return cur.rowcount == 1
-
-    @staticmethod
-    def _row(row: tuple) -> dict[str, Any]:
-        names = ("id", "prompt", "first", "second", "swapped", "label", "created", "labelled")
-        return dict(zip(names, row, strict=True))
+log = logging.getLogger(__name__)
+HEARTBEAT = 5.0  # seconds between status refreshes while waiting (the page tells a stale run)
 
 
-def verdict_of(item: dict[str, Any]) -> Judgement:
-    """Turns a labelled item into a judgement of (current, perturbed)."""
-    answer = item["label"]
-    if answer == "skip":
-        return Judgement(Verdict.TIE, None, "abstain: skipped by the human")
-    if answer == "tie":
-        return Judgement(Verdict.TIE, 1.0, "human: tie")
-    first_wins = answer == "1"
-    perturbed_wins = first_wins == bool(item["swapped"])
-    verdict = Verdict.PERTURBED_BETTER if perturbed_wins else Verdict.CURRENT_BETTER
-    return Judgement(verdict, 1.0, f"human chose response {answer}")
+class LabelBudgetSpent(OracleError, CompoError):
+    """This run's label budget would be exceeded; the run stops rather than guess verdicts."""
 
 
-# --------------------------------------------------------------------------------------------
-# The web page (compo-label)
-# --------------------------------------------------------------------------------------------
-
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>compo-label</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}pre{{white-space:pre-wrap;
-background:#f4f4f4;padding:.6em}}button{{font-size:1.1em;margin-right:.6em}}</style></head><body>
-<h1>compo-label</h1><p id="pending">{n} comparison(s) waiting</p>{body}</body></html>"""
-_ITEM = """<h2>Prompt</h2><pre id="prompt">{prompt}</pre>
-<h2>Response 1</h2><pre id="first">{first}</pre><h2>Response 2</h2><pre id="second">{second}</pre>
-<form method="post" action="/label?token={token}"><input type="hidden" name="id" value="{id}">
-<button name="answer" value="1">1 is better</button><button name="answer" value="2">2 is better
-</button><button name="answer" value="tie">tie</button><button name="answer" value="skip">skip
-</button></form>"""
-
-
-def _is_text(value: str) -> bool:
-    """False for a string with a lone surrogate (JSON's ``"\\udc80"``): sqlite cannot store it."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-class _LabelHandler(BaseHTTPRequestHandler):
-    server: LabelServer
-
-    def setup(self) -> None:
-        # A client that announces a body and never sends it must not hold a thread forever.
-        self.timeout = self.server.request_timeout
-        super().setup()
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        pass  # the URL carries the token: keep it out of the terminal and the logs
-
-    def _send(self, status: int, body: str, ctype: str = "text/html; charset=utf-8") -> None:
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _refuse(self, status: int, message: str) -> None:
-        """Replies ``status`` and closes: what is left of the body must not pass as a request."""
-        self.close_connection = True
-        self._send(status, message + "\n", "text/plain; charset=utf-8")
-
-    def _ok(self, token: str | None) -> bool:
-        # Bytes: compare_digest raises TypeError on str with non-ASCII characters.
-        if token and hmac.compare_digest(token.encode(), self.server.token.encode()):
-            return True
-        self._refuse(403, "forbidden: open the URL with the token that compo-label printed")
-        return False
-
-    def _body(self) -> str | None:
-        """The request body as text, or None once an error reply has been sent."""
-        lengths = self.headers.get_all("Content-Length") or ["0"]
-        text = lengths[0].strip()
-        # isdecimal alone would let int() take non-ASCII digits.
-        if len(set(lengths)) > 1 or not (text.isascii() and text.isdecimal()):
-            self._refuse(400, "bad request: Content-Length must be one non-negative integer")
-            return None
-        length = int(text)
-        if length > MAX_BODY:
-            self._refuse(413, f"request body too large: {length} bytes, at most {MAX_BODY}")
-            return None
-        try:
-            data = self.rfile.read(length)
-        except TimeoutError:
-            self._refuse(408, "request timeout: the body did not arrive in time")
-            return None
-        if len(data) < length:  # the client hung up mid-body: nobody is left to answer
-            self.close_connection = True
-            return None
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            self._refuse(400, "bad request: the body is not UTF-8")
-            return None
-
-    def do_GET(self) -> None:
-        url = urlparse(self.path)
-        query = parse_qs(url.query)
-        if not self._ok((query.get("token") or [None])[0]):
-            return
-        items = self.server.queue.pending()
-        if url.path == "/api/pending":
-            self._send(200, json.dumps(items), "application/json")
-        elif url.path == "/":
-            esc = {k: html.escape(str(v)) for k, v in (items[0] if items else {}).items()}
-            body = _ITEM.format(token=self.server.token, **esc) if items else "<p>All done.</p>"
-            self._send(200, _PAGE.format(n=len(items), body=body))
-        else:
-            self._send(404, "not found\n")
-
-    def do_POST(self) -> None:
-        url = urlparse(self.path)
-        if not self._ok((parse_qs(url.query).get("token") or [None])[0]):
-            return
-        raw = self._body()
-        if raw is None:
-            return
-        if self.headers.get("Content-Type", "").startswith("application/json"):
-            try:
-                parsed = json.loads(raw)
-            except (ValueError, RecursionError):
-                self._refuse(400, "bad request: the body is not JSON")
-                return
-            form = {k: str(v) for k, v in parsed.items()} if isinstance(parsed, dict) else {}
-        else:
-            form = {k: v[0] for k, v in parse_qs(raw).items()}
-        if url.path not in ("/label", "/api/label"):
-            self._send(404, "not found\n")
-            return
-        answer, key = form.get("answer", ""), form.get("id", "")
-        if not _is_text(key):
-            self._send(400, "bad label: the id is not valid Unicode text\n")
-            return
-        if answer not in ANSWERS or not self.server.queue.label(key, answer):
-            self._send(400, f"bad label: id {key!r}, answer {answer!r}\n")
-        elif url.path.startswith("/api/"):
-            self._send(200, json.dumps({"ok": True}), "application/json")
-        else:
-            self.send_response(303)
-            self.send_header("Location", f"/?token={self.server.token}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-
-class LabelServer(ThreadingHTTPServer):
-    """Serves the labelling page for ``queue`` on 127.0.0.1; ``url`` includes the token.
-
-    Args:
-        queue: The comparisons to label.
-        port: Port on 127.0.0.1 (0: any free port).
-        request_timeout: Seconds a client may take to send a request before it is dropped.
-    """
-
-    daemon_threads = True
-
-    def __init__(self, queue: LabelQueue, port: int = 0, request_timeout: float = 30.0) -> None:
-        super().__init__(("127.0.0.1", port), _LabelHandler)
-        self.queue, self.token = queue, secrets.token_urlsafe(18)
-        self.request_timeout = request_timeout
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/?token={self.token}"
-
-    def start(self) -> LabelServer:
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-
-# --------------------------------------------------------------------------------------------
-# The judge
-# --------------------------------------------------------------------------------------------
+def _end_run(queue: LabelQueue, server: LabelServer | None) -> None:
+    """Tells the page that the run is gone (unless it stopped with a reason) and stops serving."""
+    status = queue.status() or {}
+    if status.get("state") in ("waiting", "working"):
+        queue.set_status(state="ended")
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 class HumanJudge(OutputJudge):
@@ -293,6 +77,8 @@ class HumanJudge(OutputJudge):
         wait_seconds: Web mode: abstain for comparisons not labelled by then (None: wait).
         poll_seconds: Web mode: how often the queue is read.
         max_invalid: Terminal: unrecognised answers in a row before the comparison is skipped.
+        max_labels: This run's budget of new labels (None: no limit); labels given before are
+            reused for free.
         stdin: Input stream (tests); None: ``sys.stdin``.
         stdout: Output stream (tests); None: ``sys.stdout``.
     """
@@ -309,25 +95,38 @@ class HumanJudge(OutputJudge):
         wait_seconds: float | None = None,
         poll_seconds: float = 0.5,
         max_invalid: int = 5,
+        max_labels: int | None = None,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
     ) -> None:
         key = "oracle.judge"
         settings.choice(f"{key}.mode", mode, ("terminal", "web"))
+        settings.text(f"{key}.queue_path", queue_path, optional=True)
         settings.seed(f"{key}.seed", seed)
         settings.flag(f"{key}.serve", serve)
         settings.number(f"{key}.port", port, integer=True, ge=0, le=65535)
         settings.number(f"{key}.wait_seconds", wait_seconds, gt=0, optional=True)
         settings.number(f"{key}.poll_seconds", poll_seconds, gt=0)
         settings.number(f"{key}.max_invalid", max_invalid, integer=True, ge=1)
+        settings.number(f"{key}.max_labels", max_labels, integer=True, ge=1, optional=True)
         self.mode, self.queue_path, self.port, self.serve = mode, queue_path, port, serve
-        self.wait_seconds, self.poll_seconds = wait_seconds, poll_seconds
-        self.max_invalid = max_invalid
+        self.seed, self.wait_seconds, self.poll_seconds = seed, wait_seconds, poll_seconds
+        self.max_invalid, self.max_labels = max_invalid, max_labels
         self.stdin, self.stdout = stdin, stdout
-        self._rng = random.Random(seed)
         self.queue: LabelQueue | None = None
         self.server: LabelServer | None = None
-        self.counts = dict.fromkeys(("calls", "identical", "asked", "reused", "abstentions"), 0)
+        self._ended: weakref.finalize | None = None
+        self.counts = dict.fromkeys(
+            ("calls", "identical", "asked", "labelled", "reused", "abstentions"), 0
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What the verdicts depend on besides the person: the order responses are shown in.
+
+        Where and how long the page is served, and the budget, are left out: a run stopped by
+        its budget or restarted on another port resumes its ComPO state.
+        """
+        return {"type": f"{__name__}.{type(self).__qualname__}", "seed": self.seed}
 
     def check(self) -> None:
         """Opens the queue and, in web mode, starts the page and prints its URL."""
@@ -335,7 +134,12 @@ class HumanJudge(OutputJudge):
             self.queue = LabelQueue(self.queue_path)
         if self.mode == "web" and self.serve and self.server is None:
             self.server = LabelServer(self.queue, self.port).start()
-            print(f"compo-label: open {self.server.url}", file=sys.stderr, flush=True)
+            # stderr, not logging: the URL holds the token, and log files reach the run dir.
+            print(f"oracle.human: label at {self.server.url}", file=sys.stderr, flush=True)
+        if self._ended is None:
+            self._status("working", new_run=True, labelled_before=0, batch=0, since=time.time())
+            # At exit (or when this judge is dropped) the page learns that the run is gone.
+            self._ended = weakref.finalize(self, _end_run, self.queue, self.server)
 
     def judge(self, prompt: str, current: str, perturbed: str) -> Judgement:
         """Asks which response is better (or reuses the label given before)."""
@@ -352,27 +156,57 @@ class HumanJudge(OutputJudge):
                 out[i] = Judgement(Verdict.TIE, 1.0, "identical responses")
                 continue
             self.counts["calls"] += 1
-            keys[i] = self.queue.add(prompt, current, perturbed, self._rng.random() < 0.5)
+            keys[i] = comparison_key(prompt, current, perturbed)
+        known = self.queue.labels(keys.values())  # comparisons queued (and labelled?) before
+        new = [key for key in dict.fromkeys(keys.values()) if known.get(key) is None]
+        self._spend(len(new))  # before queueing: a stopped run leaves nothing to label
         for i, key in keys.items():
-            item = self.queue.get(key)
-            if item["label"] is not None:
-                self.counts["reused"] += 1
-            elif self.mode == "terminal":
-                self._ask_terminal(item)
-            item = self._wait(key) if self.mode == "web" else self.queue.get(key)
-            if item is None or item["label"] is None:
+            self.queue.add(*items[i], shown_swapped(self.seed, key))
+        self.counts["asked"] += len(new)
+        self.counts["reused"] += len(keys) - len(new)  # answered by a label given before
+        if new:
+            asked_at = self.queue.ask(new)
+            if self.mode == "terminal":
+                for key in new:
+                    self._ask_terminal(self.queue.get(key))
+            else:
+                self._wait(new, asked_at)
+        labels = self.queue.labels(keys.values())
+        self.counts["labelled"] += sum(labels[key] is not None for key in new)
+        self._status("working", labelled_before=self.counts["labelled"], batch=0)
+        for i, key in keys.items():
+            if labels[key] is None:
                 out[i] = Judgement(Verdict.TIE, None, "abstain: no label in time")
             else:
-                out[i] = verdict_of(item)
+                out[i] = verdict_of(self.queue.get(key))
             self.counts["abstentions"] += out[i].reason.startswith("abstain")
         return out  # type: ignore[return-value]
+
+    def _status(self, state: str, **fields: Any) -> None:
+        self.queue.set_status(
+            state=state, budget=self.max_labels, asked=self.counts["asked"], **fields
+        )
+
+    def _spend(self, n: int) -> None:
+        """Stops the run before asking for labels beyond ``max_labels``."""
+        if self.max_labels is None or self.counts["asked"] + n <= self.max_labels:
+            return
+        left = self.max_labels - self.counts["asked"]
+        note = (
+            f"its next batch needs {n} new labels, {left} of its budget of {self.max_labels} left"
+        )
+        self.queue.set_status(state="stopped", note=note)
+        raise LabelBudgetSpent(
+            f"oracle.human: the next batch needs {n} new label(s), {left} of "
+            f"oracle.judge.max_labels={self.max_labels} are left; raise it to continue (labels "
+            f"are kept in {self.queue.path}, a rerun resumes from the last committed iteration)"
+        )
 
     def _ask_terminal(self, item: dict[str, Any]) -> None:
         out, inp = self.stdout or sys.stdout, self.stdin or sys.stdin
         rule = "-" * 72
         out.write(f"\n{rule}\nPROMPT:\n{item['prompt']}\n{rule}\n[1]\n{item['first']}\n")
         out.write(f"{rule}\n[2]\n{item['second']}\n{rule}\n")
-        self.counts["asked"] += 1
         for _ in range(self.max_invalid):
             out.write("Which is better? 1 / 2 / tie / skip: ")
             out.flush()
@@ -386,47 +220,53 @@ class HumanJudge(OutputJudge):
             out.write(f"please answer one of {', '.join(ANSWERS)}\n")
         self.queue.label(item["id"], "skip")
 
-    def _wait(self, key: str) -> dict[str, Any] | None:
-        self.counts["asked"] += 1
+    def _wait(self, keys: list[str], asked_at: float) -> None:
+        """Blocks until every key is labelled (or ``wait_seconds`` pass), saying how many wait."""
         deadline = None if self.wait_seconds is None else time.monotonic() + self.wait_seconds
+        before, shown, beat = self.counts["labelled"], None, 0.0
         while True:
-            item = self.queue.get(key)
-            if item["label"] is not None or (deadline and time.monotonic() > deadline):
-                return item
+            waiting = sum(label is None for label in self.queue.labels(keys).values())
+            now = time.monotonic()
+            if waiting != shown or now - beat >= HEARTBEAT:
+                self._status("waiting", labelled_before=before, batch=len(keys), asked_at=asked_at)
+                beat = now
+            if waiting != shown:
+                self._say(waiting, before + len(keys) - waiting, first=shown is None)
+                shown = waiting
+            if not waiting:
+                return
+            if deadline is not None and now > deadline:
+                log.warning(
+                    "oracle.human: %d comparison(s) not labelled within "
+                    "oracle.judge.wait_seconds=%s: they abstain (no vote)",
+                    waiting,
+                    self.wait_seconds,
+                )
+                return
             time.sleep(self.poll_seconds)
+
+    def _say(self, waiting: int, labelled: int, first: bool) -> None:
+        """One terminal line (above any progress bar): what waits, where to label it."""
+        budget = "" if self.max_labels is None else f" of a budget of {self.max_labels}"
+        counts = f"labelled {labelled} this run{budget}"
+        if not waiting:
+            line = f"oracle.human: all labelled ({counts}); the run continues"
+        elif first:
+            where = (
+                f"open {self.server.url}"
+                if self.server
+                else f"run compo-label --queue {self.queue.path}"
+            )
+            line = f"oracle.human: {waiting} comparison(s) wait for a label: {where} ({counts})"
+        else:
+            line = f"oracle.human: {waiting} waiting ({counts})"
+        tqdm.write(line, file=sys.stderr)
 
     def usage(self) -> dict[str, int]:
         return dict(self.counts)
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``compo-label``."""
-    parser = argparse.ArgumentParser(prog="compo-label", description="Label queued comparisons.")
-    parser.add_argument("--queue", default=None, help="sqlite queue (default: compo cache dir)")
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``compo-label``: serves the labelling page for a queue until interrupted."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        parser.exit(2, f"compo-label: error: --port must be in [0, 65535], got {args.port}\n")
-    try:
-        server = LabelServer(LabelQueue(args.queue), args.port)
-    except (OSError, sqlite3.Error) as exc:  # port in use, queue not a sqlite file
-        parser.exit(2, f"compo-label: error: {exc}\n")
-    print(f"compo-label: open {server.url}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        """Stops the page (if served here) and marks the run as ended in the queue."""
+        if self._ended is not None:
+            self._ended()
+        self.server = None

@@ -4,11 +4,14 @@
     compo-judge-server --model tiny --port 0    # tiny random model, any free port (printed)
     compo-judge-server --model rule             # a deterministic rule judge (tests, demos)
     compo-judge-server --model tiny --faults 429,500,delay,malformed --delay-seconds 3
+    compo-judge-server --model rule --faults 429-retry-after-ms,408,409 --retry-after 0.3
 
 It serves ``GET /v1/models`` and ``POST /v1/chat/completions`` (non-streaming) on 127.0.0.1 only.
-``--faults`` lists what successive chat requests get (``ok``, ``429``, ``500``, ``delay`` past the
-client's timeout, ``malformed``: a reply that is no valid answer, ``badjson``: a body that is not
-JSON); after the list, requests succeed, or the list repeats with ``--repeat-faults``. That fixed
+``--faults`` lists what successive chat requests get (``ok``, ``429``, ``500``, ``408``, ``409``,
+``429-retry-after`` / ``429-retry-after-ms``: a 429 asking for ``--retry-after`` seconds in a
+``Retry-After`` header (whole seconds) or a ``retry-after-ms`` header, ``delay`` past the client's
+timeout, ``malformed``: a reply that is no valid answer, ``badjson``: a body that is not JSON);
+after the list, requests succeed, or the list repeats with ``--repeat-faults``. That fixed
 schedule makes retry, abstention and budget behaviour testable over real HTTP.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -30,7 +34,10 @@ from compo.interfaces import CompoError, load_language_model
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("ok", "429", "500", "delay", "malformed", "badjson")
+FAULTS = (
+    "ok", "429", "500", "408", "409", "429-retry-after", "429-retry-after-ms", "delay",
+    "malformed", "badjson",
+)  # fmt: skip
 _SECTION = re.compile(r"\[Response A\]\n(.*)\n\n\[Response B\]\n(.*)\n\nWhich response", re.S)
 
 
@@ -109,18 +116,23 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: requests go to logging.debug
         log.debug("%s " + fmt, self.address_string(), *args)
 
-    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+    def _send(
+        self, status: int, body: bytes, ctype: str = "application/json", headers: Any = ()
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
     def _json(self, status: int, obj: Any) -> None:
         self._send(status, json.dumps(obj).encode())
 
-    def _error(self, status: int, message: str, kind: str) -> None:
-        self._json(status, {"error": {"message": message, "type": kind, "code": status}})
+    def _error(self, status: int, message: str, kind: str, headers: Any = ()) -> None:
+        body = {"error": {"message": message, "type": kind, "code": status}}
+        self._send(status, json.dumps(body).encode(), headers=headers)
 
     def _authorised(self) -> bool:
         want = self.server.api_key
@@ -159,6 +171,18 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "500":
             self._error(500, "server error (injected)", "server_error")
+            return
+        if fault in ("408", "409"):
+            self._error(int(fault), f"HTTP {fault} (injected)", "invalid_request_error")
+            return
+        if fault.startswith("429-retry-after"):
+            wait = self.server.retry_after
+            header = (
+                ("retry-after-ms", str(round(wait * 1000)))
+                if fault.endswith("-ms")
+                else ("Retry-After", str(math.ceil(wait)))
+            )
+            self._error(429, "rate limited (injected)", "rate_limit_error", [header])
             return
         if fault == "badjson":
             self._send(200, b"<html>not json</html>", "application/json")
@@ -202,6 +226,7 @@ class JudgeServer(ThreadingHTTPServer):
         faults: Fault schedule (see module docstring).
         repeat_faults: Cycle through ``faults`` forever.
         delay_seconds: How long a ``delay`` fault waits before answering.
+        retry_after: Seconds a ``429-retry-after(-ms)`` fault asks the client to wait.
         api_key: If set, requests must carry ``Authorization: Bearer <api_key>``.
         model_name: Model id reported by ``/v1/models`` (default: the backend's name).
     """
@@ -217,9 +242,11 @@ class JudgeServer(ThreadingHTTPServer):
         delay_seconds: float = 5.0,
         api_key: str | None = None,
         model_name: str | None = None,
+        retry_after: float = 1.0,
     ) -> None:
         super().__init__(("127.0.0.1", port), _Handler)
         self.backend, self.api_key, self.delay_seconds = backend, api_key, delay_seconds
+        self.retry_after = retry_after
         self.faults = FaultSchedule(list(faults or []), repeat_faults)
         self.model_name = model_name or backend.name
         self.served: dict[str, int] = {}
@@ -255,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--delay-seconds", type=float, default=5.0, help="how long a 'delay' fault waits"
     )
+    parser.add_argument(
+        "--retry-after",
+        type=float,
+        default=1.0,
+        help="seconds a '429-retry-after(-ms)' fault asks the client to wait",
+    )
     keys = parser.add_mutually_exclusive_group()
     keys.add_argument(
         "--api-key-env", default=None, help="require the key held by this environment variable"
@@ -279,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         backend = make_backend(args.model)
         server = JudgeServer(backend, args.port, faults, args.repeat_faults, args.delay_seconds,
-                             key, args.model_name)  # fmt: skip
+                             key, args.model_name, args.retry_after)  # fmt: skip
     except (ValueError, OSError) as exc:
         parser.exit(2, f"compo-judge-server: error: {exc}\n")
     except CompoError as exc:  # from model loading: one line, no traceback

@@ -7,25 +7,32 @@
         oracle.judge.base_url=http://127.0.0.1:8000/v1
 
 Each comparison is asked in both orders; only a consistent pair of answers is a verdict (an LLM
-judge favours one position), anything else is a tie with a reason. Transient failures (429, 5xx,
-timeouts, dropped connections) are retried with exponential backoff and jitter; a reply that is no
-valid answer counts as a failed request too. ``max_consecutive_failures`` failed requests in a row
-stop the run, and a batch whose requests all failed is asked again rather than returned as ties. A
-request and token budget stops the run with a clear message when spent, and verdicts are cached on
-disk, keyed on the judge's identity (endpoint, model, template, sampling settings) and the texts,
-so reruns and sweep jobs do not pay twice. The API key is read from the environment at call time and
+judge favours one position), anything else is a tie with a reason. Transient failures (408, 409,
+429, 5xx, timeouts, dropped connections) are retried after the wait the server asks for
+(``retry-after-ms`` or ``Retry-After``, up to 60 s, as the openai client does) or else with
+exponential backoff and jitter (the openai client's own retries are off: these are counted and
+spent from the budget); a reply that is no valid answer counts as a failed request too.
+``max_consecutive_failures`` failed requests in a row stop the run, and a batch whose requests all
+failed is asked again rather than returned as ties. A request and token budget stops the run with
+a clear message when spent, and verdicts are cached on disk, keyed on the judge's identity
+(endpoint, model, template, sampling settings) and the texts, so reruns and sweep jobs do not pay
+twice. The API key is read from the environment at call time and
 appears in no config, log, cache, trace or exception.
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
+import math
 import os
 import random
 import re
 import threading
 import time
+from datetime import UTC, datetime
+from typing import Any
 
 import openai
 from joblib import Parallel, delayed
@@ -48,12 +55,40 @@ USER_TEMPLATE = (
 TEMPLATE_ID = "compo-pairwise-v1\n" + SYSTEM_PROMPT + "\n" + USER_TEMPLATE
 TEMPERATURE = 0.0  # greedy: a verdict should not depend on the sampler's luck
 _ANSWER = re.compile(r"^(A|B|TIE)$")
-_TRANSIENT = (
-    openai.RateLimitError,
-    openai.InternalServerError,
-    openai.APITimeoutError,
-    openai.APIConnectionError,
-)
+RETRY_AFTER_MAX = 60.0  # longer waits asked by a server: our own backoff (as the openai client)
+
+
+def _transient(exc: openai.APIError) -> bool:
+    """Worth asking again: the statuses the openai client retries, timeouts, lost connections."""
+    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
+        return True
+    code = getattr(exc, "status_code", None)
+    return code is not None and (code in (408, 409, 429) or code >= 500)
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds a server asks a client to wait before retrying, or None.
+
+    ``retry-after-ms`` (OpenAI's) wins over ``Retry-After`` (seconds or an HTTP date); a value
+    that is unreadable, negative or over ``RETRY_AFTER_MAX`` seconds is ignored.
+    """
+    if headers is None:
+        return None
+    seconds = None
+    try:
+        if headers.get("retry-after-ms") is not None:
+            seconds = float(headers["retry-after-ms"]) / 1000.0
+        elif headers.get("retry-after") is not None:
+            seconds = float(headers["retry-after"])
+    except ValueError:  # Retry-After may be an HTTP date instead
+        try:
+            when = email.utils.parsedate_to_datetime(headers.get("retry-after") or "")
+            seconds = (when - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    if seconds is None or not (math.isfinite(seconds) and 0 <= seconds <= RETRY_AFTER_MAX):
+        return None
+    return seconds
 
 
 class JudgeError(OracleError, CompoError):
@@ -171,11 +206,20 @@ class OpenAIJudge(OutputJudge):
                 "invalid_replies",
                 "inconsistent",
                 "retries",
+                "retry_after_waits",
                 "failed_requests",
             ),
             0,
         )
         self.request_seconds = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """What decides a verdict (the verdict cache's key): endpoint, model, template, sampling.
+
+        Budgets, retries, timeouts and concurrency are left out: a run stopped by its budget
+        resumes its ComPO state when rerun with a larger one.
+        """
+        return {"type": f"{__name__}.{type(self).__qualname__}", **json.loads(self.identity)}
 
     @property
     def where(self) -> str:
@@ -265,13 +309,11 @@ class OpenAIJudge(OutputJudge):
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": USER_TEMPLATE.format(prompt=prompt, a=a, b=b)},
         ]
-        reason = "no attempt"
+        reason, delay = "no attempt", 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
                 with self._lock:
                     self.counts["retries"] += 1
-                    delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
-                    delay *= 0.5 + self._rng.random()  # jitter: sweep jobs do not retry in step
                 time.sleep(delay)
             self._spend()
             started = time.perf_counter()
@@ -283,21 +325,22 @@ class OpenAIJudge(OutputJudge):
                     max_tokens=self.reply_tokens,
                     timeout=self.timeout,
                 )
-            except _TRANSIENT as exc:
-                code = getattr(exc, "status_code", None)
-                reason = f"HTTP {code}" if code else type(exc).__name__
-                log.info("judge request: %s (attempt %d)", reason, attempt + 1)
-                continue
             except openai.AuthenticationError as exc:
                 raise JudgeError(
                     f"oracle.openai_judge: {self.where} rejected the key in {self.api_key_env} "
                     f"(HTTP {exc.status_code})"
                 ) from None
-            except openai.APIStatusError as exc:  # other 4xx: asking again will not help
-                reason = f"HTTP {exc.status_code}: {self._redact(str(exc))[:200]}"
-                break
-            except (openai.APIError, ValueError) as exc:  # e.g. a body that is not JSON
-                reason = f"malformed response: {type(exc).__name__}"
+            except (openai.APIError, ValueError) as exc:
+                if isinstance(exc, openai.APIError) and _transient(exc):
+                    code = getattr(exc, "status_code", None)
+                    reason = f"HTTP {code}" if code else type(exc).__name__
+                    log.info("judge request: %s (attempt %d)", reason, attempt + 1)
+                    delay = self._backoff(attempt, exc)
+                    continue
+                if isinstance(exc, openai.APIStatusError):  # other 4xx: asking again won't help
+                    reason = f"HTTP {exc.status_code}: {self._redact(str(exc))[:200]}"
+                    break
+                reason = f"malformed response: {type(exc).__name__}"  # e.g. a body not JSON
                 with self._lock:
                     self.counts["invalid_replies"] += 1
                 break
@@ -312,6 +355,16 @@ class OpenAIJudge(OutputJudge):
             return answer, reason
         self._failed(reason)
         return None, reason
+
+    def _backoff(self, attempt: int, exc: openai.APIError) -> float:
+        """Seconds before the next attempt: what the server asked for, else exponential."""
+        asked = retry_after(getattr(getattr(exc, "response", None), "headers", None))
+        with self._lock:
+            if asked is not None:
+                self.counts["retry_after_waits"] += 1
+                return asked
+            delay = min(self.backoff_max, self.backoff_base * 2**attempt)
+            return delay * (0.5 + self._rng.random())  # jitter: sweep jobs do not retry in step
 
     def _read(self, reply) -> tuple[str | None, str]:
         usage = getattr(reply, "usage", None)

@@ -9,7 +9,7 @@ wins; scores within ``epsilon`` of each other are a tie.
 
 from __future__ import annotations
 
-import importlib
+import logging
 import math
 import os
 import re
@@ -17,6 +17,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from hydra.utils import get_object
 
 from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Verdict, settings
 
@@ -46,34 +48,40 @@ def prompt_overlap(prompt: str, text: str, target_length: int = 200) -> float:
     return overlap - max(0, len(text) - target_length) / max(target_length, 1)
 
 
-def _import(module_name: str):
-    """Imports a module, also from the working directory (as ``python -m`` would).
-
-    The ``compo`` console script does not put the working directory on ``sys.path``; a scorer in
-    the user's own project (``mypkg.rules.score`` next to their data) should still be found.
-    """
+def _locate(path: str) -> Any:
+    """``hydra.utils.get_object`` without its error log (the caller reports in one line)."""
+    hydra_log = logging.getLogger("hydra.utils")
+    disabled, hydra_log.disabled = hydra_log.disabled, True
     try:
-        return importlib.import_module(module_name)
-    except ImportError:
-        cwd = os.getcwd()
-        if cwd in sys.path:
-            raise
-        sys.path.append(cwd)
-        return importlib.import_module(module_name)
+        return get_object(path)
+    finally:
+        hydra_log.disabled = disabled
 
 
 def resolve_callable(path: str, where: str) -> Callable[..., Any]:
-    """Imports ``package.module.name`` and returns the callable it names."""
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise CompoError(f"{where}: {path!r} is not a dotted path like 'package.module.function'")
+    """The callable that the dotted path ``package.module.name`` names.
+
+    Also found in the working directory, as ``python -m`` would: the ``compo`` console script does
+    not put it on ``sys.path``, and a scorer in the user's own project (``mypkg.rules.score`` next
+    to their data) should still be found.
+
+    Raises:
+        CompoError: One line naming ``where``, the path and why it cannot be used.
+    """
     try:
-        module = _import(module_name)
-    except ImportError as exc:
-        raise CompoError(f"{where}: cannot import module {module_name!r} ({exc})") from exc
-    target = getattr(module, attr, None)
+        try:
+            target = _locate(path)
+        except ImportError:
+            if os.getcwd() in sys.path:
+                raise
+            sys.path.append(os.getcwd())
+            target = _locate(path)
+    except (ImportError, ValueError) as exc:
+        # Hydra's messages run over several lines; the cause (or the first line) says it all.
+        reason = str(exc.__cause__ or exc).strip().splitlines() or [type(exc).__name__]
+        raise CompoError(f"{where}: cannot load {path!r}: {reason[0]}") from None
     if not callable(target):
-        raise CompoError(f"{where}: {module_name!r} has no callable named {attr!r}")
+        raise CompoError(f"{where}: {path!r} is a {type(target).__name__}, not callable")
     return target
 
 
@@ -97,8 +105,10 @@ class ScorerJudge(OutputJudge):
         with_prompt: bool = False,
         batched: bool = False,
     ) -> None:
-        self.scorer_name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", "?")
-        self._scorer = scorer if callable(scorer) else None
+        if callable(scorer):
+            self.scorer_name, self._scorer = getattr(scorer, "__name__", "?"), scorer
+        else:
+            self.scorer_name, self._scorer = settings.text("oracle.judge.scorer", scorer), None
         self.epsilon = settings.number("oracle.judge.epsilon", epsilon, ge=0)
         self.with_prompt = settings.flag("oracle.judge.with_prompt", with_prompt)
         self.batched = settings.flag("oracle.judge.batched", batched)
@@ -108,7 +118,7 @@ class ScorerJudge(OutputJudge):
     def check(self) -> None:
         """Resolves the scorer (a bad import path fails here, before any model work)."""
         if self._scorer is None:
-            self._scorer = resolve_callable(self.scorer_name, "oracle.scorer")
+            self._scorer = resolve_callable(self.scorer_name, "oracle.judge.scorer")
 
     def _call(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
         try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from compo.data import load_pairs
+from compo.rundir import write_jsonl
 
 # The benchmark scripts live in experiments/ (not an installed package): import from the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -126,8 +127,8 @@ def test_written_files_load_as_pairs(tmp_path):
     _, pairs, _ = simulate.build(
         rows(), users=6, noise=simulate.NoiseModel(eps=0.2), eta=1.0, seed=0, correction="ipw"
     )
-    simulate.write_jsonl(pairs, tmp_path / "pairs.jsonl")
-    simulate.write_jsonl(simulate.heldout_pairs(rows("heldout")), tmp_path / "heldout.jsonl")
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    write_jsonl(tmp_path / "heldout.jsonl", simulate.heldout_pairs(rows("heldout")))
     loaded = load_pairs(tmp_path / "pairs.jsonl").pairs
     assert len(loaded) == len(pairs) and all(0.5 < p.confidence <= 1 for p in loaded)
     assert "true_margin" in loaded[0].metadata
@@ -223,3 +224,15 @@ def test_aggregator_utility_gain_over_the_starting_model(tmp_path):
     (job / "heldout_metrics.json").write_text(json.dumps(held))
     (record,) = aggregate.collect([tmp_path])
     assert record["heldout.delta_utility"] == pytest.approx(0.05)
+
+
+def test_every_benchmark_arm_file_is_in_the_tables():
+    """Each configs/experiment/bench_<arm>.yaml is an arm the aggregator orders, and every arm
+    of the first-order family is compared with DPO on the same pairs."""
+    import yaml
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("bench_*"))
+    arms = [yaml.safe_load(p.read_text())["bench"]["arm"] for p in files if p.stem != "bench_base"]
+    assert [f"bench_{a}" for a in arms] == [p.stem for p in files if p.stem != "bench_base"]
+    assert sorted(arms) == sorted(aggregate.ARM_ORDER)
+    assert {arm for arm, base in aggregate.CONTRASTS if base == "dpo_all"} >= set(aggregate.FAMILY)

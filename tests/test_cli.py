@@ -141,7 +141,7 @@ def test_help_explains_compo_and_version_prints_it():
 
 
 def test_every_flag_of_every_console_script_has_help():
-    from compo.clicks import build_parser as clicks
+    from compo.clicks_cli import build_parser as clicks
     from oracles.human import build_parser as label
     from oracles.judge_server import build_parser as judge_server
 

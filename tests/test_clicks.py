@@ -10,11 +10,12 @@ from compo.clicks import (
     Impression,
     beta_confidence,
     clicks_to_pairs,
+    clicks_to_unpaired,
     examination_propensities,
     impression_preferences,
-    main,
     regularized_beta,
 )
+from compo.clicks_cli import main
 from compo.data import load_pairs
 from compo.errors import DataError
 
@@ -61,7 +62,7 @@ def test_propensities_and_ipw_weights():
         rows(imp([1], n=2, prompt="A"), imp([2], n=3, prompt="B")), correction="ipw"
     )
     by_prompt = {}
-    for p in result.pairs:
+    for p in result.rows:
         by_prompt.setdefault(p["prompt"], []).append(p["weighted_wins"])
     assert by_prompt["A"] == [pytest.approx(0.75)]
     assert by_prompt["B"] == [pytest.approx(1.125), pytest.approx(1.125)]
@@ -70,7 +71,7 @@ def test_propensities_and_ipw_weights():
         correction="ipw",
         propensities=[1.0, 0.5, 1 / 3],
     )
-    assert explicit.pairs == result.pairs
+    assert explicit.rows == result.rows
 
 
 def test_duplicates_aggregate_across_impressions_with_beta_confidence():
@@ -82,8 +83,8 @@ def test_duplicates_aggregate_across_impressions_with_beta_confidence():
         imp([], n=2),
     )
     result = clicks_to_pairs(records, source="log.jsonl")
-    assert len(result.pairs) == 1
-    pair = result.pairs[0]
+    assert len(result.rows) == 1
+    pair = result.rows[0]
     assert (pair["chosen"], pair["rejected"]) == ("r1", "r0")
     assert pair["n_impressions"] == 4
     assert (pair["n_wins"], pair["n_losses"]) == (3, 1)
@@ -99,7 +100,76 @@ def test_duplicates_aggregate_across_impressions_with_beta_confidence():
 def test_ties_are_counted_not_written():
     records = rows(imp([1], n=2), {"prompt": "Q?", "responses": ["r1", "r0"], "clicks": [1]})
     result = clicks_to_pairs(records)
-    assert result.pairs == [] and result.stats["n_ties"] == 1
+    assert result.rows == [] and result.stats["n_ties"] == 1
+
+
+def _by_text(result):
+    return {r["completion"]: r for r in result.rows}
+
+
+def test_unpaired_clicked_is_desirable_examined_and_skipped_undesirable():
+    result = clicks_to_unpaired(rows(imp([2]), imp([0], prompt="Top?"), imp([])))
+    ex = {r["completion"]: r for r in result.rows if r["prompt"] == "Q?"}
+    # r2 clicked; r0 and r1 shown above it and skipped; r3 below: never known to be examined
+    assert {(r["prompt"], r["completion"], r["label"]) for r in result.rows} == {
+        ("Q?", "r2", True), ("Q?", "r0", False), ("Q?", "r1", False), ("Top?", "r0", True),
+    }  # fmt: skip
+    assert all(r["confidence"] == pytest.approx(0.75) for r in result.rows)  # one observation
+    assert (ex["r2"]["n_clicks"], ex["r2"]["n_skips"]) == (1, 0)
+    assert (ex["r0"]["n_clicks"], ex["r0"]["n_skips"]) == (0, 1)
+    stats = result.stats
+    assert (stats["n_examples"], stats["n_desirable"], stats["n_undesirable"]) == (4, 2, 2)
+    assert stats["n_without_evidence"] == 1 and stats["n_observations"] == 4
+    # skip_next also marks the first unclicked response below a click
+    below = _by_text(clicks_to_unpaired(rows(imp([1])), rule="skip_next"))
+    assert below["r2"]["label"] is False and "r3" not in below
+
+
+def test_unpaired_evidence_pools_across_impressions_with_the_pairs_confidence():
+    records = rows(imp([1], n=2), imp([1], n=2), imp([1], n=2), imp([2], n=3), imp([1], n=2))
+    # r1: clicked 4 times, skipped once (above the click on r2); r0: skipped 5 times
+    ex = _by_text(clicks_to_unpaired(records))
+    assert (ex["r1"]["label"], ex["r1"]["n_clicks"], ex["r1"]["n_skips"]) == (True, 4, 1)
+    assert ex["r1"]["confidence"] == pytest.approx(beta_confidence(4, 1))
+    assert ex["r1"]["n_impressions"] == 5
+    assert (ex["r0"]["label"], ex["r0"]["confidence"]) == (
+        False,
+        pytest.approx(beta_confidence(5, 0)),
+    )
+    tied = clicks_to_unpaired(rows(imp([1], n=2), imp([2], n=3)))
+    assert "r1" not in _by_text(tied) and tied.stats["n_ties"] == 1  # one click, one skip
+
+
+def test_unpaired_ipw_weights_and_dwell_follow_the_paired_rules():
+    # A click at position 1 weighs 1/p_1 = 2 and so does the skip of r0 it reveals; the click
+    # at 0 weighs 1: raw 2, 2, 1 -> mean 5/3 -> 1.2, 1.2, 0.6.
+    result = clicks_to_unpaired(rows(imp([1], n=2), imp([0], n=2, prompt="B")), correction="ipw")
+    weights = {(r["prompt"], r["completion"]): r for r in result.rows}
+    assert weights["Q?", "r1"]["weighted_clicks"] == pytest.approx(1.2)
+    assert weights["Q?", "r0"]["weighted_skips"] == pytest.approx(1.2)
+    assert weights["B", "r0"]["weighted_clicks"] == pytest.approx(0.6)
+    short = _by_text(clicks_to_unpaired(rows(imp([0, 2], n=3, dwell=[1.0, 30.0])), min_dwell=5.0))
+    assert short["r0"]["label"] is False and short["r2"]["label"] is True  # a short click: a skip
+
+
+def test_cli_unpaired_rows_load_and_train_with_kto(write_jsonl, tmp_path):
+    from conftest import run_compo
+
+    log = [imp([2], prompt=f"Question {i}?") for i in range(3)] + [imp([0, 3], prompt="Other?")]
+    path = write_jsonl(log, name="clicks.jsonl")
+    out = tmp_path / "thumbs.jsonl"
+    assert main([str(path), "--out", str(out), "--unpaired"]) == 0
+    loaded = load_pairs(out, unpaired=True)
+    assert loaded.unpaired and not loaded.rejected
+    assert {e.label for e in loaded.pairs} == {True, False}
+    assert loaded.pairs[0].metadata["n_clicks"] == 1 and 0.5 < loaded.pairs[0].confidence < 1
+    metrics = run_compo(
+        tmp_path / "run", f"data.path={out}", "dpo=kto", "splitter=none", "optimizer=none",
+        "dpo.weight_by_confidence=true", "dpo.lr=1e-3", "dpo.scope=all", "dpo.epochs=2",
+    )  # fmt: skip
+    n = len(loaded.pairs)
+    assert metrics["dpo.n_desirable"] + metrics["dpo.n_undesirable"] == n
+    assert metrics["dpo.loss_last"] < metrics["dpo.loss_first"]
 
 
 def test_regularized_beta_matches_scipy():
@@ -292,12 +362,12 @@ def test_cli_unwritable_out_ends_in_one_line(write_jsonl, tmp_path, capsys, wher
 def test_cli_write_failure_ends_in_one_line(write_jsonl, tmp_path, capsys, monkeypatch):
     import errno
 
-    import compo.clicks
+    import compo.clicks_cli
 
     def full_disk(path, rows):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(compo.clicks, "write_jsonl", full_disk)
+    monkeypatch.setattr(compo.clicks_cli, "write_jsonl", full_disk)
     path = write_jsonl([imp([2], n=3)], name="clicks.jsonl")
     code, err = _cli([path, "--out", tmp_path / "pairs.jsonl"], capsys)
     assert code == 2, err
@@ -311,7 +381,7 @@ def test_console_script_prints_one_line_for_a_bad_number(write_jsonl, tmp_path):
 
     path = write_jsonl([imp([2], n=3)], name="clicks.jsonl")
     proc = subprocess.run(
-        [sys.executable, "-m", "compo.clicks", str(path), "--out", str(tmp_path / "o.jsonl"),
+        [sys.executable, "-m", "compo.clicks_cli", str(path), "--out", str(tmp_path / "o.jsonl"),
          "--prior", "nan"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

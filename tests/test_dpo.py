@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import compo.dpo
-from compo.dpo import DPOTrainer, lr_factor
+from compo.dpo import SCHEDULES, DPOTrainer
 from compo.errors import CompoError
 from compo.losses import CDPO, CPO, DPO, IPO, ORPO, RDPO, SFT, Hinge, SimPO
 from compo.rundir import RunDir
@@ -151,9 +151,34 @@ def test_unknown_loss_and_bad_options_are_user_errors():
         DPOTrainer(batch_size=0)
 
 
-def test_lr_warmup_then_schedule():
-    assert [lr_factor(s, 10, 3, "constant") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_factor(3, 10, 3, "linear") == 1.0 and lr_factor(9, 10, 3, "linear") < 0.2
+def _trace(run_dir, phase: str = "dpo") -> list[dict]:
+    lines = (run_dir / "trace" / f"{phase}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize(
+    "schedule, factors",
+    [
+        # transformers' schedules: warm-up from 0 over 2 steps, then 6 steps to go.
+        ("constant", [0, 0.5, 1, 1, 1, 1, 1, 1]),
+        ("linear", [0, 0.5, *(k / 6 for k in range(6, 0, -1))]),
+        ("cosine", [0, 0.5, *(0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6))]),
+    ],
+)
+def test_lr_per_step_is_the_transformers_schedule(tiny, easy_encoded, tmp_path, schedule, factors):
+    model, tokenizer = tiny
+    trainer = _trainer(batch_size=1, epochs=2, warmup_steps=2, schedule=schedule)
+    trainer.train(model, easy_encoded, tokenizer.pad_token_id, RunDir(tmp_path))
+    lrs = [row["lr"] for row in _trace(tmp_path)]
+    assert lrs == pytest.approx([1e-3 * f for f in factors], rel=1e-9, abs=1e-15)
+
+
+def test_every_offered_schedule_runs_and_unknown_ones_are_one_line():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for name in SCHEDULES:  # each maps to a transformers schedule needing only the step counts
+        compo.dpo.lr_scheduler(optimizer, name, 2, 10)
+    with pytest.raises(CompoError, match=r"dpo\.schedule: 'reduce_lr_on_plateau' is not one of"):
+        DPOTrainer(schedule="reduce_lr_on_plateau")
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,33 +265,43 @@ def test_same_seed_same_result_and_resume_matches_uninterrupted(
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q), name
 
-    # Killed after step 2 of 4 (state saved every step), then resumed from dpo_state/.
-    real = compo.dpo.lr_factor
+    # Killed after committing step 2 of 4 (state saved every step), then resumed from dpo_state/;
+    # warm-up and a cosine decay, so every step has its own learning rate.
+    schedule = dict(epochs=2, seed=3, warmup_steps=1, schedule="cosine")
+    straight, _ = TinyModel(seed=0).load()
+    _trainer(**schedule).train(straight, easy_encoded, pad, RunDir(tmp_path / "s"))
+    real = compo.dpo._save_state
 
-    def dies_at_step_2(step, *args):
-        if step == 2:
+    def dies_after_step_2(*args):
+        real(*args)
+        if args[-1]["step"] == 2:
             raise KeyboardInterrupt
-        return real(step, *args)
 
     interrupted, _ = TinyModel(seed=0).load()
-    monkeypatch.setattr(compo.dpo, "lr_factor", dies_at_step_2)
+    monkeypatch.setattr(compo.dpo, "_save_state", dies_after_step_2)
     with pytest.raises(KeyboardInterrupt):
-        _trainer(epochs=2, seed=3, save_every=1).train(
+        _trainer(**schedule, save_every=1).train(
             interrupted, easy_encoded, pad, RunDir(tmp_path / "c")
         )
-    monkeypatch.setattr(compo.dpo, "lr_factor", real)
+    monkeypatch.setattr(compo.dpo, "_save_state", real)
     resumed, _ = TinyModel(seed=0).load()
-    metrics = _trainer(epochs=2, seed=3).train(resumed, easy_encoded, pad, RunDir(tmp_path / "c"))
+    metrics = _trainer(**schedule).train(resumed, easy_encoded, pad, RunDir(tmp_path / "c"))
     assert metrics["resumed_from_step"] == 2 and metrics["steps_run"] == 2
-    for (name, p), q in zip(model.named_parameters(), resumed.parameters(), strict=True):
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=name)
+    want, got = _trace(tmp_path / "s"), _trace(tmp_path / "c")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["lr"] for r in got] == [r["lr"] for r in want]
+    assert len({r["lr"] for r in want}) == 4  # the check would be void on a flat schedule
 
     # Done already: resuming runs nothing; a different setup is refused in one line.
     again, _ = TinyModel(seed=0).load()
-    metrics = _trainer(epochs=2, seed=3).train(again, easy_encoded, pad, RunDir(tmp_path / "c"))
+    metrics = _trainer(**schedule).train(again, easy_encoded, pad, RunDir(tmp_path / "c"))
     assert metrics["steps_run"] == 0
     with pytest.raises(CompoError, match="written with epochs=2, this run has 3"):
-        _trainer(epochs=3).train(again, easy_encoded, pad, RunDir(tmp_path / "c"))
+        _trainer(**{**schedule, "epochs": 3}).train(
+            again, easy_encoded, pad, RunDir(tmp_path / "c")
+        )
 
 
 def test_frozen_trunk_cache_gives_the_same_training(tiny, easy_encoded, tmp_path):

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compo.data import PreferencePair
 from compo.encoding import encode_pairs
-from compo.errors import ModelLoadError
+from compo.errors import CompoError, ModelLoadError
 from compo.models import EmbeddedSmolLM2, PretrainedModel, TinyModel, save_checkpoint
 from compo.scoring import score_pairs
 
@@ -72,8 +72,8 @@ def test_missing_model_is_a_one_line_user_error(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot load model") as err:
         PretrainedModel(str(tmp_path / "nowhere")).load()
     assert "\n" not in str(err.value)
-    with pytest.raises(ModelLoadError, match="unknown dtype"):
-        PretrainedModel(str(tmp_path), dtype="float8").load()
+    with pytest.raises(CompoError, match=r"^model\.dtype: 'float8' is not one of"):
+        PretrainedModel(str(tmp_path), dtype="float8")  # refused when built, before any loading
 
 
 @pytest.mark.slow

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import logging
 import sqlite3
+import time
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -14,7 +17,7 @@ from compo.errors import CompoError
 from compo.rundir import RunDir, atomic_write_text
 from oracles.base import Verdict
 from oracles.judge_server import JudgeServer, RuleBackend
-from oracles.openai_judge import BudgetExhausted, OpenAIJudge, parse_answer
+from oracles.openai_judge import BudgetExhausted, OpenAIJudge, parse_answer, retry_after
 
 KEY = "sk-test-0123456789-SECRET"
 GOOD = "Red, blue and yellow are the primary colors."
@@ -252,3 +255,82 @@ def test_a_batch_whose_requests_all_failed_is_asked_again(serve, judge_for):
     result = judge.judge(PROMPT, GOOD, BAD)
     assert result.verdict == Verdict.CURRENT_BETTER
     assert judge.usage()["failed_requests"] == 2 and judge.usage()["requests"] == 4
+
+
+# ---------------------------------------------------------------- what the server asks of a retry
+def test_a_429_with_retry_after_ms_waits_as_long_as_the_server_asks(serve, judge_for):
+    server = serve(faults=["429-retry-after-ms"], retry_after=0.4)
+    judge = judge_for(server, cache=False, max_concurrency=1)  # own backoff: 0.01 s
+    started = time.monotonic()
+    assert judge.judge(PROMPT, GOOD, BAD).verdict == Verdict.CURRENT_BETTER
+    assert time.monotonic() - started >= 0.4
+    usage = judge.usage()
+    assert usage["retries"] == 1 and usage["retry_after_waits"] == 1 and usage["requests"] == 3
+
+
+def test_a_429_with_retry_after_seconds_waits_as_long_as_the_server_asks(serve, judge_for):
+    server = serve(faults=["429-retry-after"], retry_after=1.0)
+    judge = judge_for(server, cache=False, max_concurrency=1)
+    started = time.monotonic()
+    assert judge.judge(PROMPT, GOOD, BAD).verdict == Verdict.CURRENT_BETTER
+    assert time.monotonic() - started >= 1.0
+    assert judge.usage()["retry_after_waits"] == 1
+
+
+def test_408_and_409_are_retried(serve, judge_for):
+    server = serve(faults=["408", "409"])
+    judge = judge_for(server, cache=False, max_concurrency=1)
+    assert judge.judge(PROMPT, GOOD, BAD).verdict == Verdict.CURRENT_BETTER
+    usage = judge.usage()
+    assert usage["retries"] == 2 and usage["failed_requests"] == 0
+    assert server.served == {"408": 1, "409": 1, "ok": 2}
+
+
+def test_other_4xx_are_not_retried(serve, judge_for):
+    server = serve()
+    judge = judge_for(
+        server,
+        cache=False,
+        max_concurrency=1,
+        max_consecutive_failures=2,
+        base_url=server.url + "/nowhere",
+    )
+    with pytest.raises(CompoError, match=r"2 requests .* failed in a row \(last: HTTP 404"):
+        judge.judge(PROMPT, GOOD, BAD)
+    assert judge.usage()["retries"] == 0 and judge.usage()["requests"] == 2
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"retry-after-ms": "250", "retry-after": "7"}, 0.25),  # the finer one wins
+        ({"retry-after": "7"}, 7.0),
+        ({"retry-after": "1.5"}, 1.5),
+        ({"retry-after": "soon"}, None),
+        ({"retry-after-ms": "nan"}, None),
+        ({"retry-after": "-3"}, None),
+        ({"retry-after": "3600"}, None),  # beyond 60 s, as the openai client: own backoff
+        ({}, None),
+    ],
+)
+def test_retry_after_header_parsing(headers, seconds):
+    assert retry_after(headers) == seconds  # the client's headers: lower-case lookups
+
+
+def test_retry_after_as_an_http_date():
+    when = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=30), usegmt=True
+    )
+    assert 25 <= retry_after({"retry-after": when}) <= 30
+
+
+def test_a_resume_is_not_refused_for_a_new_budget_or_timeout():
+    from oracles.generative import GenerativeOracle
+
+    def described(**kwargs):
+        return GenerativeOracle(OpenAIJudge(api_key_env=None, **kwargs)).describe()
+
+    assert described() == described(max_requests=5000, timeout=90.0, max_retries=8, cache=False)
+    assert described() != described(model="gpt-4o-mini")
+    assert described() != described(base_url="http://127.0.0.1:8000/v1")

@@ -402,3 +402,13 @@ def test_a_changed_loss_setting_is_named_in_the_refusal(tiny, easy_encoded, tmp_
     _train_dpo(model, easy_encoded, pad, out, loss=DPO(beta=0.1))
     with pytest.raises(CompoError, match=r"written with loss\.beta=0\.1, this run has 0\.2;"):
         _train_dpo(TinyModel(seed=0).load()[0], easy_encoded, pad, out, loss=DPO(beta=0.2))
+
+
+def test_atomic_writes_get_the_users_file_mode(tmp_path, monkeypatch):
+    """mkstemp's 0600 must not leak into a run dir: metrics.json is read by colleagues and tools."""
+    import compo.rundir
+
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        monkeypatch.setattr(compo.rundir, "_FILE_MODE", 0o666 & ~umask)
+        compo.rundir.atomic_write_text(tmp_path / "metrics.json", "{}")
+        assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == mode

@@ -100,3 +100,15 @@ def test_head_logps_sum_the_tokens_both_replies_share(tiny, easy_encoded):
                 model, [pair.prompt_ids], [ids[:shared]], tokenizer.pad_token_id
             ).sum_logps[0]
             torch.testing.assert_close(side.head_logps[i], head, rtol=1e-5, atol=1e-5)
+
+
+def test_output_layer_stays_fp32_under_autocast():
+    # dpo.bf16 runs the model under bf16 autocast: the log-softmax over the vocabulary must not.
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(5, 16, generator=gen), torch.randn(300, 16, generator=gen)
+    targets = torch.randint(0, 300, (5,), generator=gen)
+    exact = token_logps(hidden, weight, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = token_logps(hidden, weight, targets)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, exact, rtol=0, atol=1e-6)

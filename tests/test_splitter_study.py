@@ -13,6 +13,7 @@ import pytest
 from compo.data import load_pairs
 from compo.encoding import encode_pairs
 from compo.models import TinyModel
+from compo.rundir import write_jsonl
 from compo.splitter import ChesSplitter, ConfidenceSplitter, LikelihoodMarginSplitter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +32,7 @@ def files(tmp_path_factory):
             rows(), users=40, noise=bt, eta=1.0, seed=seed, correction="none"
         )
         paths.append(out / f"pairs_{bt.tag}_seed{seed}.jsonl")
-        simulate.write_jsonl(pairs, paths[-1])
+        write_jsonl(paths[-1], pairs)
     return paths
 
 

@@ -204,21 +204,14 @@ def test_ld_alpha_matches_trl():
     torch.testing.assert_close(got.mean(), expected.double(), rtol=1e-6, atol=1e-9)
 
 
-def test_kto_matches_trl_kto_trainer():
-    """TRL's KTOTrainer._compute_loss on the pairs as 6 examples (chosen: label true), with the
-    same KL log-probs: compo's per-pair mean of the two examples' losses is TRL's mean."""
+def _trl_kto_loss(completions, labels, reference, kl_policy, kl_reference, beta, weights):
+    """TRL's KTOTrainer._compute_loss on examples with the given summed log-probs (policy,
+    precomputed reference, and the mismatched KL sequences')."""
     from trl import KTOTrainer
 
-    from compo.losses import KTO
-
-    _, _, policy, reference, _ = _batch()
-    beta, weights = 0.3, (1.5, 0.7)
-    completions = torch.cat([policy[0].sum_logps, policy[1].sum_logps])
     n = completions.shape[0]
     per_token = torch.zeros(n, 4, dtype=torch.float64)
     per_token[:, 0] = completions  # the sum is what TRL reads
-    kl_policy = -torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    kl_reference = kl_policy - 0.05  # the policy drifted: KL estimate 0.05
 
     def model(**kwargs):
         return SimpleNamespace(
@@ -238,12 +231,52 @@ def test_kto_matches_trl_kto_trainer():
         "input_ids": torch.zeros(n, 5, dtype=torch.long),
         "attention_mask": torch.ones(n, 5, dtype=torch.long),
         "completion_mask": torch.ones(n, 5, dtype=torch.long),
-        "label": torch.tensor([True] * 3 + [False] * 3),
-        "ref_logps": torch.cat(reference),
+        "label": labels,
+        "ref_logps": reference,
         "ref_KL_logps": kl_reference,
     }
-    expected = KTOTrainer._compute_loss(stand_in, model, inputs, return_outputs=False)
+    return KTOTrainer._compute_loss(stand_in, model, inputs, return_outputs=False)
+
+
+def _kl_logps(n: int):
+    kl_policy = -torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return kl_policy, kl_policy - 0.05  # the policy drifted: KL estimate 0.05
+
+
+def test_kto_matches_trl_kto_trainer():
+    """TRL's KTOTrainer._compute_loss on the pairs as 6 examples (chosen: label true), with the
+    same KL log-probs: compo's per-pair mean of the two examples' losses is TRL's mean."""
+    from compo.losses import KTO
+
+    _, _, policy, reference, _ = _batch()
+    beta, weights = 0.3, (1.5, 0.7)
+    completions = torch.cat([policy[0].sum_logps, policy[1].sum_logps])
+    kl_policy, kl_reference = _kl_logps(6)
+    labels = torch.tensor([True] * 3 + [False] * 3)
+    expected = _trl_kto_loss(
+        completions, labels, torch.cat(reference), kl_policy, kl_reference, beta, weights
+    )
     kl = (kl_policy - kl_reference).mean().clamp(min=0)
     ours = KTO(beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])
     got, *_ = ours(policy, reference, kl)
+    torch.testing.assert_close(got.mean(), expected.double(), rtol=1e-6, atol=1e-9)
+
+
+def test_kto_on_unpaired_examples_matches_trl_kto_trainer():
+    """The same on unpaired examples, desirable and undesirable ones interleaved and unbalanced
+    (TRL's unpaired preference format): compo's mean per-example loss is TRL's."""
+    from compo.losses import KTO
+
+    _, _, policy, reference, _ = _batch()
+    completions = torch.cat([policy[0].sum_logps, policy[1].sum_logps])
+    scores = SequenceScores(completions, completions / 3, torch.full_like(completions, 3))
+    labels = torch.tensor([True, False, False, True, False, False])
+    kl_policy, kl_reference = _kl_logps(6)
+    beta, weights = 0.3, (2.0, 0.8)
+    expected = _trl_kto_loss(
+        completions, labels, torch.cat(reference), kl_policy, kl_reference, beta, weights
+    )
+    kl = (kl_policy - kl_reference).mean().clamp(min=0)
+    ours = KTO(beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])
+    got, _ = ours.unpaired(scores, torch.cat(reference), labels, kl)
     torch.testing.assert_close(got.mean(), expected.double(), rtol=1e-6, atol=1e-9)

@@ -197,6 +197,12 @@ class ComPO:
 
     needs_oracle = True
 
+    @property
+    def unpaired_fix(self) -> str | None:
+        """ComPO's oracles compare pairs: unpaired examples are refused unless it reads its own
+        pairs file (``optimizer.pairs_path``)."""
+        return None if self.pairs_path else "optimizer=none"
+
     def fit(self, job: Job, rows: Sequence[int], oracle: ComparisonOracle) -> Outcome:
         """The zeroth-order stage: ComPO on the pairs at ``rows`` (or on ``pairs_path``)."""
         metrics: dict[str, Any] = {}

@@ -46,13 +46,26 @@ DISPLACEMENT_COLUMNS = [
     ("frac y+ down", "ambiguous.frac_chosen_down"),
     ("frac both down", "ambiguous.frac_both_down"),
 ]
-ARM_ORDER = ["dpo_all", "dpo_clean", "dpo_compo", "simpo_clean", "simpo_compo"]
+# The five arms, then the rest of the first-order family on the same pairs (configs/experiment/
+# bench_<arm>.yaml).
+FAMILY = [
+    "dpo_rpo_all",
+    "dpo_ld_all",
+    "kto_all",
+    "cpo_all",
+    "orpo_all",
+    "sft_all",
+    "contrast_sft_all",
+]
+ARM_ORDER = ["dpo_all", "dpo_clean", "dpo_compo", "simpo_clean", "simpo_compo", *FAMILY]
 # Paired contrasts (arm, baseline): differences taken within one (noise, seed), i.e. on the same
 # click-noise draw, so the draw's own variance cancels. Each answers one question of the study.
 CONTRASTS = [
     ("dpo_clean", "dpo_all"),  # does dropping the ambiguous pairs help DPO?
     ("dpo_compo", "dpo_clean"),  # does ComPO on the ambiguous pairs add anything?
     ("simpo_compo", "simpo_clean"),
+    # does another first-order loss do better than DPO on the same noisy pairs?
+    *((arm, "dpo_all") for arm in FAMILY),
 ]
 CONTRAST_COLUMNS = [
     ("win rate", "heldout.win_rate"),

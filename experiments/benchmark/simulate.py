@@ -62,6 +62,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from compo.clicks import clicks_to_pairs, examination_propensities
+from compo.rundir import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "experiments" / "benchmark" / "data"
@@ -233,7 +234,7 @@ def build(rows: list[dict], users: int, noise: NoiseModel, eta: float, seed: int
     result = clicks_to_pairs(
         enumerate(shown, start=1), f"bench-{noise.tag}.jsonl", correction=correction
     )
-    pairs = annotate(result.pairs, train)
+    pairs = annotate(result.rows, train)
     wrong = sum(not p["label_correct"] for p in pairs)
     stats = dict(
         result.stats,
@@ -241,12 +242,6 @@ def build(rows: list[dict], users: int, noise: NoiseModel, eta: float, seed: int
         label_noise_by_gap=noise_by_gap(pairs),
     )
     return shown, pairs, stats
-
-
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    path.write_text(text, encoding="utf-8")
 
 
 def main(argv=None) -> int:
@@ -275,11 +270,11 @@ def main(argv=None) -> int:
     shown, pairs, stats = build(rows, args.users, noise, args.eta, args.seed, args.correction)
     out = args.out or args.out_dir / f"pairs_{noise.tag}_seed{args.seed}.jsonl"
     if args.impressions:  # ~0.8 MB per noise rate: written on request, not committed
-        write_jsonl(shown, args.impressions)
-    write_jsonl(pairs, out)
+        write_jsonl(args.impressions, shown)
+    write_jsonl(out, pairs)
     write_jsonl(
-        heldout_pairs([r for r in rows if r["split"] == "heldout"]),
         args.out_dir / "heldout_pairs.jsonl",
+        heldout_pairs([r for r in rows if r["split"] == "heldout"]),
     )
     report = {"noise": noise.tag, "seed": args.seed, **stats}
     out.with_name(out.name + ".stats.json").write_text(json.dumps(report, indent=1) + "\n")
