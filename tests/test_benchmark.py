@@ -90,6 +90,13 @@ def test_bad_noise_models_are_refused(kind, eps, temperature):
         simulate.NoiseModel(kind, eps, temperature)
 
 
+@pytest.mark.parametrize("tag", ["eps0.1", "eps0.3", "bt0.1", "pos0.2-bt0.1", "bt0.05"])
+def test_noise_tags_name_their_model(tag):
+    assert simulate.NoiseModel.from_tag(tag).tag == tag
+    with pytest.raises(ValueError):
+        simulate.NoiseModel.from_tag("gumbel0.1")
+
+
 def test_label_noise_is_reported_by_utility_gap():
     bt = simulate.NoiseModel("bt", temperature=0.05)
     _, pairs, stats = simulate.build(rows(), users=6, noise=bt, eta=1.0, seed=3, correction="none")

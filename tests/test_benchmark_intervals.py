@@ -82,3 +82,30 @@ def test_jobs_without_per_prompt_answers_keep_the_first_table_only(tmp_path):
     md = (out / "results.md").read_text()
     assert "With 95% intervals" not in md
     assert "| 0.600 |" in md  # the first benchmark's lc_win_rate under its new name
+
+
+def test_the_one_command_benchmark_in_smoke_mode(tmp_path):
+    """experiments/run_benchmark.sh --smoke: click files, base answers, two arms trained and
+    evaluated, the interval tables: the whole pipeline on the tiny model."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        ["bash", str(root / "experiments" / "run_benchmark.sh"), "--smoke"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "runs" / "logs").glob("*.log")))
+    assert done.returncode == 0, done.stdout + done.stderr + logs
+    md = (tmp_path / "results" / "results.md").read_text()
+    assert "With 95% intervals" in md and "| dpo_compo - dpo_all | bt0.1 | 1 |" in md
+    for arm in ("dpo_all", "dpo_compo"):
+        run = tmp_path / "runs" / arm / "bt0.1" / "seed0"
+        assert (run / "heldout_generations.jsonl").is_file()
+        assert json.loads((run / "heldout_metrics.json").read_text())["heldout.n_prompts"] == 4
+    assert "benchmark: load after:" in done.stdout

@@ -55,6 +55,7 @@ import itertools
 import json
 import math
 import random
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,6 +111,19 @@ class NoiseModel:
             return f"eps{self.eps}"
         bt = f"bt{self.temperature}"
         return bt if self.kind == "bt" else f"pos{self.eps}-{bt}"
+
+    @classmethod
+    def from_tag(cls, tag: str) -> NoiseModel:
+        """The model a file-name tag names (the inverse of :attr:`tag`)."""
+        match = re.fullmatch(r"eps([0-9.]+)|bt([0-9.]+)|pos([0-9.]+)-bt([0-9.]+)", tag)
+        if match is None:
+            raise ValueError(f"not a noise tag (eps0.1, bt0.1, pos0.2-bt0.1): {tag!r}")
+        eps, bt, pos, pos_bt = match.groups()
+        if eps is not None:
+            return cls("uniform", eps=float(eps))
+        if bt is not None:
+            return cls("bt", temperature=float(bt))
+        return cls("position", eps=float(pos), temperature=float(pos_bt))
 
     def choose(self, utilities: Sequence[float], rng: random.Random) -> int:
         """Index (into ``utilities``, top-most first) of the examined response clicked."""
@@ -255,6 +269,7 @@ def main(argv=None) -> int:
         "--eps", type=float, default=0.1, help="uniform: noise rate; position: top-click share"
     )
     p.add_argument("--temperature", type=float, default=0.1, help="bt/position: temperature T")
+    p.add_argument("--tag", default=None, help="the model by its file tag: eps0.1, bt0.1, ...")
     p.add_argument("--eta", type=float, default=1.0, help="position-bias exponent")
     p.add_argument("--users", type=int, default=8, help="impressions per training prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -264,7 +279,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = read_jsonl(args.responses)
     try:
-        noise = NoiseModel(args.noise, args.eps, args.temperature)
+        noise = (
+            NoiseModel.from_tag(args.tag)
+            if args.tag
+            else NoiseModel(args.noise, args.eps, args.temperature)
+        )
     except ValueError as err:
         p.error(str(err))
     shown, pairs, stats = build(rows, args.users, noise, args.eta, args.seed, args.correction)
