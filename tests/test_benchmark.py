@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import random
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from compo.data import load_pairs
 from compo.rundir import write_jsonl
@@ -19,20 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.benchmark import aggregate, simulate
 from experiments.benchmark.utility import (
     HiddenUtility,
+    hashed_encoder,
     is_complete,
     overlength,
     repetition,
 )
-
-
-def hashed_encoder(texts):
-    """A deterministic stand-in for MiniLM: bag of hashed words, L2-normalised."""
-    out = torch.zeros(len(texts), 64)
-    for row, text in enumerate(texts):
-        for word in text.lower().split():
-            out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % 64] += 1.0
-    return torch.nn.functional.normalize(out, dim=-1)
-
 
 PROMPTS = [
     ("What is the capital of France?", ["Paris is the capital.", "France capital", "I like cats."]),
@@ -69,15 +59,61 @@ def test_utility_rule_terms():
 
 def test_users_follow_utility_without_noise_or_bias():
     rng = random.Random(0)
-    clicks = [simulate.simulate_user([0.1, 0.9, 0.5], [2, 0, 1], 0.0, 0.0, rng) for _ in range(20)]
+    exact = simulate.NoiseModel("uniform", eps=0.0)
+    clicks = [
+        simulate.simulate_user([0.1, 0.9, 0.5], [2, 0, 1], exact, 0.0, rng) for _ in range(20)
+    ]
     assert all(c == [2] for c in clicks)  # response 1 (best) is shown at position 2
 
 
+def test_bradley_terry_users_err_where_the_responses_are_close():
+    """P(better clicked) = sigmoid(gap / T): 0.55 at gap 0.02, 0.98 at gap 0.4 (T = 0.1)."""
+    bt, rng, n = simulate.NoiseModel("bt", temperature=0.1), random.Random(0), 4000
+    for gap in (0.02, 0.1, 0.4):
+        better = sum(bt.choose([0.5, 0.5 + gap], rng) == 1 for _ in range(n)) / n
+        assert better == pytest.approx(1 / (1 + math.exp(-gap / 0.1)), abs=0.025)
+
+
+def test_position_mixture_clicks_the_top_examined_response_at_its_rate():
+    pos, rng, n = simulate.NoiseModel("position", eps=0.3, temperature=1e-3), random.Random(1), 4000
+    # The top-most response is the worse one; the rest of the time T -> 0 picks the better.
+    top = sum(pos.choose([0.0, 1.0], rng) == 0 for _ in range(n)) / n
+    assert top == pytest.approx(0.3, abs=0.025)
+
+
+@pytest.mark.parametrize(
+    "kind, eps, temperature",
+    [("gumbel", 0.1, 0.1), ("uniform", 1.5, 0.1), ("bt", 0.1, 0.0), ("bt", 0.1, math.nan)],
+)
+def test_bad_noise_models_are_refused(kind, eps, temperature):
+    with pytest.raises(ValueError):
+        simulate.NoiseModel(kind, eps, temperature)
+
+
+@pytest.mark.parametrize("tag", ["eps0.1", "eps0.3", "bt0.1", "pos0.2-bt0.1", "bt0.05"])
+def test_noise_tags_name_their_model(tag):
+    assert simulate.NoiseModel.from_tag(tag).tag == tag
+    with pytest.raises(ValueError):
+        simulate.NoiseModel.from_tag("gumbel0.1")
+
+
+def test_label_noise_is_reported_by_utility_gap():
+    bt = simulate.NoiseModel("bt", temperature=0.05)
+    _, pairs, stats = simulate.build(rows(), users=6, noise=bt, eta=1.0, seed=3, correction="none")
+    bins = stats["label_noise_by_gap"]
+    assert sum(b["n"] for b in bins.values()) == len(pairs)
+    wrong = sum(b["n"] * b["label_noise"] for b in bins.values())
+    assert wrong == pytest.approx(sum(not p["label_correct"] for p in pairs), abs=0.01)
+
+
+NOISY = simulate.NoiseModel("uniform", eps=0.3)
+
+
 def test_benchmark_is_deterministic_and_noise_is_measured():
-    a = simulate.build(rows(), users=6, eps=0.3, eta=1.0, seed=7, correction="none")
-    b = simulate.build(rows(), users=6, eps=0.3, eta=1.0, seed=7, correction="none")
+    a = simulate.build(rows(), users=6, noise=NOISY, eta=1.0, seed=7, correction="none")
+    b = simulate.build(rows(), users=6, noise=NOISY, eta=1.0, seed=7, correction="none")
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-    c = simulate.build(rows(), users=6, eps=0.3, eta=1.0, seed=8, correction="none")
+    c = simulate.build(rows(), users=6, noise=NOISY, eta=1.0, seed=8, correction="none")
     assert json.dumps(a[0]) != json.dumps(c[0])
     _, pairs, stats = a
     assert pairs and 0.0 <= stats["label_noise"] <= 1.0
@@ -87,12 +123,17 @@ def test_benchmark_is_deterministic_and_noise_is_measured():
     for p in pairs:
         assert p["label_correct"] == (p["true_margin"] > 0)
     # Noise-free users without position bias produce only correct labels.
-    _, clean, stats = simulate.build(rows(), users=6, eps=0.0, eta=0.0, seed=7, correction="none")
+    exact = simulate.NoiseModel("uniform", eps=0.0)
+    _, clean, stats = simulate.build(
+        rows(), users=6, noise=exact, eta=0.0, seed=7, correction="none"
+    )
     assert clean and stats["label_noise"] == 0.0
 
 
 def test_written_files_load_as_pairs(tmp_path):
-    _, pairs, _ = simulate.build(rows(), users=6, eps=0.2, eta=1.0, seed=0, correction="ipw")
+    _, pairs, _ = simulate.build(
+        rows(), users=6, noise=simulate.NoiseModel(eps=0.2), eta=1.0, seed=0, correction="ipw"
+    )
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
     write_jsonl(tmp_path / "heldout.jsonl", simulate.heldout_pairs(rows("heldout")))
     loaded = load_pairs(tmp_path / "pairs.jsonl").pairs

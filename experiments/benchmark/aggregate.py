@@ -8,8 +8,11 @@ run with ``bench.variant`` set, e.g. by a step-size sweep, is the arm "<arm> [<v
 numbers from ``metrics.json`` and, when present, ``heldout_metrics.json``. Per arm x noise rate the
 table gives mean ± std (sample std; the mean alone for one seed; "n/a" when a metric is missing)
 over seeds; the number of seeds is in the table. A second table gives paired differences
-(``CONTRASTS``: e.g. dpo_compo - dpo_clean on the same noise rate and seed). Writes
-``results.md``, ``runs.csv`` (one row per job) and ``*.png`` to ``--out``.
+(``CONTRASTS``: e.g. dpo_compo - dpo_clean on the same noise rate and seed). Jobs evaluated with
+per-prompt answers (``heldout.py``'s ``heldout_generations.jsonl``, next to the starting model's in
+``--base``) also get the tables with 95% intervals over seeds and prompts
+(:mod:`experiments.benchmark.intervals`). Writes ``results.md``, ``runs.csv`` (one row per job)
+and ``*.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.benchmark import intervals
+
 # (column title, metric key); the order of the table.
 COLUMNS = [
     ("win rate", "heldout.win_rate"),
-    ("LC win rate", "heldout.lc_win_rate"),
+    ("length-adj. win rate", "heldout.length_adjusted_win_rate"),
     ("mean words", "heldout.mean_words"),
     ("Δ utility", "heldout.delta_utility"),
     ("held-out acc", "heldout.accuracy"),
@@ -63,13 +69,14 @@ ARM_ORDER = ["dpo_all", "dpo_clean", "dpo_compo", "simpo_clean", "simpo_compo", 
 CONTRASTS = [
     ("dpo_clean", "dpo_all"),  # does dropping the ambiguous pairs help DPO?
     ("dpo_compo", "dpo_clean"),  # does ComPO on the ambiguous pairs add anything?
+    ("dpo_compo", "dpo_all"),  # does the whole recipe beat DPO on every pair? (the goal)
     ("simpo_compo", "simpo_clean"),
     # does another first-order loss do better than DPO on the same noisy pairs?
     *((arm, "dpo_all") for arm in FAMILY),
 ]
 CONTRAST_COLUMNS = [
     ("win rate", "heldout.win_rate"),
-    ("LC win rate", "heldout.lc_win_rate"),
+    ("length-adj. win rate", "heldout.length_adjusted_win_rate"),
     ("Δ utility", "heldout.delta_utility"),
     ("mean words", "heldout.mean_words"),
     ("held-out margin", "heldout.margin_mean"),
@@ -115,6 +122,10 @@ def collect(paths: list[Path]) -> list[dict]:
             heldout = job / "heldout_metrics.json"
             if heldout.is_file():
                 metrics |= json.loads(heldout.read_text(encoding="utf-8"))
+            if "heldout.lc_win_rate" in metrics:  # the first benchmark's name for it
+                metrics.setdefault(
+                    "heldout.length_adjusted_win_rate", metrics["heldout.lc_win_rate"]
+                )
             if "run.seconds" in metrics:
                 metrics["run.minutes"] = metrics["run.seconds"] / 60
             if "heldout.mean_utility" in metrics and "heldout.base_mean_utility" in metrics:
@@ -223,7 +234,7 @@ def paired_table(records: list[dict], contrasts=CONTRASTS, columns=CONTRAST_COLU
 FIGURES = {
     "win_rates.png": [
         ("win rate", "heldout.win_rate", 0.5),
-        ("LC win rate", "heldout.lc_win_rate", 0.5),
+        ("length-adj. win rate", "heldout.length_adjusted_win_rate", 0.5),
     ],
     "displacement.png": [
         ("Δ log π(y+)", "ambiguous.delta_logp_chosen"),
@@ -287,6 +298,9 @@ def main(argv=None) -> int:
     p.add_argument("paths", type=Path, nargs="+", help="multirun dirs (or run dirs)")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--base", type=Path, default=Path("experiments/results/base"), help="heldout.py --base dir"
+    )
     args = p.parse_args(argv)
     records = collect(args.paths)
     if not records:
@@ -297,6 +311,12 @@ def main(argv=None) -> int:
     md += table(records, DISPLACEMENT_COLUMNS)
     md += "\nPaired differences (same noise rate and seed, i.e. the same click-noise draw):\n\n"
     md += paired_table(records)
+    base = intervals.read_rows(args.base / "heldout_generations.jsonl")
+    if base is not None and intervals.arm_cells(records, base):
+        md += "\nWith 95% intervals (two-way bootstrap over seeds and held-out prompts):\n\n"
+        md += intervals.arm_table(records, base, ARM_ORDER)
+        md += "\nPaired contrasts, cell by cell (* : the interval excludes 0):\n\n"
+        md += intervals.contrast_table(records, base, CONTRASTS)
     (args.out / "results.md").write_text(md, encoding="utf-8")
     keys = sorted({k for r in records for k in r})
     with open(args.out / "runs.csv", "w", newline="", encoding="utf-8") as handle:

@@ -2,26 +2,38 @@
 
 For each run dir with a ``checkpoint/`` (or the starting model with ``--base``):
 
-* greedy answers (at most ``--max-new-tokens`` tokens, batched, left padding) to the first
-  ``--prompts`` held-out prompts of ``responses.jsonl``, scored with the hidden utility U;
-* ``heldout.win_rate``: fraction of prompts where U(answer) > U(starting model's greedy answer)
-  (ties, |difference| <= 1e-4, one half); ``heldout.lc_win_rate``: the same at zero length
-  difference (:func:`compo.evaluate.length_controlled_win_rate`, lengths in words);
-  ``heldout.mean_words`` (verbosity) next to ``heldout.base_mean_words``; mean utilities;
+* answers to the ``--prompts`` held-out prompts of ``responses.jsonl`` (all 40 by default): the
+  greedy answer and ``--samples`` sampled ones (temperature 0.8, top-p 0.95, at most
+  ``--max-new-tokens`` tokens), each scored with the hidden utility U. Sampling is seeded per
+  batch from ``--seed`` (``experiments/generation.py``), so a run and the starting model draw
+  their k-th sample of a prompt from the same random stream: the comparison is paired;
+* every answer is compared with the starting model's answer of the same prompt and index (greedy
+  with greedy, sample k with sample k; ``--base`` writes them first, and a run evaluated under other
+  settings than the base's is refused): ``heldout.win_rate`` (greedy), ``heldout.sample_win_rate``
+  and ``heldout.win_rate_all`` (every answer), ties (|U difference| <= 1e-4) one half;
+  ``heldout.length_adjusted_win_rate``: the win rate over every answer at zero length difference
+  (:func:`compo.evaluate.length_controlled_win_rate`, lengths in words). It removes the length
+  effect of this model's answers only; it is not AlpacaEval's length-controlled win rate, whose
+  regression also has an instruction-difficulty term fitted over many models;
+  ``heldout.mean_utility`` / ``heldout.delta_utility`` (mean U and mean paired difference to the
+  starting model over every answer), ``heldout.mean_words`` (verbosity);
+* the per-prompt answers, utilities and lengths go to ``heldout_generations.jsonl``: the
+  aggregator's bootstrap intervals resample prompts (and seeds) from them;
 * ``heldout.accuracy`` / ``heldout.accuracy_per_token``: preference accuracy on the noise-free
-  held-out pairs (``heldout_pairs.jsonl``, labelled by U), summed / per-token log-probs, and
-  ``heldout.margin_mean``, the mean summed-log-prob margin (``--refresh-pairs`` recomputes these
-  for dirs evaluated before, without generating);
+  held-out pairs (``heldout_pairs.jsonl``, labelled by U; all of them by default), summed /
+  per-token log-probs, and ``heldout.margin_mean``, the mean summed-log-prob margin
+  (``--refresh-pairs`` recomputes these for dirs evaluated before, without generating);
 * ``ambiguous.*``: likelihood displacement on the run's training pairs that the paper's rule calls
   ambiguous under the starting model (|log pi_ref(y+) - log pi_ref(y-)| < ``--delta``), measured
   the same way for every arm (also for DPO on all pairs, whose run has no split): mean
-  log pi(y+) and log pi(y-) before and after, and ``compo.evaluate.likelihood_displacement``.
+  log pi(y+) and log pi(y-) before and after, ``compo.evaluate.likelihood_displacement`` and
+  ``ambiguous.frac_up_down`` (log pi(y+) rose and log pi(y-) fell).
 
-The metrics go to ``<run dir>/heldout_metrics.json`` (next to ``metrics.json``), the answers to
-``<run dir>/heldout_generations.jsonl``. Commands (repository root)::
+The metrics go to ``<run dir>/heldout_metrics.json`` (next to ``metrics.json``). Commands
+(repository root)::
 
-    OMP_NUM_THREADS=1 python experiments/benchmark/heldout.py multirun/2025-01-01/12-00-00
     OMP_NUM_THREADS=1 python experiments/benchmark/heldout.py --base --out experiments/results/base
+    OMP_NUM_THREADS=1 python experiments/benchmark/heldout.py multirun/2025-01-01/12-00-00
 """
 
 from __future__ import annotations
@@ -43,10 +55,11 @@ from compo.evaluate import (
 from compo.rundir import atomic_write_json, write_jsonl
 from compo.scoring import score_pairs
 from experiments.benchmark.simulate import DATA, read_jsonl
-from experiments.benchmark.utility import HiddenUtility, words
+from experiments.benchmark.utility import HiddenUtility, hashed_encoder, words
 from experiments.generation import generate
 
 log = logging.getLogger("benchmark.heldout")
+RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
 # Utilities closer than this are a tie: the encoder's batch padding moves identical answers' scores
 # by ~1e-6, which must not decide a comparison.
 TIE_EPS = 1e-4
@@ -66,30 +79,68 @@ def run_dirs(paths: list[Path]) -> list[Path]:
     return out
 
 
-def evaluate(model, tokenizer, rows, pairs_path, utility, max_new_tokens, batch_rows, max_pairs):
-    """The held-out metrics of one model and its answers."""
+def answer_rows(model, tokenizer, rows, utility, settings: dict, batch_rows: int) -> list[dict]:
+    """Per prompt: the greedy answer then ``settings['samples']`` sampled ones, scored by U."""
     prompts = [r["prompt"] for r in rows]
-    answers = [a[0][0] for a in generate(model, tokenizer, prompts, 1, max_new_tokens, False, 0)]
-    u = utility(prompts, answers)
-    base_u = [r["greedy_utility"] for r in rows]
-    n_words = [len(words(a)) for a in answers]
-    base_words = [len(words(r["greedy"])) for r in rows]
-    metrics = {
-        "heldout.n_prompts": len(rows),
-        "heldout.win_rate": win_rate(u, base_u, TIE_EPS),
-        "heldout.lc_win_rate": length_controlled_win_rate(
-            u, base_u, n_words, base_words, tie_eps=TIE_EPS
+    new_tokens = settings["max_new_tokens"]
+    greedy = generate(model, tokenizer, prompts, 1, new_tokens, False, 0, batch_rows)
+    sampled = [[] for _ in prompts]
+    if settings["samples"]:
+        sampled = generate(
+            model,
+            tokenizer,
+            prompts,
+            settings["samples"],
+            new_tokens,
+            True,
+            settings["seed"],
+            batch_rows,
+        )
+    out = []
+    for row, first, rest in zip(rows, greedy, sampled, strict=True):
+        answers = [text for text, _ in first + rest]
+        out.append(
+            {
+                "prompt_id": row["prompt_id"],
+                "answers": answers,
+                "finished": [done for _, done in first + rest],
+                "utility": utility([row["prompt"]] * len(answers), answers),
+                "words": [len(words(a)) for a in answers],
+            }
+        )
+    return out
+
+
+def compare(answers: list[dict], base: list[dict]) -> dict[str, float]:
+    """Paired comparison of a model's answers with the starting model's (same prompt and index)."""
+    if [a["prompt_id"] for a in answers] != [b["prompt_id"] for b in base]:
+        raise SystemExit("the base generations hold other prompts: rerun heldout.py --base")
+
+    def flat(rows, key, first_only=False):
+        return [x for r in rows for x in (r[key][:1] if first_only else r[key])]
+
+    u, bu = flat(answers, "utility"), flat(base, "utility")
+    n, bn = flat(answers, "words"), flat(base, "words")
+    greedy, base_greedy = flat(answers, "utility", True), flat(base, "utility", True)
+    sampled = [x for r in answers for x in r["utility"][1:]]
+    base_sampled = [x for r in base for x in r["utility"][1:]]
+    return {
+        "heldout.n_prompts": len(answers),
+        "heldout.n_answers": len(u),
+        "heldout.win_rate": win_rate(greedy, base_greedy, TIE_EPS),
+        "heldout.sample_win_rate": (
+            win_rate(sampled, base_sampled, TIE_EPS) if sampled else float("nan")
         ),
-        "heldout.mean_words": sum(n_words) / len(n_words),
-        "heldout.base_mean_words": sum(base_words) / len(base_words),
+        "heldout.win_rate_all": win_rate(u, bu, TIE_EPS),
+        "heldout.length_adjusted_win_rate": length_controlled_win_rate(
+            u, bu, n, bn, tie_eps=TIE_EPS
+        ),
         "heldout.mean_utility": sum(u) / len(u),
-        "heldout.base_mean_utility": sum(base_u) / len(base_u),
-    } | pair_metrics(model, tokenizer, pairs_path, max_pairs, batch_rows)
-    generations = [
-        {"prompt_id": r["prompt_id"], "answer": a, "utility": x, "base_utility": b}
-        for r, a, x, b in zip(rows, answers, u, base_u, strict=True)
-    ]
-    return metrics, generations
+        "heldout.base_mean_utility": sum(bu) / len(bu),
+        "heldout.delta_utility": (sum(u) - sum(bu)) / len(u),
+        "heldout.mean_words": sum(n) / len(n),
+        "heldout.base_mean_words": sum(bn) / len(bn),
+    }
 
 
 def pair_metrics(model, tokenizer, pairs_path, max_pairs, batch_rows) -> dict[str, float]:
@@ -109,19 +160,18 @@ def pair_metrics(model, tokenizer, pairs_path, max_pairs, batch_rows) -> dict[st
 _BASE_SCORES: dict[tuple, tuple] = {}
 
 
-def ambiguous_displacement(model, tokenizer, run_dir: Path, delta: float, batch_rows: int):
+def ambiguous_displacement(model, tokenizer, run_dir: Path, delta, batch_rows, starting):
     """Displacement on the run's ambiguous training pairs (margin under the starting model)."""
     from omegaconf import OmegaConf
 
     from compo.evaluate import likelihood_displacement
-    from compo.models import EmbeddedSmolLM2
 
     cfg = OmegaConf.load(run_dir / "config.yaml").data
     key = (cfg.path, cfg.limit, cfg.max_length, cfg.max_prompt_length)
     if key not in _BASE_SCORES:
         pairs = load_pairs(cfg.path, limit=cfg.limit).pairs
         encoded, _ = encode_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
-        base, _ = EmbeddedSmolLM2().load()
+        base, _ = starting.load()
         chosen, rejected = score_pairs(base, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
         margin = chosen.sum_logps - rejected.sum_logps
         rows = [i for i in range(len(encoded)) if abs(margin[i].item()) < delta]
@@ -131,6 +181,9 @@ def ambiguous_displacement(model, tokenizer, run_dir: Path, delta: float, batch_
         return {"ambiguous.n_pairs": 0}
     after = score_pairs(model, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
     shift = likelihood_displacement(before, after)
+    up = after[0].sum_logps > before[0].sum_logps
+    down = after[1].sum_logps < before[1].sum_logps
+    shift["frac_up_down"] = (up & down).float().mean().item()  # the goal: y+ up and y- down
     out = {"ambiguous.n_pairs": len(encoded)}
     for name, scores in (("before", before), ("after", after)):
         out[f"ambiguous.{name}.logp_chosen"] = scores[0].sum_logps.mean().item()
@@ -149,64 +202,92 @@ def _subset(scores, rows):
     )
 
 
+def read_base(out_dir: Path, settings: dict) -> list[dict]:
+    """The starting model's answers, written by ``--base`` under the same settings."""
+    metrics, rows = out_dir / "heldout_metrics.json", out_dir / "heldout_generations.jsonl"
+    if not (metrics.is_file() and rows.is_file()):
+        raise SystemExit(f"{out_dir}: no base generations; run heldout.py --base --out {out_dir}")
+    made = json.loads(metrics.read_text(encoding="utf-8")).get("heldout.settings")
+    if made != settings:
+        raise SystemExit(
+            f"{out_dir}: base generations made with {made}, this evaluation uses {settings}: "
+            "rerun heldout.py --base with these settings (or pass the same ones)"
+        )
+    return read_jsonl(rows)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("paths", type=Path, nargs="*", help="run dirs or multirun dirs")
-    p.add_argument("--base", action="store_true", help="evaluate the starting model instead")
-    p.add_argument("--out", type=Path, default=None, help="with --base: where to write")
+    p.add_argument("--base", action="store_true", help="evaluate the starting model first")
+    p.add_argument(
+        "--base-dir", "--out", type=Path, default=RESULTS / "base", help="the base's answers"
+    )
     p.add_argument("--responses", type=Path, default=DATA / "responses.jsonl")
     p.add_argument("--pairs", type=Path, default=DATA / "heldout_pairs.jsonl")
-    p.add_argument("--prompts", type=int, default=24, help="first N held-out prompts")
-    p.add_argument("--max-pairs", type=int, default=64, help="first N held-out pairs")
+    p.add_argument("--prompts", type=int, default=40, help="first N held-out prompts (all: 40)")
+    p.add_argument("--samples", type=int, default=4, help="sampled answers per prompt (+ greedy)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampled answers' streams")
+    p.add_argument("--max-pairs", type=int, default=None, help="first N held-out pairs (all)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-rows", type=int, default=16)
     p.add_argument("--delta", type=float, default=3.0, help="ambiguity radius (paper: 3)")
     p.add_argument("--reverse", action="store_true", help="last run dir first (a 2nd worker)")
     p.add_argument("--force", action="store_true", help="recompute existing heldout_metrics.json")
+    p.add_argument("--tiny", action="store_true", help="the tiny test model as the base (smoke)")
     p.add_argument(
         "--refresh-pairs",
         action="store_true",
         help="only recompute the held-out pair metrics of evaluated dirs (no generation)",
     )
     args = p.parse_args(argv)
-    from compo.models import EmbeddedSmolLM2, PretrainedModel
+    from compo.models import EmbeddedSmolLM2, PretrainedModel, TinyModel
 
     rows = [r for r in read_jsonl(args.responses) if r["split"] == "heldout"][: args.prompts]
-    utility = HiddenUtility()
-    targets = [(args.out or Path("experiments/results/base"), None)] if args.base else []
+    settings = {
+        "prompts": len(rows),
+        "samples": args.samples,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_rows": args.batch_rows,  # sampled streams are per batch: part of the pairing
+        "model": "tiny" if args.tiny else "smollm2",
+    }
+    utility = HiddenUtility(encoder=hashed_encoder) if args.tiny else HiddenUtility()
+    starting = TinyModel() if args.tiny else EmbeddedSmolLM2()
+    targets = [(args.base_dir, None)] if args.base else []
     found = run_dirs(args.paths)
     targets += [(d, d / "checkpoint") for d in (found[::-1] if args.reverse else found)]
+    base = None
     for out_dir, checkpoint in targets:
         done = out_dir / "heldout_metrics.json"
         if done.exists() and not (args.force or args.refresh_pairs):
             log.info("%s: already evaluated", out_dir)
             continue
-        loader = EmbeddedSmolLM2() if checkpoint is None else PretrainedModel(str(checkpoint))
-        model, tokenizer = loader.load()
+        model, tokenizer = (
+            starting if checkpoint is None else PretrainedModel(str(checkpoint))
+        ).load()
         if args.refresh_pairs and done.exists() and not args.force:
             metrics = json.loads(done.read_text(encoding="utf-8"))
             metrics |= pair_metrics(model, tokenizer, args.pairs, args.max_pairs, args.batch_rows)
             atomic_write_json(done, metrics)
             log.info("%s: pair metrics refreshed", out_dir)
             continue
-        metrics, generations = evaluate(
-            model,
-            tokenizer,
-            rows,
-            args.pairs,
-            utility,
-            args.max_new_tokens,
-            args.batch_rows,
-            args.max_pairs,
-        )
+        answers = answer_rows(model, tokenizer, rows, utility, settings, args.batch_rows)
+        if checkpoint is None:
+            base = answers
+        elif base is None:
+            base = read_base(args.base_dir, settings)
+        metrics = {"heldout.settings": settings} | compare(answers, base)
+        metrics |= pair_metrics(model, tokenizer, args.pairs, args.max_pairs, args.batch_rows)
         if checkpoint is not None:
             metrics |= ambiguous_displacement(
-                model, tokenizer, out_dir, args.delta, args.batch_rows
+                model, tokenizer, out_dir, args.delta, args.batch_rows, starting
             )
-        atomic_write_json(out_dir / "heldout_metrics.json", metrics)
-        write_jsonl(out_dir / "heldout_generations.jsonl", generations)
-        log.info("%s: %s", out_dir, json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        write_jsonl(out_dir / "heldout_generations.jsonl", answers)
+        atomic_write_json(done, metrics)  # last: its presence means "evaluated"
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        log.info("%s: %s", out_dir, json.dumps(shown))
     return 0
 
 

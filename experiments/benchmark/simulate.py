@@ -6,14 +6,27 @@ impression per user) and behave as a position-biased, noisy clicker:
 
 1. examination: the response at display position k (0 = top) is looked at with probability
    p_k = (1 / (k + 1)) ** eta, independently per position (eta = ``--eta``, default 1);
-2. choice: with probability 1 - epsilon the user clicks the examined response of highest U; with
-   probability epsilon (``--eps``, the noise rate) a uniformly random examined response;
+2. choice among the examined responses, by the noise model (``--noise``):
+
+   * ``uniform`` (``--eps``): with probability 1 - epsilon the examined response of highest U, with
+     probability epsilon a uniformly random one. A wrong click is as likely on a pair whose
+     responses differ by 0.01 in U as on one differing by 0.5: no splitter can isolate it.
+   * ``bt`` (``--temperature`` T): Bradley-Terry / Plackett-Luce first choice, P(click i) =
+     exp(U_i / T) / sum over examined j of exp(U_j / T). Between two responses the better one is
+     picked with probability sigmoid(gap / T): near 1/2 for close responses, near 1 for distant
+     ones (T = 0.1: gap 0.02 -> 0.55, 0.1 -> 0.73, 0.4 -> 0.98). This is how annotators and
+     clickers err in the literature the method rests on: mostly where the responses are close.
+   * ``position`` (``--eps`` lambda, ``--temperature`` T): a mixture; with probability lambda the
+     user clicks the top-most examined response whatever its U (position bias in the choice, on
+     top of the examination bias), otherwise the ``bt`` choice.
 3. no examined response: no click.
 
 The impressions go through ``compo.clicks.clicks_to_pairs`` (Joachims' clicked > skipped-above
 rule, optional ``--correction ipw``, Beta-posterior confidence). Every pair is checked against U:
 ``true_margin`` = U(chosen) - U(rejected) and ``label_correct`` (margin > 0) are added to the row,
-so the measured label-noise rate of the pairs (which mixes user noise and position bias) is known.
+so the measured label-noise rate of the pairs (which mixes user noise and position bias) is known,
+overall and by utility-gap bin (``label_noise_by_gap``, printed and written beside the pairs file
+as ``<pairs>.stats.json``).
 
 Held-out pairs: every two responses of each held-out prompt, oriented by U (pairs with
 |U difference| < ``--min-gap`` are left out as unlabelled), with confidence 1.
@@ -25,6 +38,11 @@ arguments give byte-identical files. Commands (repository root, seconds)::
     for s in 0 1 2; do for e in 0.1 0.3; do
       python experiments/benchmark/simulate.py --eps $e --seed $s
     done; done
+    # gap-dependent noise: pairs_bt0.1_seed{0..4}.jsonl and pairs_pos0.2-bt0.1_seed{0..4}.jsonl
+    for s in 0 1 2 3 4; do
+      python experiments/benchmark/simulate.py --noise bt --temperature 0.1 --seed $s
+      python experiments/benchmark/simulate.py --noise position --eps 0.2 --seed $s
+    done
     # the click log itself, then the same pairs through the compo-clicks command
     python experiments/benchmark/simulate.py --eps 0.1 --impressions /tmp/i.jsonl --out /tmp/a.jsonl
     compo-clicks /tmp/i.jsonl --out /tmp/b.jsonl   # the pairs of /tmp/a.jsonl without ground truth
@@ -35,9 +53,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import random
+import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -55,15 +76,87 @@ def read_jsonl(path: Path) -> list[dict]:
     ]
 
 
+NOISE_MODELS = ("uniform", "bt", "position")
+# Bins of |U(chosen) - U(rejected)| for the label-noise report (the last bin is open).
+GAP_BINS = (0.0, 0.05, 0.1, 0.2, 0.4)
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """How a user chooses among the responses they examined (see the module docstring).
+
+    Attributes:
+        kind: ``uniform``, ``bt`` or ``position``.
+        eps: ``uniform``: the probability of a uniformly random click; ``position``: the
+            probability lambda of clicking the top-most examined response. Unused by ``bt``.
+        temperature: The Bradley-Terry temperature T of ``bt`` and ``position``.
+    """
+
+    kind: str = "uniform"
+    eps: float = 0.1
+    temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in NOISE_MODELS:
+            raise ValueError(f"noise must be one of {', '.join(NOISE_MODELS)}, got {self.kind!r}")
+        if not 0.0 <= self.eps <= 1.0:
+            raise ValueError(f"eps must be in [0, 1], got {self.eps}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+
+    @property
+    def tag(self) -> str:
+        """The file-name tag: ``eps0.1``, ``bt0.1``, ``pos0.2-bt0.1``."""
+        if self.kind == "uniform":
+            return f"eps{self.eps}"
+        bt = f"bt{self.temperature}"
+        return bt if self.kind == "bt" else f"pos{self.eps}-{bt}"
+
+    @classmethod
+    def from_tag(cls, tag: str) -> NoiseModel:
+        """The model a file-name tag names (the inverse of :attr:`tag`)."""
+        match = re.fullmatch(r"eps([0-9.]+)|bt([0-9.]+)|pos([0-9.]+)-bt([0-9.]+)", tag)
+        if match is None:
+            raise ValueError(f"not a noise tag (eps0.1, bt0.1, pos0.2-bt0.1): {tag!r}")
+        eps, bt, pos, pos_bt = match.groups()
+        if eps is not None:
+            return cls("uniform", eps=float(eps))
+        if bt is not None:
+            return cls("bt", temperature=float(bt))
+        return cls("position", eps=float(pos), temperature=float(pos_bt))
+
+    def choose(self, utilities: Sequence[float], rng: random.Random) -> int:
+        """Index (into ``utilities``, top-most first) of the examined response clicked."""
+        if self.kind == "uniform":
+            # The draw order of the first benchmark: its committed files stay byte-identical.
+            if rng.random() < self.eps:
+                return rng.randrange(len(utilities))
+            return max(range(len(utilities)), key=lambda i: utilities[i])
+        if self.kind == "position" and rng.random() < self.eps:
+            return 0
+        top = max(utilities)  # shifted for a stable softmax
+        weights = [math.exp((u - top) / self.temperature) for u in utilities]
+        draw, total = rng.random() * sum(weights), 0.0
+        for i, w in enumerate(weights):
+            total += w
+            if draw < total:
+                return i
+        return len(weights) - 1  # draw == sum(weights) up to rounding
+
+
 def simulate_user(
-    utility: Sequence[float], order: Sequence[int], eps: float, eta: float, rng: random.Random
+    utility: Sequence[float],
+    order: Sequence[int],
+    noise: NoiseModel,
+    eta: float,
+    rng: random.Random,
 ) -> list[int]:
     """One impression's clicks (display positions) of a position-biased, noisy user.
 
     Args:
         utility: U of each response (by response index).
         order: ``order[k]`` is the response index shown at position k.
-        eps: Probability of clicking a random examined response instead of the best.
+        noise: How the user chooses among the examined responses.
         eta: Position-bias exponent of the examination propensities.
         rng: The caller's generator.
     """
@@ -71,12 +164,12 @@ def simulate_user(
     examined = [k for k in range(len(order)) if rng.random() < prop[k]]
     if not examined:
         return []
-    if rng.random() < eps:
-        return [rng.choice(examined)]
-    return [max(examined, key=lambda k: utility[order[k]])]
+    return [examined[noise.choose([utility[order[k]] for k in examined], rng)]]
 
 
-def impressions(prompts: list[dict], users: int, eps: float, eta: float, seed: int) -> list[dict]:
+def impressions(
+    prompts: list[dict], users: int, noise: NoiseModel, eta: float, seed: int
+) -> list[dict]:
     """Impressions of ``users`` simulated users per prompt (training prompts only)."""
     out = []
     for index, p in enumerate(prompts):
@@ -85,7 +178,7 @@ def impressions(prompts: list[dict], users: int, eps: float, eta: float, seed: i
         for user in range(users):
             order = list(range(n))
             rng.shuffle(order)
-            clicks = simulate_user(p["utility"], order, eps, eta, rng)
+            clicks = simulate_user(p["utility"], order, noise, eta, rng)
             out.append(
                 {
                     "id": f"{p['prompt_id']}-u{user}",
@@ -136,16 +229,32 @@ def heldout_pairs(prompts: list[dict], min_gap: float = 0.02) -> list[dict]:
     return out
 
 
-def build(rows: list[dict], users: int, eps: float, eta: float, seed: int, correction: str):
+def noise_by_gap(pairs: list[dict]) -> dict[str, dict[str, float]]:
+    """Label-noise rate of ``pairs`` per bin of their true utility gap |U(y+) - U(y-)|."""
+    edges = [*GAP_BINS, math.inf]
+    out = {}
+    for lo, hi in itertools.pairwise(edges):
+        inside = [p for p in pairs if lo <= abs(p["true_margin"]) < hi]
+        wrong = sum(not p["label_correct"] for p in inside)
+        name = f"[{lo}, {hi})" if hi != math.inf else f"[{lo}, inf)"
+        out[name] = {"n": len(inside), "label_noise": round(wrong / max(1, len(inside)), 4)}
+    return out
+
+
+def build(rows: list[dict], users: int, noise: NoiseModel, eta: float, seed: int, correction: str):
     """(impressions, annotated training pairs, stats) for the training prompts of ``rows``."""
     train = [p for p in rows if p["split"] == "train"]
-    shown = impressions(train, users, eps, eta, seed)
+    shown = impressions(train, users, noise, eta, seed)
     result = clicks_to_pairs(
-        enumerate(shown, start=1), f"bench-eps{eps}.jsonl", correction=correction
+        enumerate(shown, start=1), f"bench-{noise.tag}.jsonl", correction=correction
     )
     pairs = annotate(result.rows, train)
     wrong = sum(not p["label_correct"] for p in pairs)
-    stats = dict(result.stats, label_noise=round(wrong / max(1, len(pairs)), 4))
+    stats = dict(
+        result.stats,
+        label_noise=round(wrong / max(1, len(pairs)), 4),
+        label_noise_by_gap=noise_by_gap(pairs),
+    )
     return shown, pairs, stats
 
 
@@ -153,7 +262,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--responses", type=Path, default=DATA / "responses.jsonl")
     p.add_argument("--out-dir", type=Path, default=DATA)
-    p.add_argument("--eps", type=float, default=0.1, help="user noise rate epsilon")
+    p.add_argument(
+        "--noise", choices=NOISE_MODELS, default="uniform", help="the users' choice model"
+    )
+    p.add_argument(
+        "--eps", type=float, default=0.1, help="uniform: noise rate; position: top-click share"
+    )
+    p.add_argument("--temperature", type=float, default=0.1, help="bt/position: temperature T")
+    p.add_argument("--tag", default=None, help="the model by its file tag: eps0.1, bt0.1, ...")
     p.add_argument("--eta", type=float, default=1.0, help="position-bias exponent")
     p.add_argument("--users", type=int, default=8, help="impressions per training prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -162,8 +278,16 @@ def main(argv=None) -> int:
     p.add_argument("--impressions", type=Path, default=None, help="also write the click log here")
     args = p.parse_args(argv)
     rows = read_jsonl(args.responses)
-    shown, pairs, stats = build(rows, args.users, args.eps, args.eta, args.seed, args.correction)
-    out = args.out or args.out_dir / f"pairs_eps{args.eps}_seed{args.seed}.jsonl"
+    try:
+        noise = (
+            NoiseModel.from_tag(args.tag)
+            if args.tag
+            else NoiseModel(args.noise, args.eps, args.temperature)
+        )
+    except ValueError as err:
+        p.error(str(err))
+    shown, pairs, stats = build(rows, args.users, noise, args.eta, args.seed, args.correction)
+    out = args.out or args.out_dir / f"pairs_{noise.tag}_seed{args.seed}.jsonl"
     if args.impressions:  # ~0.8 MB per noise rate: written on request, not committed
         write_jsonl(args.impressions, shown)
     write_jsonl(out, pairs)
@@ -171,7 +295,9 @@ def main(argv=None) -> int:
         args.out_dir / "heldout_pairs.jsonl",
         heldout_pairs([r for r in rows if r["split"] == "heldout"]),
     )
-    print(json.dumps({"eps": args.eps, **stats}))
+    report = {"noise": noise.tag, "seed": args.seed, **stats}
+    out.with_name(out.name + ".stats.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report))
     return 0
 
 

@@ -17,6 +17,7 @@ deterministic (no sampling; the encoder runs in eval mode in fp32).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 
@@ -93,6 +94,17 @@ class MiniLMEncoder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
         return torch.cat(out) if out else torch.zeros(0, 384)
+
+
+def hashed_encoder(texts: Sequence[str]) -> torch.Tensor:
+    """A cheap deterministic stand-in for MiniLM (tests, ``--tiny`` smoke runs): bag of hashed
+    words, L2-normalised. Its relevance numbers mean nothing; it only keeps the pipeline offline
+    and fast."""
+    out = torch.zeros(len(texts), 64)
+    for row, text in enumerate(texts):
+        for word in text.lower().split():
+            out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % 64] += 1.0
+    return torch.nn.functional.normalize(out, dim=-1)
 
 
 class HiddenUtility:

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Benchmark v2: the whole results table and its plots from the committed data, in one command.
+#
+#   bash experiments/run_benchmark.sh            # SmolLM2-135M; prints its wall-time estimate first
+#   bash experiments/run_benchmark.sh --smoke    # the same pipeline on the tiny model (~1 min; a test)
+#
+# Settings (environment variables): ARMS (default: every bench_<arm>.yaml of the table), NOISE
+# (noise-model tags, default "bt0.1 eps0.1"), SEEDS (default "0 1 2 3 4"), JOBS (parallel jobs,
+# default 2, one thread each), OUT (job dirs, default multirun/bench2), RESULTS (tables and plots,
+# default experiments/results/v2). A finished job (its heldout_metrics.json exists) is skipped, so
+# an interrupted run continues where it stopped.
+#
+# Steps: 1. simulated click files for every noise model and seed (simulate.py, seconds);
+# 2. the splitter study (splitter_study.py; skipped under --smoke); 3. the starting model's
+# held-out answers (heldout.py --base); 4. every arm x noise x seed: train on all of its file's
+# pairs (compo +experiment=bench_<arm> data.limit=null), then its held-out answers and the
+# displacement on its ambiguous pairs (heldout.py); 5. the tables with 95% intervals
+# (aggregate.py -> $RESULTS/results.md, runs.csv, *.png).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+
+SMOKE=0
+[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+NOISE=${NOISE:-"bt0.1 eps0.1"}
+SEEDS=${SEEDS:-"0 1 2 3 4"}
+JOBS=${JOBS:-2}
+OUT=${OUT:-multirun/bench2}
+RESULTS=${RESULTS:-experiments/results/v2}
+DATA=${DATA:-experiments/benchmark/data}
+ARMS=${ARMS:-"dpo_all dpo_clean dpo_compo simpo_clean simpo_compo dpo_rpo_all dpo_ld_all kto_all cpo_all orpo_all sft_all contrast_sft_all"}
+# Minutes one job takes on one core (training + held-out answers), from the last full run; the
+# estimate is only as good as the machine is idle.
+MINUTES_PER_JOB=${MINUTES_PER_JOB:-6}
+
+if ((SMOKE)); then
+    NOISE=${SMOKE_NOISE:-bt0.1}
+    SEEDS=${SMOKE_SEEDS:-0}
+    ARMS=${SMOKE_ARMS:-"dpo_all dpo_compo"}
+    DATA=$OUT/data
+    TRAIN=(model=tiny data.limit=24 data.max_length=96 data.max_prompt_length=48
+           optimizer.num_directions=8 optimizer.max_iterations=2 "data.path=$DATA/pairs_\${bench.noise}_seed\${seed}.jsonl")
+    EVAL=(--tiny --prompts 4 --samples 1 --max-new-tokens 8 --max-pairs 8)
+else
+    TRAIN=(data.limit=null)
+    EVAL=()
+fi
+
+n_jobs=$(( $(wc -w <<<"$ARMS") * $(wc -w <<<"$NOISE") * $(wc -w <<<"$SEEDS") ))
+echo "benchmark: $n_jobs jobs ($ARMS) x noise ($NOISE) x seeds ($SEEDS), $JOBS at a time"
+((SMOKE)) || echo "benchmark: about $((n_jobs * MINUTES_PER_JOB / JOBS + 10)) minutes on an idle machine"
+echo "benchmark: load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+started=$(date +%s)
+mkdir -p "$OUT/logs" "$RESULTS"
+
+# 1. Click files (deterministic; the first benchmark's files are committed and rewritten identically).
+for noise in $NOISE; do
+    for seed in $SEEDS; do
+        python experiments/benchmark/simulate.py --tag "$noise" --seed "$seed" --out-dir "$DATA" >/dev/null
+    done
+done
+
+# 2. Which splitter finds the wrong labels (minutes; SmolLM2 only).
+if ((!SMOKE)); then
+    # shellcheck disable=SC2086
+    python experiments/benchmark/splitter_study.py --noise $NOISE --seeds $SEEDS --data "$DATA" \
+        --out "$RESULTS/splitter_study" >"$OUT/logs/splitter_study.log" 2>&1
+fi
+
+# 3. The starting model's answers: every job is compared with them, prompt by prompt.
+python experiments/benchmark/heldout.py --base --base-dir "$RESULTS/base" "${EVAL[@]}" \
+    >"$OUT/logs/base.log" 2>&1
+
+# 4. Jobs, two at a time by default, the arms in the table's order, seeds inside.
+run_job() {
+    local arm=$1 noise=$2 seed=$3 dir="$OUT/$1/$2/seed$3" log="$OUT/logs/$1_$2_$3.log"
+    [[ -f "$dir/heldout_metrics.json" ]] && return 0
+    compo +experiment="bench_$arm" bench.noise="$noise" seed="$seed" hydra.run.dir="$dir" \
+        "${TRAIN[@]}" >"$log" 2>&1 || { echo "benchmark: $arm $noise $seed failed, see $log"; return 1; }
+    python experiments/benchmark/heldout.py "$dir" --base-dir "$RESULTS/base" "${EVAL[@]}" >>"$log" 2>&1
+    echo "$(date +%T) done $arm $noise seed $seed (load $(cut -d' ' -f1-3 /proc/loadavg))"
+}
+export -f run_job
+export OUT RESULTS
+export TRAIN_ARGS="${TRAIN[*]}" EVAL_ARGS="${EVAL[*]}"
+jobs=()
+for arm in $ARMS; do for noise in $NOISE; do for seed in $SEEDS; do
+    jobs+=("$arm $noise $seed")
+done; done; done
+# Arrays do not cross into xargs' shells: rebuild them there from the exported strings.
+printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -L 1 bash -c \
+    'read -ra TRAIN <<<"$TRAIN_ARGS"; read -ra EVAL <<<"$EVAL_ARGS"; run_job "$0" "$1" "$2"'
+
+# 5. Tables and plots.
+python experiments/benchmark/aggregate.py "$OUT" --out "$RESULTS" --base "$RESULTS/base" \
+    $( ((SMOKE)) && echo --no-plots ) >"$OUT/logs/aggregate.log"
+echo "benchmark: load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "benchmark: $(( ($(date +%s) - started) / 60 )) min; tables in $RESULTS/results.md"

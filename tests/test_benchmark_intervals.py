@@ -1,0 +1,111 @@
+"""The benchmark's interval tables: per-prompt answers -> two-way bootstrap tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from compo.rundir import write_jsonl
+from experiments.benchmark import aggregate, intervals
+
+PROMPTS, ANSWERS = 30, 3
+
+
+def answer_rows(rng, shift: float) -> list[dict]:
+    """Per-prompt rows as heldout.py writes them: utilities = prompt effect + shift + noise."""
+    prompt_effect = np.linspace(-0.3, 0.3, PROMPTS)
+    return [
+        {
+            "prompt_id": f"h{p:02d}",
+            "answers": ["a"] * ANSWERS,
+            "utility": (prompt_effect[p] + shift + rng.normal(0, 0.1, ANSWERS)).tolist(),
+            "words": rng.integers(5, 40, ANSWERS).tolist(),
+        }
+        for p in range(PROMPTS)
+    ]
+
+
+def job(root: Path, arm: str, seed: int, rows: list[dict], frac_up_down: float) -> None:
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(f"seed: {seed}\nbench:\n  arm: {arm}\n  noise: bt0.1\n")
+    (root / "metrics.json").write_text(json.dumps({"run.seconds": 60.0}))
+    held = {"heldout.win_rate": 0.5, "ambiguous.frac_up_down": frac_up_down}
+    (root / "heldout_metrics.json").write_text(json.dumps(held))
+    write_jsonl(root / "heldout_generations.jsonl", rows)
+
+
+def test_interval_tables_find_a_real_effect_and_not_a_null_one(tmp_path):
+    rng = np.random.default_rng(0)
+    base = tmp_path / "base"
+    write_jsonl(base / "heldout_generations.jsonl", answer_rows(rng, 0.0))
+    runs = tmp_path / "multirun"
+    for seed in range(4):
+        job(runs / f"all{seed}", "dpo_all", seed, answer_rows(rng, 0.0), 0.5)
+        # The recipe's answers are better by 0.15 on every prompt: a clear effect.
+        job(runs / f"compo{seed}", "dpo_compo", seed, answer_rows(rng, 0.15), 0.9)
+    out = tmp_path / "results"
+    args = [str(runs), "--out", str(out), "--base", str(base), "--no-plots"]
+    assert aggregate.main(args) == 0
+    md = (out / "results.md").read_text()
+    assert "With 95% intervals" in md and "Paired contrasts, cell by cell" in md
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if " - " in line}
+    goal = rows["dpo_compo - dpo_all"]
+    assert goal.count(" *") == 3  # every contrast column excludes 0
+    records = aggregate.collect([runs])
+    table = intervals.arm_table(
+        records, intervals.read_rows(base / "heldout_generations.jsonl"), []
+    )
+    null = next(line for line in table.splitlines() if line.startswith("| dpo_all"))
+    # dpo_all's answers come from the base's distribution: its win-rate interval holds 0.5.
+    low, high = (float(x) for x in null.split(" | ")[3].split("[")[1].rstrip("]").split(", "))
+    assert low < 0.5 < high
+    assert "0.900 [0.900, 0.900]" in table  # frac_up_down, the same on every seed
+
+
+def test_jobs_without_per_prompt_answers_keep_the_first_table_only(tmp_path):
+    runs = tmp_path / "multirun"
+    (runs / "0").mkdir(parents=True)
+    (runs / "0" / "config.yaml").write_text("seed: 0\nbench:\n  arm: dpo_all\n  noise: 0.1\n")
+    (runs / "0" / "metrics.json").write_text(json.dumps({"run.seconds": 60.0}))
+    (runs / "0" / "heldout_metrics.json").write_text(json.dumps({"heldout.lc_win_rate": 0.6}))
+    out = tmp_path / "results"
+    assert (
+        aggregate.main(
+            [str(runs), "--out", str(out), "--base", str(tmp_path / "none"), "--no-plots"]
+        )
+        == 0
+    )
+    md = (out / "results.md").read_text()
+    assert "With 95% intervals" not in md
+    assert "| 0.600 |" in md  # the first benchmark's lc_win_rate under its new name
+
+
+def test_the_one_command_benchmark_in_smoke_mode(tmp_path):
+    """experiments/run_benchmark.sh --smoke: click files, base answers, two arms trained and
+    evaluated, the interval tables: the whole pipeline on the tiny model."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        ["bash", str(root / "experiments" / "run_benchmark.sh"), "--smoke"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "runs" / "logs").glob("*.log")))
+    assert done.returncode == 0, done.stdout + done.stderr + logs
+    md = (tmp_path / "results" / "results.md").read_text()
+    assert "With 95% intervals" in md and "| dpo_compo - dpo_all | bt0.1 | 1 |" in md
+    for arm in ("dpo_all", "dpo_compo"):
+        run = tmp_path / "runs" / arm / "bt0.1" / "seed0"
+        assert (run / "heldout_generations.jsonl").is_file()
+        assert json.loads((run / "heldout_metrics.json").read_text())["heldout.n_prompts"] == 4
+    assert "benchmark: load after:" in done.stdout
