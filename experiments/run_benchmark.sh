@@ -38,8 +38,9 @@ if ((SMOKE)); then
     SEEDS=${SMOKE_SEEDS:-0}
     ARMS=${SMOKE_ARMS:-"dpo_all dpo_compo"}
     DATA=$OUT/data
+    # The arms' own ComPO settings stay: on the tiny model they cost seconds.
     TRAIN=(model=tiny data.limit=24 data.max_length=96 data.max_prompt_length=48
-           optimizer.num_directions=8 optimizer.max_iterations=2 "data.path=$DATA/pairs_\${bench.noise}_seed\${seed}.jsonl")
+           "data.path=$DATA/pairs_\${bench.noise}_seed\${seed}.jsonl")
     EVAL=(--tiny --prompts 4 --samples 1 --max-new-tokens 8 --max-pairs 8)
 else
     TRAIN=(data.limit=null)
