@@ -7,7 +7,7 @@
 # Settings (environment variables): ARMS (default: every bench_<arm>.yaml of the table), NOISE
 # (noise-model tags, default "bt0.1 eps0.1"), SEEDS (default "0 1 2 3 4"), JOBS (parallel jobs,
 # default 2, one thread each), OUT (job dirs, default multirun/bench2), RESULTS (tables and plots,
-# default experiments/results/v2). A finished job (its heldout_metrics.json exists) is skipped, so
+# default experiments/results/v2), STUDY (0 skips the splitter study). A finished job (its heldout_metrics.json exists) is skipped, so
 # an interrupted run continues where it stopped.
 #
 # Steps: 1. simulated click files for every noise model and seed (simulate.py, seconds);
@@ -62,7 +62,7 @@ for noise in $NOISE; do
 done
 
 # 2. Which splitter finds the wrong labels (minutes; SmolLM2 only).
-if ((!SMOKE)); then
+if ((!SMOKE)) && [[ "${STUDY:-1}" != 0 ]]; then
     # shellcheck disable=SC2086
     python experiments/benchmark/splitter_study.py --noise $NOISE --seeds $SEEDS --data "$DATA" \
         --out "$RESULTS/splitter_study" >"$OUT/logs/splitter_study.log" 2>&1
