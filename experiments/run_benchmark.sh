@@ -74,7 +74,8 @@ fi
 python experiments/benchmark/heldout.py --base --base-dir "$RESULTS/base" "${EVAL[@]}" \
     >"$OUT/logs/base.log" 2>&1 || { echo "benchmark: the base answers failed, see $OUT/logs/base.log"; exit 1; }
 
-# 4. Jobs, two at a time by default, the arms in the table's order, seeds inside.
+# 4. Jobs, two at a time by default: seed by seed, every arm and noise model of a seed before the
+# next seed, so a run stopped early still gives complete paired contrasts on the seeds it did.
 run_job() {
     local arm=$1 noise=$2 seed=$3 dir="$OUT/$1/$2/seed$3" log="$OUT/logs/$1_$2_$3.log"
     [[ -f "$dir/heldout_metrics.json" ]] && return 0
@@ -87,7 +88,7 @@ export -f run_job
 export OUT RESULTS
 export TRAIN_ARGS="${TRAIN[*]}" EVAL_ARGS="${EVAL[*]}"
 jobs=()
-for arm in $ARMS; do for noise in $NOISE; do for seed in $SEEDS; do
+for seed in $SEEDS; do for noise in $NOISE; do for arm in $ARMS; do
     jobs+=("$arm $noise $seed")
 done; done; done
 # Arrays do not cross into xargs' shells: rebuild them there from the exported strings.
