@@ -341,3 +341,19 @@ def test_the_refusal_is_one_line_and_exit_2(tmp_path, write_jsonl):
         f"compo: error: {data} holds unpaired rows (prompt, completion, label), which splitter "
         "cannot use as configured (they need preference pairs); set splitter=none"
     ]
+
+
+@pytest.mark.parametrize("held", ["data.eval_fraction=0.2", "data.eval_path={data}"])
+def test_a_held_out_split_of_unpaired_rows_is_one_line(tmp_path, write_jsonl, held):
+    """Held-out evaluation scores preference pairs: an unpaired file cannot give them."""
+    data = write_jsonl(ROWS)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compo", "model=tiny", f"hydra.run.dir={tmp_path / 'run'}",
+         f"data.path={data}", "dpo=kto", "splitter=none", "optimizer=none",
+         held.format(data=data)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "held-out evaluation needs preference pairs" in errors[0]
+    assert not (tmp_path / "run" / "checkpoint").exists()
