@@ -56,9 +56,8 @@ def test_interval_tables_find_a_real_effect_and_not_a_null_one(tmp_path):
     goal = rows["dpo_compo - dpo_all"]
     assert goal.count(" *") == 3  # every contrast column excludes 0
     records = aggregate.collect([runs])
-    table = intervals.arm_table(
-        records, intervals.read_rows(base / "heldout_generations.jsonl"), []
-    )
+    base_rows = intervals.read_rows(base / "heldout_generations.jsonl")
+    table = intervals.arm_table(intervals.arm_cells(records, base_rows), records, base_rows, [])
     null = next(line for line in table.splitlines() if line.startswith("| dpo_all"))
     # dpo_all's answers come from the base's distribution: its win-rate interval holds 0.5.
     low, high = (float(x) for x in null.split(" | ")[3].split("[")[1].rstrip("]").split(", "))

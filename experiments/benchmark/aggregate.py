@@ -312,11 +312,8 @@ def main(argv=None) -> int:
     md += "\nPaired differences (same noise rate and seed, i.e. the same click-noise draw):\n\n"
     md += paired_table(records)
     base = intervals.read_rows(args.base / "heldout_generations.jsonl")
-    if base is not None and intervals.arm_cells(records, base):
-        md += "\nWith 95% intervals (two-way bootstrap over seeds and held-out prompts):\n\n"
-        md += intervals.arm_table(records, base, ARM_ORDER)
-        md += "\nPaired contrasts, cell by cell (* : the interval excludes 0):\n\n"
-        md += intervals.contrast_table(records, base, CONTRASTS)
+    if base is not None:
+        md += intervals.tables(records, base, ARM_ORDER, CONTRASTS) or ""
     (args.out / "results.md").write_text(md, encoding="utf-8")
     keys = sorted({k for r in records for k in r})
     with open(args.out / "runs.csv", "w", newline="", encoding="utf-8") as handle:

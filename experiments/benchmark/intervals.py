@@ -113,9 +113,31 @@ SEED_COLUMNS = [
 ]
 
 
-def arm_table(records: list[dict], base: list[dict], order: Sequence[str]) -> str:
-    """One row per arm x noise model with every column's interval."""
+def tables(
+    records: list[dict],
+    base: list[dict],
+    order: Sequence[str],
+    contrasts: Sequence[tuple[str, str]],
+) -> str | None:
+    """Both tables in markdown (the answer files read once), or None when no job has answers."""
     groups = arm_cells(records, base)
+    if not groups:
+        return None
+    return (
+        "\nWith 95% intervals (two-way bootstrap over seeds and held-out prompts):\n\n"
+        + arm_table(groups, records, base, order)
+        + "\nPaired contrasts, cell by cell (* : the interval excludes 0):\n\n"
+        + contrast_table(groups, base, contrasts)
+    )
+
+
+def arm_table(
+    groups: dict[tuple, dict[int, dict]],
+    records: list[dict],
+    base: list[dict],
+    order: Sequence[str],
+) -> str:
+    """One row per arm x noise model (``groups`` from :func:`arm_cells`) with intervals."""
     head = ["arm", "noise", "seeds", *(c[0] for c in ARM_COLUMNS), *(c[0] for c in SEED_COLUMNS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rank = {arm: i for i, arm in enumerate(order)}
@@ -136,10 +158,9 @@ def arm_table(records: list[dict], base: list[dict], order: Sequence[str]) -> st
 
 
 def contrast_table(
-    records: list[dict], base: list[dict], contrasts: Sequence[tuple[str, str]]
+    groups: dict[tuple, dict[int, dict]], base: list[dict], contrasts: Sequence[tuple[str, str]]
 ) -> str:
     """Arm minus baseline, cell by cell on shared (noise, seed, prompt, answer), with intervals."""
-    groups = arm_cells(records, base)
     head = ["arm - baseline", "noise", "seeds", "Δ win rate", "Δ greedy win rate", "Δ utility"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, baseline in contrasts:

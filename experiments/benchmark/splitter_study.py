@@ -55,6 +55,7 @@ from compo.encoding import encode_pairs
 from compo.rundir import atomic_write_json
 from compo.scoring import score_sequences
 from experiments.benchmark.simulate import DATA
+from experiments.benchmark.stats import Interval
 
 log = logging.getLogger("benchmark.splitter_study")
 RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
@@ -240,9 +241,7 @@ def run(
 
 def fmt(value: float, ci: Sequence[float]) -> str:
     """``0.612 [0.571, 0.650]`` (``n/a`` for an undefined value)."""
-    if not np.isfinite(value):
-        return "n/a"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return Interval(value, *ci).format()
 
 
 def markdown(results: dict[str, dict]) -> str:
