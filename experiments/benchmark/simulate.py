@@ -63,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from compo.clicks import clicks_to_pairs, examination_propensities
-from compo.rundir import write_jsonl
+from compo.rundir import atomic_write_json, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "experiments" / "benchmark" / "data"
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
         heldout_pairs([r for r in rows if r["split"] == "heldout"]),
     )
     report = {"noise": noise.tag, "seed": args.seed, **stats}
-    out.with_name(out.name + ".stats.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_json(out.with_name(out.name + ".stats.json"), report)
     print(json.dumps(report))
     return 0
 
