@@ -29,7 +29,7 @@ JOBS=${JOBS:-2}
 OUT=${OUT:-multirun/bench2}
 RESULTS=${RESULTS:-experiments/results/v2}
 DATA=${DATA:-experiments/benchmark/data}
-ARMS=${ARMS:-"dpo_all dpo_clean dpo_compo simpo_clean simpo_compo dpo_rpo_all dpo_ld_all kto_all cpo_all orpo_all sft_all contrast_sft_all"}
+ARMS=${ARMS:-"dpo_all dpo_clean dpo_compo dpo_compo_judge simpo_clean simpo_compo dpo_rpo_all dpo_ld_all kto_all cpo_all orpo_all sft_all contrast_sft_all"}
 # Minutes one job takes with two jobs side by side on 2 cores (training ~5, held-out answers ~5;
 # measured on the first v2 run: 9 jobs in about an hour); the estimate is only as good as the machine
 # is idle.

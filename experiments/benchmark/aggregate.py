@@ -52,8 +52,8 @@ DISPLACEMENT_COLUMNS = [
     ("frac y+ down", "ambiguous.frac_chosen_down"),
     ("frac both down", "ambiguous.frac_both_down"),
 ]
-# The five arms, then the rest of the first-order family on the same pairs (configs/experiment/
-# bench_<arm>.yaml).
+# The split/ComPO arms, then the rest of the first-order family on the same pairs
+# (configs/experiment/bench_<arm>.yaml).
 FAMILY = [
     "dpo_rpo_all",
     "dpo_ld_all",
@@ -63,13 +63,23 @@ FAMILY = [
     "sft_all",
     "contrast_sft_all",
 ]
-ARM_ORDER = ["dpo_all", "dpo_clean", "dpo_compo", "simpo_clean", "simpo_compo", *FAMILY]
+ARM_ORDER = [
+    "dpo_all",
+    "dpo_clean",
+    "dpo_compo",
+    "dpo_compo_judge",
+    "simpo_clean",
+    "simpo_compo",
+    *FAMILY,
+]
 # Paired contrasts (arm, baseline): differences taken within one (noise, seed), i.e. on the same
 # click-noise draw, so the draw's own variance cancels. Each answers one question of the study.
 CONTRASTS = [
     ("dpo_clean", "dpo_all"),  # does dropping the ambiguous pairs help DPO?
     ("dpo_compo", "dpo_clean"),  # does ComPO on the ambiguous pairs add anything?
     ("dpo_compo", "dpo_all"),  # does the whole recipe beat DPO on every pair? (the goal)
+    ("dpo_compo_judge", "dpo_compo"),  # what is a judge's label worth over the click's?
+    ("dpo_compo_judge", "dpo_all"),  # the recipe with a black-box judge on the ambiguous pairs
     ("simpo_compo", "simpo_clean"),
     # does another first-order loss do better than DPO on the same noisy pairs?
     *((arm, "dpo_all") for arm in FAMILY),

@@ -44,6 +44,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from compo.data import load_pairs
 from compo.encoding import encode_pairs
@@ -175,8 +177,13 @@ def ambiguous_displacement(model, tokenizer, run_dir: Path, delta, batch_rows, s
         chosen, rejected = score_pairs(base, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
         margin = chosen.sum_logps - rejected.sum_logps
         rows = [i for i in range(len(encoded)) if abs(margin[i].item()) < delta]
-        _BASE_SCORES[key] = ([encoded[i] for i in rows], _subset((chosen, rejected), rows))
-    encoded, before = _BASE_SCORES[key]
+        correct = [pairs[i].metadata.get("label_correct") for i in rows]
+        _BASE_SCORES[key] = (
+            [encoded[i] for i in rows],
+            _subset((chosen, rejected), rows),
+            None if None in correct else torch.tensor(correct, dtype=torch.bool),
+        )
+    encoded, before, correct = _BASE_SCORES[key]
     if not encoded:
         return {"ambiguous.n_pairs": 0}
     after = score_pairs(model, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
@@ -185,6 +192,13 @@ def ambiguous_displacement(model, tokenizer, run_dir: Path, delta, batch_rows, s
     down = after[1].sum_logps < before[1].sum_logps
     shift["frac_up_down"] = (up & down).float().mean().item()  # the goal: y+ up and y- down
     out = {"ambiguous.n_pairs": len(encoded)}
+    if correct is not None:
+        # The simulation knows which reply is truly better (label_correct): where the click label
+        # is wrong, "y+ up and y- down" is the wrong way. Under Bradley-Terry noise ~40% of the
+        # ambiguous labels are wrong, so the label-oriented goal and the true one differ.
+        up_down_truth = torch.where(correct, up & down, ~up & ~down)
+        out["ambiguous.label_noise"] = (~correct).float().mean().item()
+        out["ambiguous.frac_better_up_worse_down"] = up_down_truth.float().mean().item()
     for name, scores in (("before", before), ("after", after)):
         out[f"ambiguous.{name}.logp_chosen"] = scores[0].sum_logps.mean().item()
         out[f"ambiguous.{name}.logp_rejected"] = scores[1].sum_logps.mean().item()
@@ -192,8 +206,6 @@ def ambiguous_displacement(model, tokenizer, run_dir: Path, delta, batch_rows, s
 
 
 def _subset(scores, rows):
-    import torch
-
     from compo.scoring import SequenceScores
 
     index = torch.tensor(rows, dtype=torch.long)
@@ -239,7 +251,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--refresh-pairs",
         action="store_true",
-        help="only recompute the held-out pair metrics of evaluated dirs (no generation)",
+        help="only recompute the pair metrics (held-out pairs, ambiguous displacement) of "
+        "evaluated dirs (no generation)",
     )
     args = p.parse_args(argv)
     from compo.models import EmbeddedSmolLM2, PretrainedModel, TinyModel
@@ -270,6 +283,10 @@ def main(argv=None) -> int:
         if args.refresh_pairs and done.exists() and not args.force:
             metrics = json.loads(done.read_text(encoding="utf-8"))
             metrics |= pair_metrics(model, tokenizer, args.pairs, args.max_pairs, args.batch_rows)
+            if checkpoint is not None:
+                metrics |= ambiguous_displacement(
+                    model, tokenizer, out_dir, args.delta, args.batch_rows, starting
+                )
             atomic_write_json(done, metrics)
             log.info("%s: pair metrics refreshed", out_dir)
             continue

@@ -108,6 +108,7 @@ ARM_COLUMNS = [
 ]
 SEED_COLUMNS = [
     ("amb. y+ up & y- down", "ambiguous.frac_up_down"),
+    ("amb. better up & worse down", "ambiguous.frac_better_up_worse_down"),
     ("amb. Δlogπ(y+)", "ambiguous.delta_logp_chosen"),
     ("amb. Δlogπ(y-)", "ambiguous.delta_logp_rejected"),
 ]
