@@ -104,6 +104,7 @@ SUMMARY_KEYS = (
     "eval.displacement.ambiguous.delta_logp_chosen",
     "eval.displacement.ambiguous.delta_logp_rejected",
     "eval.displacement.ambiguous.frac_both_down",
+    "eval.displacement.ambiguous.frac_up_down",
     "eval.heldout.before.accuracy",
     "eval.heldout.after.accuracy",
     "eval.displacement.heldout.frac_both_down",

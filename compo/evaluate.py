@@ -58,7 +58,9 @@ def likelihood_displacement(
 
     Returns:
         Mean change of log pi(y+) and log pi(y-), and the fraction of pairs whose chosen reply lost
-        probability (``frac_chosen_down``) and whose both replies lost it (``frac_both_down``).
+        probability (``frac_chosen_down``), whose both replies lost it (``frac_both_down``) and
+        whose chosen reply gained while the rejected one lost (``frac_up_down``: the change a
+        preference update intends, pair by pair).
     """
     d_chosen = after[0].sum_logps - before[0].sum_logps
     d_rejected = after[1].sum_logps - before[1].sum_logps
@@ -67,6 +69,7 @@ def likelihood_displacement(
         "delta_logp_rejected": d_rejected.mean().item(),
         "frac_chosen_down": (d_chosen < 0).float().mean().item(),
         "frac_both_down": ((d_chosen < 0) & (d_rejected < 0)).float().mean().item(),
+        "frac_up_down": ((d_chosen > 0) & (d_rejected < 0)).float().mean().item(),
     }
 
 

@@ -38,3 +38,26 @@ def test_lc_win_rate_removes_a_length_driven_advantage():
 def test_lc_win_rate_finite_when_separable():
     lc = length_controlled_win_rate([1, 1, 0, 0], [0, 0, 1, 1], [30, 30, 5, 5], [10] * 4)
     assert 0.0 < lc < 1.0 and math.isfinite(lc)
+
+
+def test_likelihood_displacement_counts_each_pattern_of_change():
+    """Four pairs, one per sign pattern of (delta log pi(y+), delta log pi(y-))."""
+    import torch
+
+    from compo.evaluate import likelihood_displacement
+    from compo.scoring import SequenceScores
+
+    def scores(values):
+        sums = torch.tensor(values, dtype=torch.float32)
+        return SequenceScores(sums, sums / 4, torch.full_like(sums, 4))
+
+    before = (scores([-10.0, -10.0, -10.0, -10.0]), scores([-10.0, -10.0, -10.0, -10.0]))
+    # pair 0: y+ up, y- down (the intended change); 1: both down (displacement); 2: both up;
+    # 3: y+ down, y- up (the wrong way)
+    after = (scores([-9.0, -11.0, -9.0, -11.0]), scores([-11.0, -12.0, -9.5, -9.0]))
+    shift = likelihood_displacement(before, after)
+    assert shift["frac_up_down"] == 0.25
+    assert shift["frac_both_down"] == 0.25
+    assert shift["frac_chosen_down"] == 0.5
+    assert shift["delta_logp_chosen"] == 0.0
+    assert shift["delta_logp_rejected"] == pytest.approx(-0.375)

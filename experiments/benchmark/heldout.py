@@ -187,15 +187,14 @@ def ambiguous_displacement(model, tokenizer, run_dir: Path, delta, batch_rows, s
     if not encoded:
         return {"ambiguous.n_pairs": 0}
     after = score_pairs(model, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
-    shift = likelihood_displacement(before, after)
-    up = after[0].sum_logps > before[0].sum_logps
-    down = after[1].sum_logps < before[1].sum_logps
-    shift["frac_up_down"] = (up & down).float().mean().item()  # the goal: y+ up and y- down
+    shift = likelihood_displacement(before, after)  # frac_up_down: the goal, y+ up and y- down
     out = {"ambiguous.n_pairs": len(encoded)}
     if correct is not None:
         # The simulation knows which reply is truly better (label_correct): where the click label
         # is wrong, "y+ up and y- down" is the wrong way. Under Bradley-Terry noise ~40% of the
         # ambiguous labels are wrong, so the label-oriented goal and the true one differ.
+        up = after[0].sum_logps > before[0].sum_logps
+        down = after[1].sum_logps < before[1].sum_logps
         up_down_truth = torch.where(correct, up & down, ~up & ~down)
         out["ambiguous.label_noise"] = (~correct).float().mean().item()
         out["ambiguous.frac_better_up_worse_down"] = up_down_truth.float().mean().item()
