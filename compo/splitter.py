@@ -221,13 +221,17 @@ class ConfidenceSplitter:
     """Ambiguous when the label's own ``confidence`` (e.g. from click counts) is low.
 
     Args:
-        threshold: Pairs with ``confidence < threshold`` are ambiguous.
+        threshold: Pairs with ``confidence < threshold`` are ambiguous. The default suits
+            ``compo-clicks`` output (confidence = P(theta > 1/2) under a Beta(1, 1) prior): one
+            unopposed click gives 0.75 and a 3-to-1 majority 0.81 (clean), clicks split 2 to 1
+            give 0.69 (ambiguous). Every aggregated pair has a confidence above 0.5, so 0.5
+            would send none to ComPO.
     """
 
     name = "confidence"
     unpaired_fix = "splitter=none"  # the ambiguous side goes to ComPO, which needs pairs
 
-    def __init__(self, threshold: float = 0.5) -> None:
+    def __init__(self, threshold: float = 0.7) -> None:
         # Confidences are in [0, 1]: a threshold above 1 marks every pair ambiguous, <= 0 none.
         self.threshold = settings.number("splitter.threshold", threshold, gt=0, le=1)
 

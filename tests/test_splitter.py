@@ -191,3 +191,18 @@ def test_real_model_split_and_dpo(easy_file, tmp_path):
     assert metrics["eval.after.margin_mean"] > metrics["eval.before.margin_mean"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
     assert reloaded.config.tie_word_embeddings is False
+
+
+def test_confidence_splitter_default_separates_conflicting_clicks_from_single_ones():
+    """On aggregated clicks (Beta(1, 1) prior) every confidence is > 0.5, so a 0.5 threshold never
+    fires; the default sends pairs whose clicks conflicted to the ambiguous side and keeps a
+    single unopposed click or a clear majority clean."""
+    from compo.clicks import beta_confidence
+
+    counts = {"one click": (1, 0), "2 to 1": (2, 1), "3 to 0": (3, 0), "3 to 1": (3, 1)}
+    pairs = [
+        PreferencePair(name, "q", "a", "b", confidence=beta_confidence(w, lo))
+        for name, (w, lo) in counts.items()
+    ]
+    split = ConfidenceSplitter().split(None, pairs, [None] * len(pairs), 0)
+    assert [pairs[i].id for i in split.ambiguous] == ["2 to 1"]
