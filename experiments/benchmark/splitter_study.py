@@ -19,8 +19,8 @@ Splitters (their scores, larger = more ambiguous; the rule is the config default
   (``splitter.per_token=true splitter.delta=0.1``);
 * ``ches``: length-normalised CHES (Razin et al. 2024), the most similar 25% ambiguous
   (``splitter=ches``);
-* ``confidence``: -confidence from the click counts, ambiguous when confidence < 0.5
-  (``splitter=confidence``);
+* ``confidence``: -confidence from the click counts, ambiguous when confidence < 0.7
+  (``splitter=confidence`` at its default);
 * ``margin_signed`` (not a splitter of compo, shown for comparison): -margin, i.e. "the reference
   model prefers the rejected reply"; a detector of flipped labels rather than of close pairs;
 * ``none``: every pair clean (precision undefined, recall 0).
@@ -54,6 +54,7 @@ from compo.data import load_pairs
 from compo.encoding import encode_pairs
 from compo.rundir import atomic_write_json
 from compo.scoring import score_sequences
+from compo.splitter import ConfidenceSplitter
 from experiments.benchmark.simulate import DATA
 from experiments.benchmark.stats import Interval
 
@@ -61,7 +62,8 @@ log = logging.getLogger("benchmark.splitter_study")
 RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
 SPLITTERS = ("margin_sum", "margin_token", "ches", "confidence", "margin_signed", "none")
 # The config defaults of the splitters studied (configs/splitter/*.yaml).
-DELTA_SUM, DELTA_TOKEN, CHES_FRACTION, CONFIDENCE_THRESHOLD = 3.0, 0.1, 0.25, 0.5
+DELTA_SUM, DELTA_TOKEN, CHES_FRACTION = 3.0, 0.1, 0.25
+CONFIDENCE_THRESHOLD = ConfidenceSplitter().threshold  # the library's default, one source
 
 
 class SequenceTable:
