@@ -191,3 +191,19 @@ def test_resume_state_is_not_reused_across_another_heldout_split(
     run_compo(tmp_path / "z", *compo, "data.eval_fraction=0.2")
     with pytest.raises(CompoError, match="compo_state: written by another setup"):
         run_compo(tmp_path / "z", *compo, "data.eval_fraction=0.5")
+
+
+def test_compo_on_its_own_pairs_file_warns_when_it_holds_heldout_prompts(
+    tmp_path, mixed_pairs, caplog
+):
+    """optimizer.pairs_path bypasses the split: training on held-out prompts is said, not silent."""
+    args = [f"data.path={mixed_pairs}", "data.eval_fraction=0.3", *PIPELINE]
+    with caplog.at_level(logging.WARNING, logger="compo"):
+        metrics = run_compo(tmp_path, *args, f"optimizer.pairs_path={mixed_pairs}")
+    assert metrics["data.heldout.n_prompts"] == 2
+    assert metrics["compo.n_prompts_heldout_shared"] == 2
+    assert any(
+        "2 of 2 held-out prompts are in optimizer.pairs_path" in r.message for r in caplog.records
+    )
+    clean = run_compo(tmp_path / "b", *args)  # the split's own ambiguous pairs: nothing to say
+    assert "compo.n_prompts_heldout_shared" not in clean

@@ -214,6 +214,8 @@ class ComPO:
                 )
             metrics["n_rows_rejected"] = len(loaded.rejected)
             pairs = job.data.encode(loaded.pairs, job.tokenizer)[0]
+            if job.heldout is not None:
+                metrics["n_prompts_heldout_shared"] = _heldout_overlap(job.heldout.encoded, pairs)
         else:
             pairs = [job.encoded[i] for i in rows]
         if not pairs:
@@ -465,6 +467,24 @@ class ComPO:
                 "r -> 0 limit; use estimator=monte_carlo"
             )
         return Expected().estimate_from_limit(limit)
+
+
+def _heldout_overlap(heldout: Sequence, pairs: Sequence) -> int:
+    """How many held-out prompts ComPO's own pairs file trains on (warned about when any).
+
+    ``optimizer.pairs_path`` bypasses the held-out split, so the run cannot keep those prompts
+    apart; it can say that their held-out metrics no longer measure generalisation.
+    """
+    held = {tuple(p.prompt_ids) for p in heldout}
+    shared = held & {tuple(p.prompt_ids) for p in pairs}
+    if shared:
+        log.warning(
+            "compo: %d of %d held-out prompts are in optimizer.pairs_path; their held-out metrics "
+            "do not measure generalisation (compo.n_prompts_heldout_shared)",
+            len(shared),
+            len(held),
+        )
+    return len(shared)
 
 
 def _mean(values) -> float | None:
