@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from compo import settings
@@ -214,13 +215,20 @@ def _heldout_metrics(when: str, scores: tuple[SequenceScores, SequenceScores]) -
 # --------------------------------------------------------------------------------------------
 
 
-def _outcomes(policy: Sequence[float], baseline: Sequence[float], tie_eps: float) -> list[float]:
-    if len(policy) != len(baseline) or not policy:
+def outcomes(policy: Any, baseline: Any, tie_eps: float = 0.0) -> np.ndarray:
+    """Paired outcomes, element-wise: 1 where the policy's score is higher, 0 where lower, 1/2
+    for a tie (``|difference| <= tie_eps``).
+
+    Args:
+        policy: Scores of the policy's responses (any shape; higher is better).
+        baseline: Scores of the baseline's responses to the same prompts, same shape.
+        tie_eps: Scores closer than this are a tie.
+    """
+    policy, baseline = np.asarray(policy, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if policy.shape != baseline.shape or not policy.size:
         raise ValueError("need the same, non-zero number of policy and baseline scores")
-    return [
-        0.5 if abs(p - b) <= tie_eps else float(p > b)
-        for p, b in zip(policy, baseline, strict=True)
-    ]
+    diff = policy - baseline
+    return np.where(np.abs(diff) <= tie_eps, 0.5, (diff > 0).astype(np.float64))
 
 
 def win_rate(policy: Sequence[float], baseline: Sequence[float], tie_eps: float = 0.0) -> float:
@@ -231,8 +239,7 @@ def win_rate(policy: Sequence[float], baseline: Sequence[float], tie_eps: float 
         baseline: Score of the baseline's response to the same prompts.
         tie_eps: Scores closer than this are a tie.
     """
-    outcomes = _outcomes(policy, baseline, tie_eps)
-    return sum(outcomes) / len(outcomes)
+    return float(outcomes(policy, baseline, tie_eps).mean())
 
 
 def length_controlled_win_rate(
@@ -244,7 +251,10 @@ def length_controlled_win_rate(
     ridge: float = 1e-2,
     iterations: int = 50,
 ) -> float:
-    """The win rate with the effect of length removed, as in AlpacaEval-LC (Dubois et al. 2024).
+    """The win rate with the effect of length removed (a length-adjusted win rate).
+
+    The length term of AlpacaEval-LC (Dubois et al. 2024) without its instruction-difficulty term,
+    so its numbers are not comparable to AlpacaEval's LC win rates.
 
     Fits P(win_i) = sigmoid(a + b * tanh(d_i / s)) by ridge-penalised logistic regression (Newton's
     method; ties are soft targets of 1/2), with d_i the policy's minus the baseline's response
@@ -262,7 +272,7 @@ def length_controlled_win_rate(
         ridge: L2 penalty on (a, b).
         iterations: Newton steps.
     """
-    y = torch.tensor(_outcomes(policy, baseline, tie_eps), dtype=torch.float64)
+    y = torch.from_numpy(outcomes(policy, baseline, tie_eps))
     d = torch.tensor(policy_lengths, dtype=torch.float64) - torch.tensor(
         baseline_lengths, dtype=torch.float64
     )

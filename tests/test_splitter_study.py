@@ -12,6 +12,7 @@ import pytest
 
 from compo.data import load_pairs
 from compo.encoding import encode_pairs
+from compo.evaluate import outcomes
 from compo.models import TinyModel
 from compo.rundir import write_jsonl
 from compo.splitter import ChesSplitter, ConfidenceSplitter, LikelihoodMarginSplitter
@@ -119,9 +120,11 @@ def test_two_way_bootstrap_covers_the_true_mean_under_seed_and_prompt_effects():
 
 
 def test_bootstrap_helpers():
-    assert stats.outcomes(
-        np.array([1.0, 0.0, 0.5]), np.array([0.0, 1.0, 0.5 + 1e-6]), 1e-4
-    ).tolist() == [1.0, 0.0, 0.5]
+    assert outcomes(np.array([1.0, 0.0, 0.5]), np.array([0.0, 1.0, 0.5 + 1e-6]), 1e-4).tolist() == [
+        1.0,
+        0.0,
+        0.5,
+    ]
     with pytest.raises(ValueError):
         stats.two_way_bootstrap({"a": np.zeros((2, 3)), "b": np.zeros((2, 4))}, stats.mean_of("a"))
     assert stats.Interval(0.1, 0.02, 0.2).excludes_zero()

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compo.evaluate import length_controlled_win_rate
-from experiments.benchmark.stats import Interval, mean_of, outcomes, two_way_bootstrap
+from compo.evaluate import length_controlled_win_rate, outcomes
+from experiments.benchmark.stats import Interval, mean_of, two_way_bootstrap
 
 TIE_EPS = 1e-4  # as heldout.py: utilities closer than this are a tie
 # The length-adjusted win rate refits a logistic regression per resample: fewer resamples.

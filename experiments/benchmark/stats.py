@@ -86,12 +86,6 @@ def two_way_bootstrap(
     )
 
 
-def outcomes(policy: np.ndarray, baseline: np.ndarray, tie_eps: float) -> np.ndarray:
-    """1 win, 0 loss, 1/2 tie (|difference| <= ``tie_eps``), element-wise."""
-    diff = policy - baseline
-    return np.where(np.abs(diff) <= tie_eps, 0.5, (diff > 0).astype(np.float64))
-
-
 def mean_of(key: str) -> Callable[[dict[str, np.ndarray]], float]:
     """The statistic "mean of ``cells[key]`` over every cell"."""
     return lambda cells: float(np.mean(cells[key]))
