@@ -69,8 +69,9 @@ from pathlib import Path
 from typing import Any
 
 from compo import settings
-from compo.data import ROLES, RejectedRow, RowError, as_object
+from compo.data import ROLES, RejectedRow, as_object
 from compo.errors import CompoError, DataError
+from compo.readers import RowError
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +374,7 @@ def clicks_to_pairs(
     """Turns impressions into aggregated preference pairs with a confidence.
 
     Args:
-        records: ``(row, record)`` pairs, e.g. from :func:`compo.data.iter_records`.
+        records: ``(row, record)`` pairs, e.g. from :func:`compo.readers.iter_records`.
         source: File name used in error messages.
         rule: ``skip_above`` (Joachims) or ``skip_next``.
         correction: ``none`` or ``ipw`` (inverse examination propensity of the click's position).

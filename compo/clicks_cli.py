@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from compo.clicks import CORRECTIONS, MAX_PRIOR, RULES, clicks_to_pairs, clicks_to_unpaired
-from compo.data import iter_records
 from compo.errors import CompoError, DataError
+from compo.readers import iter_records
 from compo.rundir import write_jsonl
 
 

@@ -199,7 +199,7 @@ def test_malformed_row_names_file_row_field(write_jsonl, record, field):
 
 
 def load_records(path):
-    from compo.data import iter_records
+    from compo.readers import iter_records
 
     return iter_records(path)
 

@@ -12,9 +12,10 @@ import sys
 import pytest
 
 from compo.clicks import clicks_to_pairs
-from compo.data import PreferencePair, iter_records, load_pairs
+from compo.data import PreferencePair, load_pairs
 from compo.encoding import encode_pairs
 from compo.errors import DataError
+from compo.readers import iter_records
 
 GOOD = {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}
 
