@@ -2,9 +2,10 @@
 
 The loss is one of :data:`compo.losses.LOSSES`, chosen by ``dpo.loss``. Reference log-probs are
 computed once before training (or taken from the run's :class:`compo.reference.ReferenceScores`,
-with the frozen blocks' output recorded on the way), so no reference model stays in memory while
-training. :meth:`DPOTrainer.fit` is the stage the recipe calls; :meth:`DPOTrainer.train` is the
-same on encoded pairs, for use as a library.
+with the frozen blocks' output recorded on the way; a pass of its own goes through the run's
+``reference_cache`` too), so no reference model stays in memory while training.
+:meth:`DPOTrainer.fit` is the stage the recipe calls; :meth:`DPOTrainer.train` is the same on
+encoded pairs, for use as a library.
 
 Each optimizer step appends a row to ``trace/dpo.jsonl`` with the loss, reward margin, accuracy
 and the batch's mean log pi(y+) and log pi(y-), so likelihood displacement shows as it happens.
@@ -38,6 +39,8 @@ from compo.errors import CompoError
 from compo.interfaces import local_generator, plain_settings
 from compo.lora import LoRA
 from compo.losses import LOSSES, SFT, PairwiseLoss
+from compo.reference import ReferenceScores
+from compo.reference_cache import ReferenceCache
 from compo.rundir import RunDir
 from compo.scoring import SequenceScores, score_pairs
 from compo.stages import Job, Outcome
@@ -327,7 +330,7 @@ class DPOTrainer:
             sft.epochs, sft.lr, sft.sft_epochs = self.sft_epochs, self.sft_lr or self.lr, 0
             metrics["sft"] = sft.train(
                 job.policy, encoded, job.pad_token_id, job.out,
-                confidences=confidences,
+                confidences=confidences, reference_cache=job.reference.cache,
             )  # fmt: skip
             if self.lora:  # on the starting model; the DPO adapter is on the SFT model
                 files["sft_adapter"] = sft.adapter_dir(job.out)
@@ -349,6 +352,7 @@ class DPOTrainer:
             confidences=confidences,
             reference=job.reference.rows(rows) if ready else None,
             trunk=job.reference.trunk if ready else None,
+            reference_cache=job.reference.cache,
         )
         job.reference.trunk = None  # frees the recorded states: no later stage reads them
         if self.lora:
@@ -430,7 +434,13 @@ class DPOTrainer:
         return ref
 
     def prepare(
-        self, model, pairs, pad_token_id, reference=None, trunk: FrozenTrunkCache | None = None
+        self,
+        model,
+        pairs,
+        pad_token_id,
+        reference=None,
+        trunk: FrozenTrunkCache | None = None,
+        reference_cache: ReferenceCache | None = None,
     ) -> tuple[tuple, Any]:
         """Reference log-probs of ``pairs`` and the model (or cached view) to train with.
 
@@ -440,34 +450,45 @@ class DPOTrainer:
             pad_token_id: Padding id.
             reference: (chosen, rejected) scores already computed under ``model``, if any.
             trunk: A frozen-trunk cache filled while those scores were computed, if any.
+            reference_cache: Where a reference pass of its own is looked up and stored, if any.
 
         Returns:
             ``((ref_chosen, ref_rejected), scorer)``.
         """
+        ref, scorer, _ = self._prepare(
+            model, pairs, pad_token_id, reference, trunk, reference_cache
+        )
+        return ref, scorer
+
+    def _own_reference(self, model, pairs, pad_token_id, trunk, reference_cache):
+        """The reference pass this stage runs itself (no earlier stage ran it, or the SFT step
+        changed the model), through the run's cache like the shared one; (scores, cache hit)."""
+        own = ReferenceScores(
+            model, pairs, pad_token_id, self.ref_batch_size, "dpo/reference", trunk,
+            reference_cache,
+        )  # fmt: skip
+        return own.get(), own.cache_hit
+
+    def _prepare(self, model, pairs, pad_token_id, reference, trunk, reference_cache):
+        """:meth:`prepare`, and whether the cache served its own reference pass (None: no such
+        pass, or no cache)."""
+        hit = None
         cache = trunk if trunk is not None and trunk.model is model else None
         if cache is not None and cache.covers(pairs):
             # Recorded with the reference scores: the reference costs only the top blocks.
             reference = score_pairs(cache.cached(), pairs, pad_token_id, desc="dpo/reference")
         elif self._uses_cache(model):
             cache = FrozenTrunkCache(model, self.last_k)
-            reference = score_pairs(
-                cache.filling(),
-                pairs,
-                pad_token_id,
-                batch_size=self.ref_batch_size,
-                desc="dpo/reference",
-            )
+            reference, hit = self._own_reference(model, pairs, pad_token_id, cache, reference_cache)
         elif reference is None and self.loss.needs_reference:
-            reference = score_pairs(
-                model, pairs, pad_token_id, batch_size=self.ref_batch_size, desc="dpo/reference"
-            )
+            reference, hit = self._own_reference(model, pairs, pad_token_id, None, reference_cache)
         device = next(model.parameters()).device
         if self.loss.needs_reference:
             ref = tuple(self.loss.logps(s).detach().to(device) for s in reference)
         else:
             ref = tuple(torch.zeros(len(pairs), device=device) for _ in pairs[0].replies)
         if cache is None:
-            return ref, model
+            return ref, model, hit
         # The cached path assumes a Llama-like decoder; check it reproduces the full model.
         probe = list(range(min(2, len(pairs))))
         got = score_pairs(cache.cached(), [pairs[i] for i in probe], pad_token_id)
@@ -476,10 +497,10 @@ class DPOTrainer:
             torch.allclose(g.sum_logps, w, rtol=1e-4, atol=1e-3)
             for g, w in zip(got, want, strict=True)
         ):
-            return ref, cache.cached()
+            return ref, cache.cached(), hit
         log.warning("dpo: the frozen-trunk cache does not reproduce %s; running the full model",
                     type(model).__name__)  # fmt: skip
-        return ref, model
+        return ref, model, hit
 
     def train(
         self,
@@ -490,6 +511,7 @@ class DPOTrainer:
         confidences: Sequence[float] | None = None,
         reference: tuple[SequenceScores, SequenceScores] | None = None,
         trunk: FrozenTrunkCache | None = None,
+        reference_cache: ReferenceCache | None = None,
     ) -> dict[str, Any]:
         """Trains ``model`` in place on encoded ``pairs``.
 
@@ -503,6 +525,8 @@ class DPOTrainer:
             reference: (chosen, rejected) scores of ``pairs`` under the starting model, if already
                 computed; otherwise they are computed here, before any update.
             trunk: The frozen blocks' output, recorded while ``reference`` was computed.
+            reference_cache: Where a reference pass computed here is looked up and stored
+                (``reference_cache``; its hit is ``reference_cache_hit`` in the metrics).
 
         Returns:
             Flat metrics for ``dpo.*``.
@@ -520,7 +544,9 @@ class DPOTrainer:
             names = adapter.names
         else:
             names = set_trainable(model, self.scope, self.last_k)
-        ref, scorer = self.prepare(model, pairs, pad_token_id, reference, trunk)
+        ref, scorer, cache_hit = self._prepare(
+            model, pairs, pad_token_id, reference, trunk, reference_cache
+        )
         # A low-precision trunk (dtype=bfloat16) runs under autocast to its dtype, the trained
         # parameters in fp32 (restored to their dtype at the end).
         amp = torch.bfloat16 if self.bf16 else low_precision(model)
@@ -671,6 +697,8 @@ class DPOTrainer:
         metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
         metrics["seconds"] = round(time.perf_counter() - started, 3)
         metrics.update(balance)
+        if cache_hit is not None:
+            metrics["reference_cache_hit"] = int(cache_hit)
         return metrics
 
     def _summary(self, out, identity, start_step, n_trainable, tokens, seconds) -> dict[str, Any]:

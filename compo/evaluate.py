@@ -18,6 +18,7 @@ import torch
 
 from compo import settings
 from compo.encoding import labels_of
+from compo.reference_cache import ReferenceCache
 from compo.scoring import SequenceScores, score_pairs
 from compo.splitter import Split
 from compo.stages import Job, Outcome, ReferenceScores
@@ -140,10 +141,13 @@ class PreferenceEval:
 
     Args:
         batch_size: Sequences per forward pass.
+        reference_cache: A directory where reference passes (the starting scores) are stored and
+            reused (:mod:`compo.reference_cache`), or None.
     """
 
-    def __init__(self, batch_size: int = 8) -> None:
+    def __init__(self, batch_size: int = 8, reference_cache: str | None = None) -> None:
         self.batch_size = settings.number("eval.batch_size", batch_size, integer=True, ge=1)
+        self.cache = ReferenceCache.at(reference_cache)
 
     def score(self, model: Any, pairs: Sequence, pad_token_id: int, desc: str = "eval"):
         """Returns (chosen, rejected) scores of ``pairs`` under ``model``."""
@@ -153,7 +157,9 @@ class PreferenceEval:
         self, model: Any, encoded: Sequence, pad_token_id: int, trunk: Any = None
     ) -> ReferenceScores:
         """The starting scores double as ``eval.before``: one pass serves every stage."""
-        return ReferenceScores(model, encoded, pad_token_id, self.batch_size, "eval/before", trunk)
+        return ReferenceScores(
+            model, encoded, pad_token_id, self.batch_size, "eval/before", trunk, self.cache
+        )
 
     def before(self, job: Job) -> Outcome:
         """``eval.before``: accuracy and log-probs of every pair under the starting policy (for

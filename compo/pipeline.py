@@ -115,6 +115,10 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
         if changed:
             _log(out, stages.evaluator.after(job, split))
         out.log_metrics("plots", plots.draw(out.path, out.metrics))
+    # Whether the on-disk cache served the reference passes (reference_cache; absent when off).
+    out.log_metrics("reference", reference.cache_metrics())
+    if job.heldout is not None:
+        out.log_metrics("reference.heldout", job.heldout.cache_metrics())
     out.log_metrics("run", {"model_changed": changed})
     out.log_metrics("run", {"seconds": round(time.perf_counter() - started, 3)})
     return out.metrics

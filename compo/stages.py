@@ -13,7 +13,8 @@ it); :func:`check_unpaired` refuses such a file in one line before any model is 
 
 :class:`ReferenceScores` owns the starting policy's scores of every pair: computed once, on first
 use (by ``eval.before``, the splitter or the first-order stage, whichever asks first), through the
-first-order stage's frozen-trunk recorder so its later passes skip the frozen blocks.
+first-order stage's frozen-trunk recorder so its later passes skip the frozen blocks, and through
+the evaluator's on-disk cache (``reference_cache``) so the jobs of a sweep share one pass.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from compo import settings
 from compo.errors import DataError
 from compo.interfaces import ComparisonOracle
 from compo.reference import ReferenceScores
+from compo.reference_cache import ReferenceCache
 from compo.splitter import Split
 
 if TYPE_CHECKING:
@@ -209,15 +211,20 @@ class NoEval:
 
     Args:
         batch_size: Sequences per forward pass of that reference pass.
+        reference_cache: A directory where reference passes are stored and reused
+            (:mod:`compo.reference_cache`), or None.
     """
 
-    def __init__(self, batch_size: int = 8) -> None:
+    def __init__(self, batch_size: int = 8, reference_cache: str | None = None) -> None:
         self.batch_size = settings.number("eval.batch_size", batch_size, integer=True, ge=1)
+        self.cache = ReferenceCache.at(reference_cache)
 
     def reference(
         self, model: Any, encoded: Sequence, pad_token_id: int, trunk: Any = None
     ) -> ReferenceScores:
-        return ReferenceScores(model, encoded, pad_token_id, self.batch_size, "reference", trunk)
+        return ReferenceScores(
+            model, encoded, pad_token_id, self.batch_size, "reference", trunk, self.cache
+        )
 
     def before(self, job: Job) -> Outcome:
         return Outcome()

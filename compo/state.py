@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from compo.errors import CompoError
 from compo.rundir import atomic_write_json, write_jsonl
 
@@ -65,6 +67,21 @@ def digest_tensors(tensors: Iterable[Any]) -> str:
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def digest_named_tensors(tensors: Iterable[tuple[str, Any]]) -> str:
+    """sha256 of named tensors, in order: each one's name, dtype, shape and raw bytes.
+
+    Unlike :func:`digest_tensors` nothing is cast: two models differing only in a weight's dtype,
+    in a buffer's name or in an integer buffer beyond fp32's precision differ here.
+    """
+    digest = hashlib.sha256()
+    for name, t in tensors:
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        header = json.dumps([name, str(t.dtype), list(t.shape)])
+        digest.update(f"{len(header)}:{header}".encode())  # length-prefixed: no ambiguous joins
+        digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
