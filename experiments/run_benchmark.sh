@@ -48,6 +48,11 @@ else
     TRAIN=(data.limit=null)
     EVAL=()
 fi
+# Every arm on one pairs file shares the starting model's reference pass (and its frozen-trunk
+# states): computed by the first job, loaded by the others (compo's reference_cache; bit-identical).
+CACHE=$OUT/reference_cache
+TRAIN+=("reference_cache=$CACHE")
+EVAL+=(--reference-cache "$CACHE")
 
 n_jobs=$(( $(wc -w <<<"$ARMS") * $(wc -w <<<"$NOISE") * $(wc -w <<<"$SEEDS") ))
 echo "benchmark: $n_jobs jobs ($ARMS) x noise ($NOISE) x seeds ($SEEDS), $JOBS at a time"

@@ -54,6 +54,7 @@ from compo.evaluate import (
     preference_metrics,
     win_rate,
 )
+from compo.reference import cached_scores
 from compo.rundir import atomic_write_json, write_jsonl
 from compo.scoring import score_pairs
 from experiments.benchmark.simulate import DATA, read_jsonl
@@ -162,8 +163,14 @@ def pair_metrics(model, tokenizer, pairs_path, max_pairs, batch_rows) -> dict[st
 _BASE_SCORES: dict[tuple, tuple] = {}
 
 
-def ambiguous_displacement(model, tokenizer, run_dir: Path, delta, batch_rows, starting):
-    """Displacement on the run's ambiguous training pairs (margin under the starting model)."""
+def ambiguous_displacement(
+    model, tokenizer, run_dir: Path, delta, batch_rows, starting, cache_dir=None
+):
+    """Displacement on the run's ambiguous training pairs (margin under the starting model).
+
+    The starting model's scores of the run's pairs go through ``cache_dir`` (``reference_cache``):
+    every arm on one pairs file needs the same numbers, and the pass costs minutes.
+    """
     from omegaconf import OmegaConf
 
     from compo.evaluate import likelihood_displacement
@@ -174,7 +181,9 @@ def ambiguous_displacement(model, tokenizer, run_dir: Path, delta, batch_rows, s
         pairs = load_pairs(cfg.path, limit=cfg.limit).pairs
         encoded, _ = encode_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
         base, _ = starting.load()
-        chosen, rejected = score_pairs(base, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
+        chosen, rejected = cached_scores(
+            base, encoded, tokenizer.pad_token_id, batch_rows, cache_dir, desc=None
+        )
         margin = chosen.sum_logps - rejected.sum_logps
         rows = [i for i in range(len(encoded)) if abs(margin[i].item()) < delta]
         correct = [pairs[i].metadata.get("label_correct") for i in rows]
@@ -248,6 +257,11 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="recompute existing heldout_metrics.json")
     p.add_argument("--tiny", action="store_true", help="the tiny test model as the base (smoke)")
     p.add_argument(
+        "--reference-cache",
+        default=None,
+        help="reference_cache dir for the starting model's scores of the training pairs",
+    )
+    p.add_argument(
         "--refresh-pairs",
         action="store_true",
         help="only recompute the pair metrics (held-out pairs, ambiguous displacement) of "
@@ -284,8 +298,9 @@ def main(argv=None) -> int:
             metrics |= pair_metrics(model, tokenizer, args.pairs, args.max_pairs, args.batch_rows)
             if checkpoint is not None:
                 metrics |= ambiguous_displacement(
-                    model, tokenizer, out_dir, args.delta, args.batch_rows, starting
-                )
+                    model, tokenizer, out_dir, args.delta, args.batch_rows, starting,
+                    args.reference_cache,
+                )  # fmt: skip
             atomic_write_json(done, metrics)
             log.info("%s: pair metrics refreshed", out_dir)
             continue
@@ -298,8 +313,9 @@ def main(argv=None) -> int:
         metrics |= pair_metrics(model, tokenizer, args.pairs, args.max_pairs, args.batch_rows)
         if checkpoint is not None:
             metrics |= ambiguous_displacement(
-                model, tokenizer, out_dir, args.delta, args.batch_rows, starting
-            )
+                model, tokenizer, out_dir, args.delta, args.batch_rows, starting,
+                args.reference_cache,
+            )  # fmt: skip
         write_jsonl(out_dir / "heldout_generations.jsonl", answers)
         atomic_write_json(done, metrics)  # last: its presence means "evaluated"
         shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
