@@ -22,12 +22,16 @@ For each run dir with a ``checkpoint/`` (or the starting model with ``--base``):
 * ``heldout.accuracy`` / ``heldout.accuracy_per_token``: preference accuracy on the noise-free
   held-out pairs (``heldout_pairs.jsonl``, labelled by U; all of them by default), summed /
   per-token log-probs, and ``heldout.margin_mean``, the mean summed-log-prob margin
-  (``--refresh-pairs`` recomputes these for dirs evaluated before, without generating);
+  (``--refresh pairs`` recomputes these for dirs evaluated before, without generating);
 * ``ambiguous.*``: likelihood displacement on the run's training pairs that the paper's rule calls
   ambiguous under the starting model (|log pi_ref(y+) - log pi_ref(y-)| < ``--delta``), measured
   the same way for every arm (also for DPO on all pairs, whose run has no split): mean
-  log pi(y+) and log pi(y-) before and after, ``compo.evaluate.likelihood_displacement`` and
-  ``ambiguous.frac_up_down`` (log pi(y+) rose and log pi(y-) fell).
+  log pi(y+) and log pi(y-) before and after, ``compo.evaluate.likelihood_displacement``
+  (``ambiguous.frac_up_down``: log pi(y+) rose and log pi(y-) fell), and, since the simulation
+  knows the truly better reply, ``ambiguous.label_noise`` and
+  ``ambiguous.frac_better_up_worse_down`` (the better reply rose and the worse fell: the label's
+  direction where the label is right, the opposite where it is wrong); ``--refresh ambiguous``
+  recomputes these.
 
 The metrics go to ``<run dir>/heldout_metrics.json`` (next to ``metrics.json``). Commands
 (repository root)::
@@ -262,10 +266,12 @@ def main(argv=None) -> int:
         help="reference_cache dir for the starting model's scores of the training pairs",
     )
     p.add_argument(
-        "--refresh-pairs",
-        action="store_true",
-        help="only recompute the pair metrics (held-out pairs, ambiguous displacement) of "
-        "evaluated dirs (no generation)",
+        "--refresh",
+        choices=("pairs", "ambiguous"),
+        nargs="+",
+        default=[],
+        help="only recompute these metrics of evaluated dirs (no generation): the held-out "
+        "pairs', the ambiguous displacement",
     )
     args = p.parse_args(argv)
     from compo.models import EmbeddedSmolLM2, PretrainedModel, TinyModel
@@ -287,22 +293,25 @@ def main(argv=None) -> int:
     base = None
     for out_dir, checkpoint in targets:
         done = out_dir / "heldout_metrics.json"
-        if done.exists() and not (args.force or args.refresh_pairs):
+        if done.exists() and not (args.force or args.refresh):
             log.info("%s: already evaluated", out_dir)
             continue
         model, tokenizer = (
             starting if checkpoint is None else PretrainedModel(str(checkpoint))
         ).load()
-        if args.refresh_pairs and done.exists() and not args.force:
+        if args.refresh and done.exists() and not args.force:
             metrics = json.loads(done.read_text(encoding="utf-8"))
-            metrics |= pair_metrics(model, tokenizer, args.pairs, args.max_pairs, args.batch_rows)
-            if checkpoint is not None:
+            if "pairs" in args.refresh:
+                metrics |= pair_metrics(
+                    model, tokenizer, args.pairs, args.max_pairs, args.batch_rows
+                )
+            if "ambiguous" in args.refresh and checkpoint is not None:
                 metrics |= ambiguous_displacement(
                     model, tokenizer, out_dir, args.delta, args.batch_rows, starting,
                     args.reference_cache,
                 )  # fmt: skip
             atomic_write_json(done, metrics)
-            log.info("%s: pair metrics refreshed", out_dir)
+            log.info("%s: %s metrics refreshed", out_dir, " and ".join(args.refresh))
             continue
         answers = answer_rows(model, tokenizer, rows, utility, settings, args.batch_rows)
         if checkpoint is None:
