@@ -10,15 +10,13 @@ encoded pairs, for use as a library.
 Each optimizer step appends a row to ``trace/dpo.jsonl`` with the loss, reward margin, accuracy
 and the batch's mean log pi(y+) and log pi(y-), so likelihood displacement shows as it happens.
 ``dpo_state/`` holds what resuming needs: the trainable weights (safetensors), the AdamW state
-and the step, committed with sha256 hashes (:mod:`compo.state`); a corrupt file is refused.
+and the step, committed with sha256 hashes (:mod:`compo.dpo_state`); a corrupt file is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import io
 import json
 import logging
 import math
@@ -28,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from compo import distributed, settings, state
+from compo.dpo_state import load_state, save_state
 from compo.encoding import labels_of
 from compo.errors import CompoError
 from compo.interfaces import local_generator, plain_settings
+from compo.kto_reference import MismatchedKL
 from compo.lora import LoRA
 from compo.losses import LOSSES, SFT, PairwiseLoss
 from compo.reference import ReferenceScores
@@ -92,102 +90,6 @@ def _seeded_dropout(*key: int, device: torch.device):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(local_generator(*key).initial_seed())
         yield
-
-
-def _pt_bytes(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
-
-
-def _save_state(
-    state_dir: Path, model: nn.Module, names: list[str], optimizer, scheduler, progress: dict
-):
-    if not distributed.is_main():  # every rank holds the same state; one writes it
-        return
-    params = dict(model.named_parameters())
-    tensors = {n: params[n].detach().contiguous().cpu() for n in names}
-    state.check_finite(tensors.items(), f"resume state {state_dir}")
-    payloads = {
-        "trainable": ("safetensors", safetensors_save(tensors)),
-        "optimizer": ("pt", _pt_bytes(optimizer.state_dict())),
-        "scheduler": ("pt", _pt_bytes(scheduler.state_dict())),
-    }
-    state.commit(state_dir, progress["step"], payloads, progress)
-
-
-def _load_state(
-    state_dir: Path, model: nn.Module, names: list[str], optimizer, scheduler, expect: dict
-):
-    """Restores a verified ``dpo_state/`` and returns its step; None when there is none."""
-    loaded = state.load(state_dir, ("trainable", "optimizer", "scheduler"))
-    if loaded is None:
-        return None
-    progress, blobs = loaded
-    state.check_identity(state_dir, progress, expect, "dpo.resume")
-    tensors = safetensors_load(blobs["trainable"])
-    if sorted(tensors) != sorted(names):
-        raise CompoError(f"{state_dir}: its trainable parameters differ from dpo.scope/last_k")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(io.BytesIO(blobs["optimizer"]), weights_only=True))
-    scheduler.load_state_dict(torch.load(io.BytesIO(blobs["scheduler"]), weights_only=True))
-    return progress["step"]
-
-
-class MismatchedKL:
-    """KTO's reference point: the policy's KL from the reference on mismatched prompt/reply pairs.
-
-    Prompt i goes with the replies of pair i + 1, or of the next pair with another prompt when
-    i + 1 shares prompt i (cyclic over the training pairs, so the pairing does not depend on the
-    batch order; TRL cycles within each batch, whatever the prompts); for unpaired examples, with
-    the completion of the next example. Their reference log-probs are scored once, before
-    training; the policy's at each step, without gradient.
-
-    Args:
-        model: The policy before any update (it is the reference).
-        pairs: The encoded training pairs (or unpaired examples).
-        pad_token_id: Padding id.
-        batch_size: Sequences per pass of the reference scoring.
-        desc: Progress-bar label.
-    """
-
-    def __init__(self, model, pairs: Sequence, pad_token_id: int, batch_size: int, desc: str):
-        partner = _next_other_prompt([tuple(p.prompt_ids) for p in pairs])
-        self.pairs = [
-            dataclasses.replace(pairs[partner[i]], prompt_ids=p.prompt_ids)
-            for i, p in enumerate(pairs)
-        ]
-        self.model, self.pad_token_id = model, pad_token_id
-        scores = score_pairs(model, self.pairs, pad_token_id, batch_size=batch_size, desc=desc)
-        self.reference = torch.stack([s.sum_logps for s in scores]).detach()
-
-    def kl(self, rows: Sequence[int]) -> Tensor:
-        """Mean of log pi - log pi_ref over the mismatched sequences of ``rows``, clipped at 0."""
-        with torch.no_grad():
-            scores = score_pairs(
-                self.model, [self.pairs[i] for i in rows], self.pad_token_id,
-                batch_size=2 * len(rows),
-            )  # fmt: skip
-        now = torch.stack([s.sum_logps for s in scores])
-        index = torch.tensor(list(rows), device=now.device)
-        return (now - self.reference[:, index]).mean().clamp(min=0)
-
-
-def _next_other_prompt(prompts: Sequence[tuple[int, ...]]) -> list[int]:
-    """For each item, the next one (cyclically) with another prompt; i + 1 when all share one.
-
-    Files list several replies to one prompt in a row (click logs): item i + 1 would often answer
-    prompt i itself, which is not a mismatched pair.
-    """
-    n = len(prompts)
-    after: list[int | None] = [None] * n
-    for k in reversed(range(2 * n)):  # twice round, so runs that wrap around are resolved
-        i, j = k % n, (k + 1) % n
-        after[i] = j if prompts[j] != prompts[i] else after[j]
-    return [(i + 1) % n if a is None else a for i, a in enumerate(after)]
 
 
 class DPOTrainer:
@@ -589,7 +491,7 @@ class DPOTrainer:
         step = 0
         if self.resume:
             # Verified before use: a truncated or altered file is a CompoError, never loaded.
-            step = _load_state(state_dir, model, names, optimizer, scheduler, setup) or 0
+            step = load_state(state_dir, model, names, optimizer, scheduler, setup) or 0
             if step:
                 log.info(
                     "%s: resuming from %s at step %d of %d", self.phase, state_dir, step, total
@@ -678,7 +580,7 @@ class DPOTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
                 if self.save_every and step % self.save_every == 0 and step < total:
-                    _save_state(
+                    save_state(
                         state_dir, model, names, optimizer, scheduler, {**setup, "step": step}
                     )
         bar.close()
@@ -687,7 +589,7 @@ class DPOTrainer:
             disable = getattr(model, "activation_checkpointing_disable", None)
             (disable or model.gradient_checkpointing_disable)()
         if step > start_step:
-            _save_state(state_dir, model, names, optimizer, scheduler, {**setup, "step": step})
+            save_state(state_dir, model, names, optimizer, scheduler, {**setup, "step": step})
         restore_dtypes()
         if adapter is not None:
             if distributed.is_main():

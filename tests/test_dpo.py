@@ -270,7 +270,7 @@ def test_same_seed_same_result_and_resume_matches_uninterrupted(
     schedule = dict(epochs=2, seed=3, warmup_steps=1, schedule="cosine")
     straight, _ = TinyModel(seed=0).load()
     _trainer(**schedule).train(straight, easy_encoded, pad, RunDir(tmp_path / "s"))
-    real = compo.dpo._save_state
+    real = compo.dpo.save_state
 
     def dies_after_step_2(*args):
         real(*args)
@@ -278,12 +278,12 @@ def test_same_seed_same_result_and_resume_matches_uninterrupted(
             raise KeyboardInterrupt
 
     interrupted, _ = TinyModel(seed=0).load()
-    monkeypatch.setattr(compo.dpo, "_save_state", dies_after_step_2)
+    monkeypatch.setattr(compo.dpo, "save_state", dies_after_step_2)
     with pytest.raises(KeyboardInterrupt):
         _trainer(**schedule, save_every=1).train(
             interrupted, easy_encoded, pad, RunDir(tmp_path / "c")
         )
-    monkeypatch.setattr(compo.dpo, "_save_state", real)
+    monkeypatch.setattr(compo.dpo, "save_state", real)
     resumed, _ = TinyModel(seed=0).load()
     metrics = _trainer(**schedule).train(resumed, easy_encoded, pad, RunDir(tmp_path / "c"))
     assert metrics["resumed_from_step"] == 2 and metrics["steps_run"] == 2
@@ -414,7 +414,7 @@ def test_kto_loss_matches_formula_and_its_reference_point_is_detached():
 
 
 def test_kto_trains_and_its_kl_starts_at_zero(tiny, easy_encoded, tmp_path):
-    from compo.dpo import MismatchedKL
+    from compo.kto_reference import MismatchedKL
 
     model, tokenizer = tiny
     pad = tokenizer.pad_token_id

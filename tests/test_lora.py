@@ -95,19 +95,19 @@ def test_dropout_is_seeded_and_resume_is_exact(tiny, easy_encoded, tmp_path, mon
     for (name, p), q in zip(runs[0].named_parameters(), runs[1].parameters(), strict=True):
         assert torch.equal(p, q), name
 
-    real = compo.dpo._save_state
+    real = compo.dpo.save_state
 
     def dies_after_step_3(*args):
         real(*args)
         if args[-1]["step"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(compo.dpo, "_save_state", dies_after_step_3)
+    monkeypatch.setattr(compo.dpo, "save_state", dies_after_step_3)
     with pytest.raises(KeyboardInterrupt):
         _trainer(**settings, save_every=1).train(
             TinyModel(seed=0).load()[0], easy_encoded, pad, RunDir(tmp_path / "c")
         )
-    monkeypatch.setattr(compo.dpo, "_save_state", real)
+    monkeypatch.setattr(compo.dpo, "save_state", real)
     torch.manual_seed(3)
     resumed, _ = TinyModel(seed=0).load()
     metrics = _trainer(**settings).train(resumed, easy_encoded, pad, RunDir(tmp_path / "c"))
