@@ -80,8 +80,10 @@ fi
 python experiments/benchmark/heldout.py --base --base-dir "$RESULTS/base" "${EVAL[@]}" \
     >"$OUT/logs/base.log" 2>&1 || { echo "benchmark: the base answers failed, see $OUT/logs/base.log"; exit 1; }
 
-# 4. Jobs, two at a time by default: seed by seed, every arm and noise model of a seed before the
-# next seed, so a run stopped early still gives complete paired contrasts on the seeds it did.
+# 4. Jobs, two at a time by default, in blocks of $JOBS seeds: every arm and noise model of a block
+# before the next block, so a run stopped early still gives complete paired contrasts on the seeds
+# it did. Within a block the seeds alternate, so the jobs running side by side read different
+# pairs files and the second job on a file starts after the first stored its reference pass.
 run_job() {
     local arm=$1 noise=$2 seed=$3 dir="$OUT/$1/$2/seed$3" log="$OUT/logs/$1_$2_$3.log"
     [[ -f "$dir/heldout_metrics.json" ]] && return 0
@@ -94,9 +96,12 @@ export -f run_job
 export OUT RESULTS
 export TRAIN_ARGS="${TRAIN[*]}" EVAL_ARGS="${EVAL[*]}"
 jobs=()
-for seed in $SEEDS; do for noise in $NOISE; do for arm in $ARMS; do
-    jobs+=("$arm $noise $seed")
-done; done; done
+read -ra seeds <<<"$SEEDS"
+for ((b = 0; b < ${#seeds[@]}; b += JOBS)); do
+    for noise in $NOISE; do for arm in $ARMS; do for seed in "${seeds[@]:b:JOBS}"; do
+        jobs+=("$arm $noise $seed")
+    done; done; done
+done
 # Arrays do not cross into xargs' shells: rebuild them there from the exported strings.
 printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -L 1 bash -c \
     'read -ra TRAIN <<<"$TRAIN_ARGS"; read -ra EVAL <<<"$EVAL_ARGS"; run_job "$0" "$1" "$2"'
