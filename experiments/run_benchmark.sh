@@ -55,8 +55,12 @@ TRAIN+=("reference_cache=$CACHE")
 EVAL+=(--reference-cache "$CACHE")
 
 n_jobs=$(( $(wc -w <<<"$ARMS") * $(wc -w <<<"$NOISE") * $(wc -w <<<"$SEEDS") ))
-echo "benchmark: $n_jobs jobs ($ARMS) x noise ($NOISE) x seeds ($SEEDS), $JOBS at a time"
-((SMOKE)) || echo "benchmark: about $((n_jobs * MINUTES_PER_JOB / JOBS + 10)) minutes on an idle machine"
+n_done=0
+for arm in $ARMS; do for noise in $NOISE; do for seed in $SEEDS; do
+    [[ -f "$OUT/$arm/$noise/seed$seed/heldout_metrics.json" ]] && n_done=$((n_done + 1))
+done; done; done
+echo "benchmark: $n_jobs jobs ($ARMS) x noise ($NOISE) x seeds ($SEEDS), $n_done done before, $JOBS at a time"
+((SMOKE)) || echo "benchmark: about $(((n_jobs - n_done) * MINUTES_PER_JOB / JOBS + 10)) minutes on an idle machine"
 echo "benchmark: load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 started=$(date +%s)
 mkdir -p "$OUT/logs" "$RESULTS"
