@@ -30,7 +30,7 @@ from experiments.benchmark import intervals
 
 # (column title, metric key); the order of the table.
 COLUMNS = [
-    ("win rate", "heldout.win_rate"),
+    ("greedy win rate", "heldout.win_rate"),
     ("length-adj. win rate", "heldout.length_adjusted_win_rate"),
     ("mean words", "heldout.mean_words"),
     ("Δ utility", "heldout.delta_utility"),
@@ -85,7 +85,7 @@ CONTRASTS = [
     *((arm, "dpo_all") for arm in FAMILY),
 ]
 CONTRAST_COLUMNS = [
-    ("win rate", "heldout.win_rate"),
+    ("greedy win rate", "heldout.win_rate"),
     ("length-adj. win rate", "heldout.length_adjusted_win_rate"),
     ("Δ utility", "heldout.delta_utility"),
     ("mean words", "heldout.mean_words"),
@@ -243,7 +243,7 @@ def paired_table(records: list[dict], contrasts=CONTRASTS, columns=CONTRAST_COLU
 # PNG name -> panels (title, metric key[, dashed reference level]); bars: mean and sample std.
 FIGURES = {
     "win_rates.png": [
-        ("win rate", "heldout.win_rate", 0.5),
+        ("greedy win rate", "heldout.win_rate", 0.5),
         ("length-adj. win rate", "heldout.length_adjusted_win_rate", 0.5),
     ],
     "displacement.png": [
