@@ -30,9 +30,9 @@ OUT=${OUT:-multirun/bench2}
 RESULTS=${RESULTS:-experiments/results/v2}
 DATA=${DATA:-experiments/benchmark/data}
 ARMS=${ARMS:-"dpo_all dpo_clean dpo_compo dpo_compo_judge simpo_clean simpo_compo dpo_rpo_all dpo_ld_all kto_all cpo_all orpo_all sft_all contrast_sft_all"}
-# Minutes one job takes with two jobs side by side on 2 cores (training 5-7, held-out answers ~4,
-# the reference pass shared; measured on the v2 run: 9-11 min a job); the estimate is only as good
-# as the machine is idle.
+# Minutes one job takes with two jobs side by side on 2 cores (the reference pass shared; measured
+# on the v2 run: 6-8 min a first-order job, 10-11 min a ComPO job, ~4 of them the held-out
+# answers); the estimate is only as good as the machine is idle.
 MINUTES_PER_JOB=${MINUTES_PER_JOB:-10}
 
 if ((SMOKE)); then
