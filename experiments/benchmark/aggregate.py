@@ -287,7 +287,7 @@ def plot(records: list[dict], out: Path, figures=FIGURES) -> list[Path]:
                 xs = [i + j * width for i in range(len(arms))]
                 ys = [s[0] if s else float("nan") for s in stats]
                 es = [s[1] if s else 0.0 for s in stats]
-                ax.bar(xs, ys, width, yerr=es, capsize=3, label=f"ε = {noise}")
+                ax.bar(xs, ys, width, yerr=es, capsize=3, label=f"noise {noise}")
             ax.set_xticks([i + width * (len(noises) - 1) / 2 for i in range(len(arms))])
             ax.set_xticklabels(arms, rotation=25, ha="right", fontsize=8)
             ax.set_title(title)
