@@ -88,17 +88,32 @@ def record_heldout(
         return {}
     out.write_rows(HELDOUT_FILE, [p.to_dict() for p in heldout])
     held_prompts = {prompt_key(p) for p in heldout}
-    shared = held_prompts & {prompt_key(p) for p in train}
+    shared = count_shared(
+        held_prompts,
+        {prompt_key(p) for p in train},
+        "data",
+        "the training pairs",
+        "data.heldout.n_prompts_shared",
+    )
+    log.info("data: %d pairs held out (%d prompts)", len(heldout), len(held_prompts))
+    return {"n_pairs": len(heldout), "n_prompts": len(held_prompts), "n_prompts_shared": shared}
+
+
+def count_shared(held: set, trained: set, stage: str, where: str, metric: str) -> int:
+    """How many held-out prompts are also trained on; one warning line when any.
+
+    Args:
+        held: The held-out prompts (any hashable key, e.g. :func:`prompt_key` or token ids).
+        trained: The prompts a stage trains on, keyed the same way.
+        stage: Prefix of the warning (``data``, ``compo``).
+        where: What holds ``trained``, for the warning.
+        metric: The metric that records the count, named in the warning.
+    """
+    shared = held & trained
     if shared:
         log.warning(
-            "data: %d of %d held-out prompts also occur in the training pairs; their held-out "
-            "metrics do not measure generalisation (data.heldout.n_prompts_shared)",
-            len(shared),
-            len(held_prompts),
-        )
-    log.info("data: %d pairs held out (%d prompts)", len(heldout), len(held_prompts))
-    return {
-        "n_pairs": len(heldout),
-        "n_prompts": len(held_prompts),
-        "n_prompts_shared": len(shared),
-    }
+            "%s: %d of %d held-out prompts also occur in %s; their held-out metrics do not "
+            "measure generalisation (%s)",
+            stage, len(shared), len(held), where, metric,
+        )  # fmt: skip
+    return len(shared)

@@ -203,7 +203,8 @@ def test_compo_on_its_own_pairs_file_warns_when_it_holds_heldout_prompts(
     assert metrics["data.heldout.n_prompts"] == 2
     assert metrics["compo.n_prompts_heldout_shared"] == 2
     assert any(
-        "2 of 2 held-out prompts are in optimizer.pairs_path" in r.message for r in caplog.records
+        "2 of 2 held-out prompts also occur in optimizer.pairs_path" in r.message
+        for r in caplog.records
     )
     clean = run_compo(tmp_path / "b", *args)  # the split's own ambiguous pairs: nothing to say
     assert "compo.n_prompts_heldout_shared" not in clean

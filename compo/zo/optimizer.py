@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from compo import distributed, settings, state
 from compo.data import load_pairs
 from compo.errors import CompoError
+from compo.heldout import count_shared
 from compo.interfaces import ComparisonOracle
 from compo.rundir import RunDir
 from compo.stages import Job, Outcome
@@ -215,7 +216,14 @@ class ComPO:
             metrics["n_rows_rejected"] = len(loaded.rejected)
             pairs = job.data.encode(loaded.pairs, job.tokenizer)[0]
             if job.heldout is not None:
-                metrics["n_prompts_heldout_shared"] = _heldout_overlap(job.heldout.encoded, pairs)
+                # optimizer.pairs_path bypasses the held-out split: say when they overlap.
+                metrics["n_prompts_heldout_shared"] = count_shared(
+                    {tuple(p.prompt_ids) for p in job.heldout.encoded},
+                    {tuple(p.prompt_ids) for p in pairs},
+                    "compo",
+                    "optimizer.pairs_path",
+                    "compo.n_prompts_heldout_shared",
+                )
         else:
             pairs = [job.encoded[i] for i in rows]
         if not pairs:
@@ -467,24 +475,6 @@ class ComPO:
                 "r -> 0 limit; use estimator=monte_carlo"
             )
         return Expected().estimate_from_limit(limit)
-
-
-def _heldout_overlap(heldout: Sequence, pairs: Sequence) -> int:
-    """How many held-out prompts ComPO's own pairs file trains on (warned about when any).
-
-    ``optimizer.pairs_path`` bypasses the held-out split, so the run cannot keep those prompts
-    apart; it can say that their held-out metrics no longer measure generalisation.
-    """
-    held = {tuple(p.prompt_ids) for p in heldout}
-    shared = held & {tuple(p.prompt_ids) for p in pairs}
-    if shared:
-        log.warning(
-            "compo: %d of %d held-out prompts are in optimizer.pairs_path; their held-out metrics "
-            "do not measure generalisation (compo.n_prompts_heldout_shared)",
-            len(shared),
-            len(held),
-        )
-    return len(shared)
 
 
 def _mean(values) -> float | None:
