@@ -54,13 +54,26 @@ CACHE=$OUT/reference_cache
 TRAIN+=("reference_cache=$CACHE")
 EVAL+=(--reference-cache "$CACHE")
 
-n_jobs=$(( $(wc -w <<<"$ARMS") * $(wc -w <<<"$NOISE") * $(wc -w <<<"$SEEDS") ))
+# The jobs (step 4), in blocks of $JOBS seeds: every arm and noise model of a block before the next
+# block, so a run stopped early still gives complete paired contrasts on the seeds it did. Within a
+# block the seeds alternate, so the jobs running side by side read different pairs files and the
+# second job on a file starts after the first stored its reference pass.
+jobs=()
+read -ra seeds <<<"$SEEDS"
+for ((b = 0; b < ${#seeds[@]}; b += JOBS)); do
+    for noise in $NOISE; do for arm in $ARMS; do for seed in "${seeds[@]:b:JOBS}"; do
+        jobs+=("$arm $noise $seed")
+    done; done; done
+done
+# A job is finished when its evaluation wrote heldout_metrics.json (written last): it is skipped.
+finished() { [[ -f "$OUT/$1/$2/seed$3/heldout_metrics.json" ]]; }
 n_done=0
-for arm in $ARMS; do for noise in $NOISE; do for seed in $SEEDS; do
-    [[ -f "$OUT/$arm/$noise/seed$seed/heldout_metrics.json" ]] && n_done=$((n_done + 1))
-done; done; done
-echo "benchmark: $n_jobs jobs ($ARMS) x noise ($NOISE) x seeds ($SEEDS), $n_done done before, $JOBS at a time"
-((SMOKE)) || echo "benchmark: about $(((n_jobs - n_done) * MINUTES_PER_JOB / JOBS + 10)) minutes on an idle machine"
+for job in "${jobs[@]}"; do
+    # shellcheck disable=SC2086
+    finished $job && n_done=$((n_done + 1))
+done
+echo "benchmark: ${#jobs[@]} jobs ($ARMS) x noise ($NOISE) x seeds ($SEEDS), $n_done done before, $JOBS at a time"
+((SMOKE)) || echo "benchmark: about $(((${#jobs[@]} - n_done) * MINUTES_PER_JOB / JOBS + 10)) minutes on an idle machine"
 echo "benchmark: load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 started=$(date +%s)
 mkdir -p "$OUT/logs" "$RESULTS"
@@ -84,28 +97,18 @@ fi
 python experiments/benchmark/heldout.py --base --base-dir "$RESULTS/base" "${EVAL[@]}" \
     >"$OUT/logs/base.log" 2>&1 || { echo "benchmark: the base answers failed, see $OUT/logs/base.log"; exit 1; }
 
-# 4. Jobs, two at a time by default, in blocks of $JOBS seeds: every arm and noise model of a block
-# before the next block, so a run stopped early still gives complete paired contrasts on the seeds
-# it did. Within a block the seeds alternate, so the jobs running side by side read different
-# pairs files and the second job on a file starts after the first stored its reference pass.
+# 4. The jobs listed above, two at a time by default.
 run_job() {
     local arm=$1 noise=$2 seed=$3 dir="$OUT/$1/$2/seed$3" log="$OUT/logs/$1_$2_$3.log"
-    [[ -f "$dir/heldout_metrics.json" ]] && return 0
+    finished "$arm" "$noise" "$seed" && return 0
     compo +experiment="bench_$arm" bench.noise="$noise" seed="$seed" hydra.run.dir="$dir" \
         "${TRAIN[@]}" >"$log" 2>&1 || { echo "benchmark: $arm $noise $seed failed, see $log"; return 1; }
     python experiments/benchmark/heldout.py "$dir" --base-dir "$RESULTS/base" "${EVAL[@]}" >>"$log" 2>&1
     echo "$(date +%T) done $arm $noise seed $seed (load $(cut -d' ' -f1-3 /proc/loadavg))"
 }
-export -f run_job
+export -f run_job finished
 export OUT RESULTS
 export TRAIN_ARGS="${TRAIN[*]}" EVAL_ARGS="${EVAL[*]}"
-jobs=()
-read -ra seeds <<<"$SEEDS"
-for ((b = 0; b < ${#seeds[@]}; b += JOBS)); do
-    for noise in $NOISE; do for arm in $ARMS; do for seed in "${seeds[@]:b:JOBS}"; do
-        jobs+=("$arm $noise $seed")
-    done; done; done
-done
 # Arrays do not cross into xargs' shells: rebuild them there from the exported strings.
 printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -L 1 bash -c \
     'read -ra TRAIN <<<"$TRAIN_ARGS"; read -ra EVAL <<<"$EVAL_ARGS"; run_job "$0" "$1" "$2"'
