@@ -193,7 +193,7 @@ def ambiguous_displacement(
         correct = [pairs[i].metadata.get("label_correct") for i in rows]
         _BASE_SCORES[key] = (
             [encoded[i] for i in rows],
-            _subset((chosen, rejected), rows),
+            (chosen.take(rows), rejected.take(rows)),
             None if None in correct else torch.tensor(correct, dtype=torch.bool),
         )
     encoded, before, correct = _BASE_SCORES[key]
@@ -204,7 +204,7 @@ def ambiguous_displacement(
     out = {"ambiguous.n_pairs": len(encoded)}
     if correct is not None:
         # The simulation knows which reply is truly better (label_correct): where the click label
-        # is wrong, "y+ up and y- down" is the wrong way. Under Bradley-Terry noise ~40% of the
+        # is wrong, "y+ up and y- down" is the wrong way. Under Bradley-Terry noise 15-30% of the
         # ambiguous labels are wrong, so the label-oriented goal and the true one differ.
         up = after[0].sum_logps > before[0].sum_logps
         down = after[1].sum_logps < before[1].sum_logps
@@ -215,15 +215,6 @@ def ambiguous_displacement(
         out[f"ambiguous.{name}.logp_chosen"] = scores[0].sum_logps.mean().item()
         out[f"ambiguous.{name}.logp_rejected"] = scores[1].sum_logps.mean().item()
     return out | {f"ambiguous.{k}": v for k, v in shift.items()}
-
-
-def _subset(scores, rows):
-    from compo.scoring import SequenceScores
-
-    index = torch.tensor(rows, dtype=torch.long)
-    return tuple(
-        SequenceScores(s.sum_logps[index], s.mean_logps[index], s.n_tokens[index]) for s in scores
-    )
 
 
 def read_base(out_dir: Path, settings: dict) -> list[dict]:
