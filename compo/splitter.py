@@ -258,7 +258,11 @@ def histogram(scores: Tensor, bins: int = 20) -> dict[str, list[float] | list[in
 
 
 def record_split(out: RunDir, pairs: Sequence, split: Split) -> dict[str, Any]:
-    """Writes ``split/clean.jsonl`` and ``split/ambiguous.jsonl``; returns ``split.*`` metrics."""
+    """Writes ``split/clean.jsonl`` and ``split/ambiguous.jsonl``; returns ``split.*`` metrics.
+
+    Each row is the pair's source row plus ``score``, this split's score (it replaces a field of
+    that name, e.g. when a split file is split again), so a side file is a valid data file.
+    """
     scores = split.scores.tolist() if split.scores is not None else [None] * len(pairs)
     for side, indices in (("clean", split.clean), ("ambiguous", split.ambiguous)):
         rows = [{**pairs[i].to_dict(), "score": scores[i]} for i in indices]

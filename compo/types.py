@@ -33,13 +33,14 @@ class PreferencePair:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as read: metadata's fields beside the others, so the row loads back as is."""
         return {
             "id": self.id,
             "prompt": self.prompt,
             "chosen": self.chosen,
             "rejected": self.rejected,
             "confidence": self.confidence,
-            "metadata": self.metadata,
+            **self.metadata,
         }
 
 
@@ -65,11 +66,12 @@ class UnpairedExample:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as read: metadata's fields beside the others, so the row loads back as is."""
         return {
             "id": self.id,
             "prompt": self.prompt,
             "completion": self.completion,
             "label": self.label,
             "confidence": self.confidence,
-            "metadata": self.metadata,
+            **self.metadata,
         }

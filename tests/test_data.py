@@ -16,6 +16,7 @@ from compo.data import PreferencePair, load_pairs
 from compo.encoding import encode_pairs
 from compo.errors import DataError
 from compo.readers import iter_records
+from compo.rundir import write_jsonl
 
 GOOD = {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}
 
@@ -409,7 +410,23 @@ def test_parquet_metadata_of_any_type_reaches_the_run_dir(tmp_path):
     pairs = load_pairs(path).pairs
     write_rows(tmp_path / "split.jsonl", [p.to_dict() for p in pairs])  # used to raise TypeError
     rows = [json.loads(x) for x in (tmp_path / "split.jsonl").read_text().splitlines()]
-    assert rows[0]["metadata"]["when"].startswith("2026-01-01")
+    assert rows[0]["when"].startswith("2026-01-01")
+
+
+@pytest.mark.parametrize("unpaired", [False, True])
+def test_a_written_row_reads_back_as_the_same_item(tmp_path, unpaired):
+    # A run's split/ambiguous.jsonl is a valid data file (e.g. for optimizer.pairs_path): reading
+    # it back must give the same items, not metadata nested under a "metadata" key.
+    row = {"id": "r1", "prompt": "q", "confidence": 0.75, "prompt_id": "p7", "label_correct": True}
+    row |= {"completion": "a", "label": False} if unpaired else {"chosen": "a", "rejected": "b"}
+    source = tmp_path / "source.jsonl"
+    source.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    first = load_pairs(source, unpaired=unpaired).pairs
+    again = tmp_path / "again.jsonl"
+    write_jsonl(again, [p.to_dict() for p in first])
+    second = load_pairs(again, unpaired=unpaired).pairs
+    assert second == first
+    assert first[0].metadata == {"prompt_id": "p7", "label_correct": True}
 
 
 def test_a_directory_or_device_is_named_as_such(tmp_path):
