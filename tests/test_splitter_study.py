@@ -81,9 +81,22 @@ def test_precision_recall_and_grouped_bootstrap():
     got = splitter_study.side_metrics(mask, wrong)
     assert got == {"n_ambiguous": 3, "precision": 2 / 3, "recall": 2 / 3}
     groups = np.array(["a", "a", "b", "b", "c", "c"])
-    lo, hi = splitter_study.bootstrap(groups, lambda r: wrong[r].mean(), 500, seed=0)
-    assert 0.0 <= lo <= wrong.mean() <= hi <= 1.0
-    assert splitter_study.bootstrap(groups, lambda r: wrong[r].mean(), 500, 0) == (lo, hi)
+    ci = stats.cluster_bootstrap(groups, lambda r: wrong[r].mean(), 500, seed=0)
+    assert ci.value == wrong.mean()
+    assert 0.0 <= ci.low <= ci.value <= ci.high <= 1.0
+    assert stats.cluster_bootstrap(groups, lambda r: wrong[r].mean(), 500, 0) == ci
+
+
+def test_cluster_bootstrap_keeps_a_group_together():
+    # Two groups of identical rows: a resample draws whole groups, so its mean is 0, 1/2 or 1
+    # (a row-level bootstrap would also give 1/4 and 3/4, and a narrower interval).
+    values = np.array([1.0, 1.0, 0.0, 0.0])
+    groups = np.array(["a", "a", "b", "b"])
+    draws = []
+    stats.cluster_bootstrap(groups, lambda r: draws.append(values[r].mean()) or 0.0, 200)
+    assert set(draws) <= {0.0, 0.5, 1.0} and {0.0, 1.0} <= set(draws)
+    ci = stats.cluster_bootstrap(groups, lambda r: values[r].mean(), 2000, seed=1)
+    assert (ci.low, ci.value, ci.high) == (0.0, 0.5, 1.0)
 
 
 def test_study_end_to_end_on_the_tiny_model(files, tmp_path):

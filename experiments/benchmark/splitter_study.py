@@ -43,7 +43,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,7 @@ from compo.rundir import atomic_write_json
 from compo.scoring import score_sequences
 from compo.splitter import ConfidenceSplitter
 from experiments.benchmark.simulate import DATA
-from experiments.benchmark.stats import Interval
+from experiments.benchmark.stats import Interval, cluster_bootstrap
 
 log = logging.getLogger("benchmark.splitter_study")
 RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
@@ -155,24 +155,6 @@ def side_metrics(mask: np.ndarray, wrong: np.ndarray) -> dict[str, float]:
     }
 
 
-def bootstrap(
-    groups: np.ndarray, statistic: Callable[[np.ndarray], float], resamples: int, seed: int
-) -> tuple[float, float]:
-    """95% percentile interval of ``statistic(rows)`` resampling whole groups with replacement."""
-    rng = np.random.default_rng(seed)
-    names, members = np.unique(groups, return_inverse=True)
-    rows_of = [np.flatnonzero(members == g) for g in range(len(names))]
-    values = []
-    for _ in range(resamples):
-        picked = rng.integers(0, len(names), len(names))
-        value = statistic(np.concatenate([rows_of[g] for g in picked]))
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
-        return float("nan"), float("nan")
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
-
-
 def study(pooled: dict[str, np.ndarray], resamples: int, seed: int) -> dict[str, dict]:
     """Per splitter: point estimates and bootstrap intervals over the pooled pairs of a noise."""
     wrong, groups = pooled["wrong"], pooled["group"]
@@ -185,7 +167,8 @@ def study(pooled: dict[str, np.ndarray], resamples: int, seed: int) -> dict[str,
             ("precision", lambda r, m=mask: side_metrics(m[r], wrong[r])["precision"]),
             ("recall", lambda r, m=mask: side_metrics(m[r], wrong[r])["recall"]),
         ):
-            row[f"{key}_ci"] = bootstrap(groups, stat, resamples, seed)
+            ci = cluster_bootstrap(groups, stat, resamples, seed)
+            row[f"{key}_ci"] = (ci.low, ci.high)
         out[name] = row
     return out
 

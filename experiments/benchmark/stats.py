@@ -86,6 +86,47 @@ def two_way_bootstrap(
     )
 
 
+def cluster_bootstrap(
+    groups: np.ndarray,
+    statistic: Callable[[np.ndarray], float],
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Interval:
+    """``statistic`` of row indices and its percentile interval resampling whole groups.
+
+    For rows that are not independent (pairs on one prompt, pairs of one seed's file): a resample
+    draws groups with replacement and keeps each drawn group's rows together.
+
+    Args:
+        groups: One label per row (any hashable values).
+        statistic: Maps an array of row indices (with repeats) to a number.
+        resamples: Bootstrap resamples.
+        seed: Seeds the resampling (a local generator).
+        level: Coverage of the percentile interval.
+
+    Returns:
+        The statistic on every row, with the interval's ends (nan when no resample is finite).
+    """
+    groups = np.asarray(groups)
+    value = float(statistic(np.arange(len(groups))))
+    rng = np.random.default_rng(seed)
+    names, members = np.unique(groups, return_inverse=True)
+    rows_of = [np.flatnonzero(members == g) for g in range(len(names))]
+    draws = []
+    for _ in range(resamples):
+        picked = rng.integers(0, len(names), len(names))
+        draw = statistic(np.concatenate([rows_of[g] for g in picked]))
+        if np.isfinite(draw):
+            draws.append(draw)
+    if not draws:
+        return Interval(value, float("nan"), float("nan"))
+    tail = (1 - level) / 2 * 100
+    return Interval(
+        value, float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
+    )
+
+
 def mean_of(key: str) -> Callable[[dict[str, np.ndarray]], float]:
     """The statistic "mean of ``cells[key]`` over every cell"."""
     return lambda cells: float(np.mean(cells[key]))
