@@ -7,19 +7,19 @@ with the frozen blocks' output recorded on the way; a pass of its own goes throu
 :meth:`DPOTrainer.fit` is the stage the recipe calls; :meth:`DPOTrainer.train` is the same on
 encoded pairs, for use as a library.
 
-Each optimizer step appends a row to ``trace/dpo.jsonl`` with the loss, reward margin, accuracy
-and the batch's mean log pi(y+) and log pi(y-), so likelihood displacement shows as it happens.
+:meth:`DPOTrainer.train` is the stage's recipe: trainable parameters, reference, resume, the
+step loop (:class:`compo.dpo_loop.StepLoop`), LoRA merge, metrics. Each optimizer step appends a
+row to ``trace/dpo.jsonl`` with the loss, reward margin, accuracy and the batch's mean
+log pi(y+) and log pi(y-), so likelihood displacement shows as it happens.
 ``dpo_state/`` holds what resuming needs: the trainable weights (safetensors), the AdamW state
 and the step, committed with sha256 hashes (:mod:`compo.dpo_state`); a corrupt file is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from compo import distributed, settings, state
+from compo.dpo_loop import LABEL_SIDES, SCHEDULES, StepLoop, lr_scheduler
 from compo.dpo_state import load_state, save_state
 from compo.encoding import labels_of
 from compo.errors import CompoError
-from compo.interfaces import local_generator, plain_settings
+from compo.interfaces import plain_settings
 from compo.kto_reference import MismatchedKL
 from compo.lora import LoRA
 from compo.losses import LOSSES, SFT, PairwiseLoss
@@ -51,45 +51,6 @@ from compo.trunk import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# dpo.schedule -> transformers' scheduler. Every one starts with ``warmup_steps`` of linear
-# warm-up from 0 (transformers' own "constant" would ignore the warm-up). Schedules needing more
-# than the step counts (a plateau metric, decay steps, a floor) are not offered.
-SCHEDULES = {
-    "constant": "constant_with_warmup",
-    "constant_with_warmup": "constant_with_warmup",
-    "linear": "linear",
-    "cosine": "cosine",
-    "cosine_with_restarts": "cosine_with_restarts",
-    "polynomial": "polynomial",
-    "inverse_sqrt": "inverse_sqrt",
-}
-
-
-def lr_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
-    """``transformers.get_scheduler`` for ``dpo.schedule``: one multiplier per optimizer step.
-
-    Its state (the step count) is part of ``dpo_state/``, so a resumed run continues the same
-    learning rates.
-    """
-    from transformers import get_scheduler
-
-    return get_scheduler(
-        SCHEDULES[schedule],
-        optimizer,
-        num_warmup_steps=warmup_steps,
-        num_training_steps=total_steps,
-    )
-
-
-@contextlib.contextmanager
-def _seeded_dropout(*key: int, device: torch.device):
-    """Dropout masks (LoRA's, the model's) drawn from a seed of ``key``, not from wherever the
-    global RNG stands, so a resumed run draws the same masks; the global RNG is left as it was."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(local_generator(*key).initial_seed())
-        yield
 
 
 class DPOTrainer:
@@ -475,9 +436,11 @@ class DPOTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        per_step = self.batch_size * self.grad_accum
-        steps_per_epoch = math.ceil(len(pairs) / per_step)
-        total = steps_per_epoch * self.epochs
+        loop = StepLoop(
+            len(pairs), self.batch_size, self.grad_accum, self.epochs, self.seed,
+            self.max_grad_norm, self.save_every, self.phase, f"{self.phase}/{self.loss_name}",
+        )  # fmt: skip
+        total = loop.total
         scheduler = lr_scheduler(optimizer, self.schedule, self.warmup_steps, total)
         identity = {"n_pairs": len(pairs), "total_steps": total, "loss": self.loss_name}
         # A state continues only the run that wrote it: same settings, same pairs and labels
@@ -488,6 +451,10 @@ class DPOTrainer:
             "start": state.digest_tensors(p for _, p in sorted(model.named_parameters())),
         }
         state_dir = out.path / f"{self.phase}_state"
+
+        def save(step: int) -> None:
+            save_state(state_dir, model, names, optimizer, scheduler, {**setup, "step": step})
+
         step = 0
         if self.resume:
             # Verified before use: a truncated or altered file is a CompoError, never loaded.
@@ -506,90 +473,28 @@ class DPOTrainer:
             # (transformers 5 renamed the method; 4.x has only the old name.)
             enable = getattr(model, "activation_checkpointing_enable", None)
             (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
-        autocast = (
-            torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-        )
         log.info(
             "%s: %s on %d %s, %d steps, %d trainable parameters (%s%s)", self.phase,
             self.loss_name, len(pairs), "pairs" if labels is None else "unpaired examples", total,
             n_trainable, self.scope,
             f", LoRA r={self.lora.r} on {len(names) // 2} layers" if self.lora else "",
         )  # fmt: skip
-        start_step, tokens = step, 0
+        start_step = step
         train_started = time.perf_counter()
         model.train()
-        bar = tqdm(
-            total=total,
-            initial=step,
-            desc=f"{self.phase}/{self.loss_name}",
-            leave=False,
-            disable=not distributed.is_main(),
-        )
         with out.trace(self.phase) as trace:
-            while step < total:
-                epoch, index = divmod(step, steps_per_epoch)
-                # The order depends on (seed, epoch) alone, so a resumed run sees the same batches.
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                order = torch.randperm(len(pairs), generator=gen).tolist()
-                rows = order[index * per_step : (index + 1) * per_step]
-                sums: dict[str, float] = {}
-                step_tokens = 0
-                for start in range(0, len(rows), self.batch_size):
-                    micro = rows[start : start + self.batch_size]
-                    batch = [pairs[i] for i in micro]
-                    with autocast, _seeded_dropout(self.seed, step, start, device=device):
-                        scores = score_pairs(
-                            scorer, batch, pad_token_id, batch_size=2 * len(batch),
-                            requires_grad=True,
-                        )  # fmt: skip
-                        kl = mismatched.kl(micro) if mismatched is not None else None
-                    loss, stats = self.compute_loss(
-                        scores,
-                        tuple(r[micro] for r in ref),
-                        weights[micro] if weights is not None else None,
-                        kl,
-                        labels[micro] if labels is not None else None,
-                    )
-                    if kl is not None:
-                        stats["kl"] = kl.item() * len(micro)
-                    # Scale so the accumulated gradient is that of the mean over the whole step.
-                    (loss * len(micro) / len(rows)).backward()
-                    for key, value in stats.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    step_tokens += sum(
-                        len(p.prompt_ids) * len(p.replies) + sum(map(len, p.replies)) for p in batch
-                    )
-                grad_norm = None
-                if self.max_grad_norm is not None:
-                    grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm).item()
-                lr = optimizer.param_groups[0]["lr"]  # this step's rate, set by the scheduler
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += step_tokens
-                row = {"step": step, "epoch": epoch, "lr": lr}
-                row.update(_step_means(sums, len(rows)))
-                row.update(grad_norm=grad_norm, n_pairs=len(rows), tokens=step_tokens)
-                trace.write(row)
-                if not math.isfinite(row["loss"]):  # stop now, not after the remaining steps
-                    raise CompoError(
-                        f"{self.phase}: the loss is {row['loss']} at step {step}: the run diverged "
-                        "(lower dpo.lr) or the model holds NaN/inf; nothing saved"
-                    )
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
-                if self.save_every and step % self.save_every == 0 and step < total:
-                    save_state(
-                        state_dir, model, names, optimizer, scheduler, {**setup, "step": step}
-                    )
-        bar.close()
+            step, tokens = loop.run(
+                step, scorer=scorer, pairs=pairs, pad_token_id=pad_token_id,
+                compute_loss=self.compute_loss, reference=ref, weights=weights, labels=labels,
+                mismatched=mismatched, params=params, optimizer=optimizer, scheduler=scheduler,
+                amp=amp, device=device, trace=trace, save=save,
+            )  # fmt: skip
         model.eval()
         if self.gradient_checkpointing:
             disable = getattr(model, "activation_checkpointing_disable", None)
             (disable or model.gradient_checkpointing_disable)()
         if step > start_step:
-            save_state(state_dir, model, names, optimizer, scheduler, {**setup, "step": step})
+            save(step)
         restore_dtypes()
         if adapter is not None:
             if distributed.is_main():
@@ -639,34 +544,17 @@ _SUMMARY_KEYS = (
     "logp_desirable",
     "logp_undesirable",
 )
-_LABEL_SIDES = ("desirable", "undesirable")
 
 
 def _unpaired_stats(scores: SequenceScores, rewards: Tensor, labels: Tensor) -> dict[str, float]:
     """Summed step statistics of unpaired examples: ``accuracy`` counts those whose implicit
     reward has their label's sign (desirable above the reference, undesirable below); rewards and
-    log-probs are summed per label, with the count of each label (see :func:`_step_means`)."""
+    log-probs are summed per label, with the count of each label (the step's mean divides by it,
+    :mod:`compo.dpo_loop`)."""
     sign = torch.where(labels, 1.0, -1.0).to(rewards.dtype)
     stats = {"accuracy": ((rewards * sign) > 0).float().sum().item()}
-    for side, mask in zip(_LABEL_SIDES, (labels, ~labels), strict=True):
+    for side, mask in zip(LABEL_SIDES, (labels, ~labels), strict=True):
         stats[f"n_{side}"] = float(mask.sum().item())
         stats[f"reward_{side}"] = rewards[mask].sum().item()
         stats[f"logp_{side}"] = scores.sum_logps.detach()[mask].sum().item()
     return stats
-
-
-def _step_means(sums: dict[str, float], n_rows: int) -> dict[str, Any]:
-    """A step's trace values from its summed batch statistics: means over the step's rows; a
-    statistic of one label's examples (``*_desirable``) over that label's count (None without
-    such examples in the step); the counts themselves as integers."""
-    out: dict[str, Any] = {}
-    for key, value in sums.items():
-        side = key.rsplit("_", 1)[-1]
-        if key.startswith("n_"):
-            out[key] = int(value)
-        elif side in _LABEL_SIDES:
-            count = sums[f"n_{side}"]
-            out[key] = value / count if count else None
-        else:
-            out[key] = value / n_rows
-    return out

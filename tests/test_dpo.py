@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import compo.dpo
-from compo.dpo import SCHEDULES, DPOTrainer
+from compo.dpo import DPOTrainer
+from compo.dpo_loop import SCHEDULES, lr_scheduler
 from compo.errors import CompoError
 from compo.losses import CDPO, CPO, DPO, IPO, ORPO, RDPO, SFT, Hinge, SimPO
 from compo.rundir import RunDir
@@ -176,7 +177,7 @@ def test_lr_per_step_is_the_transformers_schedule(tiny, easy_encoded, tmp_path, 
 def test_every_offered_schedule_runs_and_unknown_ones_are_one_line():
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     for name in SCHEDULES:  # each maps to a transformers schedule needing only the step counts
-        compo.dpo.lr_scheduler(optimizer, name, 2, 10)
+        lr_scheduler(optimizer, name, 2, 10)
     with pytest.raises(CompoError, match=r"dpo\.schedule: 'reduce_lr_on_plateau' is not one of"):
         DPOTrainer(schedule="reduce_lr_on_plateau")
 
