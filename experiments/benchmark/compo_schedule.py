@@ -1,0 +1,233 @@
+"""What limits ComPO on the benchmark's ambiguous pairs: votes, one pair at a time, or one pass?
+
+In the v2 benchmark (bt0.1, 5 seeds) DPO-clean + ComPO (likelihood oracle, m = 64
+support-restricted directions, one iteration per ambiguous pair, one epoch) raised log pi(y+) and
+lowered log pi(y-) in only ~half of the ambiguous pairs, although each update moved its own pair
+the right way. This study reruns only ComPO's stage, from each seed's DPO-clean checkpoint on that
+seed's ambiguous pairs (the benchmark's own files, so nothing else changes), with one setting
+changed at a time (``VARIANTS``):
+
+* estimation noise: ``estimator=expected``, the likelihood oracle's exact r -> 0 direction
+  (what infinitely many votes converge to), instead of 64 votes;
+* one pair at a time: ``batch_size`` pairs per iteration (per oracle query);
+* one pass: ``epochs`` passes over the pairs.
+
+Per pair it measures, against the starting model (as ``heldout.py``'s ``ambiguous.*``): y+ up
+and y- down (the paper's goal, oriented by the click label) and the truly better reply up and the
+worse down (oriented by the simulation's true label; 15-30% of the click labels are wrong), and the
+mean changes of log pi(y+), log pi(y-). Intervals: 95% cluster bootstrap over (seed, prompt)
+(``stats.cluster_bootstrap``); contrasts are per pair, against DPO-clean and against the
+benchmark's ComPO setting. Command (repository root; the v2 run dirs under ``OUT``)::
+
+    OMP_NUM_THREADS=1 python experiments/benchmark/compo_schedule.py /work/bench/out \
+        --seeds 0 1 2 3 4 --variants expected expected_b8 --out experiments/results/v2/schedule
+
+Runs land in ``<out>/runs/<variant>/seed<k>`` (a finished one is reused); the table in
+``<out>/schedule.md`` and ``schedule.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from compo.data import load_pairs
+from compo.encoding import encode_pairs
+from compo.models import EmbeddedSmolLM2, PretrainedModel, TinyModel
+from compo.reference import cached_scores
+from compo.rundir import atomic_write_json
+from compo.scoring import score_pairs
+from experiments.benchmark.stats import Interval, cluster_bootstrap
+
+log = logging.getLogger("benchmark.compo_schedule")
+ROOT = Path(__file__).resolve().parents[2]
+# Name -> Hydra overrides on top of the benchmark's ComPO arm (bench_dpo_compo); None: no ComPO
+# stage (the DPO-clean checkpoint itself). ``compo`` is the benchmark's setting: it must reproduce
+# the arm's own ambiguous.* numbers (a check that the rerun changes nothing else).
+_EXPECTED, _B8, _E3 = "optimizer.estimator=expected", "optimizer.batch_size=8", "optimizer.epochs=3"
+VARIANTS: dict[str, list[str] | None] = {
+    "dpo_clean": None,
+    "compo": [],
+    "compo_e3": [_E3],
+    "compo_b8": [_B8],
+    "expected": [_EXPECTED],
+    "expected_e3": [_EXPECTED, _E3],
+    "expected_b8": [_EXPECTED, _B8],
+    "expected_b8_e3": [_EXPECTED, _B8, _E3],
+}
+BASELINES = ("dpo_clean", "compo")
+
+
+def train(bench: Path, noise: str, seed: int, variant: str, run_dir: Path) -> None:
+    """Runs ComPO's stage alone from the seed's DPO-clean checkpoint on its ambiguous pairs."""
+    pairs = bench / "dpo_compo" / noise / f"seed{seed}" / "split" / "ambiguous.jsonl"
+    start = bench / "dpo_clean" / noise / f"seed{seed}" / "checkpoint"
+    for need in (pairs, start):
+        if not need.exists():
+            raise SystemExit(f"{need}: missing (run the benchmark's dpo_compo / dpo_clean arms)")
+    overrides = [
+        "+experiment=bench_dpo_compo", f"bench.noise={noise}", f"seed={seed}",
+        "model=pretrained", f"model.name_or_path={start}",
+        f"data.path={pairs}", "data.limit=null", "splitter=none", "dpo=none",
+        f"optimizer.pairs_path={pairs}", f"hydra.run.dir={run_dir}", *VARIANTS[variant],
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "compo.cli", *overrides], cwd=ROOT, env=env, check=False
+    )
+    if done.returncode:
+        raise SystemExit(f"{run_dir}: compo exited with {done.returncode} (see its cli.log)")
+
+
+def measure(checkpoint: Path, split_path: Path, starting, cache_dir, batch_rows: int) -> dict:
+    """Per-pair changes of log pi(y+), log pi(y-) against the starting model, and the true label.
+
+    The pairs are the split file's, their metadata (true label, prompt) the source file's: split
+    files written before compo 0.1's fix of ``to_dict`` nest it one level down.
+    """
+    from omegaconf import OmegaConf
+
+    source = OmegaConf.load(split_path.parents[1] / "config.yaml").data.path
+    by_id = {p.id: p for p in load_pairs(ROOT / source).pairs}
+    pairs = [by_id[p.id] for p in load_pairs(split_path).pairs]
+    # The benchmark's encoding (bench_base: max_length 160, max_prompt_length 96).
+    model, tokenizer = starting.load()
+    encoded, _ = encode_pairs(pairs, tokenizer, 160, 96)
+    before = cached_scores(model, encoded, tokenizer.pad_token_id, batch_rows, cache_dir, None)
+    trained, _ = PretrainedModel(str(checkpoint)).load()
+    after = score_pairs(trained, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
+    return {
+        "pair_ids": [p.id for p in pairs],
+        "prompt_ids": [str(p.metadata["prompt_id"]) for p in pairs],
+        "label_correct": [bool(p.metadata["label_correct"]) for p in pairs],
+        "d_chosen": (after[0].sum_logps - before[0].sum_logps).tolist(),
+        "d_rejected": (after[1].sum_logps - before[1].sum_logps).tolist(),
+    }
+
+
+def outcomes(rows: dict) -> dict[str, np.ndarray]:
+    """Per-pair indicators and changes (the study's metrics before averaging)."""
+    up, down = np.array(rows["d_chosen"]) > 0, np.array(rows["d_rejected"]) < 0
+    correct = np.array(rows["label_correct"])
+    return {
+        "frac_up_down": (up & down).astype(float),
+        "frac_better_up_worse_down": np.where(correct, up & down, ~up & ~down).astype(float),
+        "delta_logp_chosen": np.array(rows["d_chosen"]),
+        "delta_logp_rejected": np.array(rows["d_rejected"]),
+    }
+
+
+def summarise(per_run: dict[str, dict[int, dict]], resamples: int) -> dict[str, dict]:
+    """Per variant: each metric with its interval, and its per-pair contrasts to the baselines."""
+    seeds = sorted(set.intersection(*(set(v) for v in per_run.values())))
+    groups = np.concatenate(
+        [[f"{s}/{p}" for p in per_run["dpo_clean"][s]["prompt_ids"]] for s in seeds]
+    )
+    pooled = {
+        name: {
+            k: np.concatenate([outcomes(runs[s])[k] for s in seeds])
+            for k in outcomes(runs[seeds[0]])
+        }
+        for name, runs in per_run.items()
+    }
+    out = {}
+    for name, values in pooled.items():
+        row: dict = {"seeds": seeds, "n_pairs": len(groups)}
+        for key, v in values.items():
+            row[key] = cluster_bootstrap(groups, lambda r, v=v: v[r].mean(), resamples)
+            for base in BASELINES:
+                if base in pooled and base != name:
+                    diff = v - pooled[base][key]
+                    row[f"{key} - {base}"] = cluster_bootstrap(
+                        groups, lambda r, d=diff: d[r].mean(), resamples
+                    )
+        seconds = [per_run[name][s].get("compo_seconds") for s in seeds]
+        row["compo_seconds"] = None if None in seconds else float(np.mean(seconds))
+        out[name] = row
+    return out
+
+
+def markdown(summary: dict[str, dict]) -> str:
+    """The study's tables: each variant's numbers, then its contrasts."""
+    keys = ["frac_up_down", "frac_better_up_worse_down", "delta_logp_chosen", "delta_logp_rejected"]
+    head = "| variant | " + " | ".join(keys) + " | ComPO s/run |"
+    lines = [head, "|" + "---|" * (len(keys) + 2)]
+    for name, row in summary.items():
+        cells = [row[k].format() for k in keys]
+        secs = "" if row["compo_seconds"] is None else f"{row['compo_seconds']:.0f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs} |")
+    for base in BASELINES:
+        contrast_head = head.replace(" ComPO s/run |", "")
+        lines += ["", f"Per-pair contrasts: variant - {base}", "", contrast_head]
+        lines.append("|" + "---|" * (len(keys) + 1))
+        for name, row in summary.items():
+            if f"{keys[0]} - {base}" in row:
+                cells = [row[f"{k} - {base}"].format(signed=True) for k in keys]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    first = next(iter(summary.values()))
+    lines += ["", f"{first['n_pairs']} ambiguous pairs over seeds {first['seeds']}; 95% cluster "
+              "bootstrap over (seed, prompt)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bench", type=Path, help="the benchmark's OUT (dpo_clean/, dpo_compo/)")
+    parser.add_argument("--noise", default="bt0.1")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reference-cache", default=None, help="the benchmark's reference_cache")
+    parser.add_argument("--batch-rows", type=int, default=16)
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model starts (tests)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    load = lambda: " ".join(Path("/proc/loadavg").read_text().split()[:3])  # noqa: E731
+    log.info("load before: %s", load())
+    variants = list(dict.fromkeys([*BASELINES, *args.variants]))
+    starting = TinyModel() if args.tiny else EmbeddedSmolLM2()
+    per_run: dict[str, dict[int, dict]] = {v: {} for v in variants}
+    for seed in args.seeds:  # seed-major: a stopped study has every variant on its first seeds
+        pairs = args.bench / "dpo_compo" / args.noise / f"seed{seed}" / "split" / "ambiguous.jsonl"
+        for variant in variants:
+            run_dir = args.out / "runs" / variant / f"seed{seed}"
+            result = run_dir / "schedule_pairs.json"
+            if not result.exists():
+                started = time.perf_counter()
+                checkpoint = args.bench / "dpo_clean" / args.noise / f"seed{seed}" / "checkpoint"
+                if VARIANTS[variant] is not None:
+                    train(args.bench, args.noise, seed, variant, run_dir)
+                    checkpoint = run_dir / "checkpoint"
+                rows = measure(checkpoint, pairs, starting, args.reference_cache, args.batch_rows)
+                metrics = run_dir / "metrics.json"
+                if metrics.exists():
+                    rows["compo_seconds"] = json.loads(metrics.read_text())["compo.seconds"]
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(result, rows)
+                log.info("%s seed %d: %.0f s", variant, seed, time.perf_counter() - started)
+            per_run[variant][seed] = json.loads(result.read_text())
+    summary = summarise(per_run, args.resamples)
+    table = markdown(summary)
+    (args.out / "schedule.md").write_text(table, encoding="utf-8")
+    plain = lambda v: v.__dict__ if isinstance(v, Interval) else v  # noqa: E731
+    atomic_write_json(
+        args.out / "schedule.json",
+        {name: {k: plain(v) for k, v in row.items()} for name, row in summary.items()},
+    )
+    print(table)
+    log.info("load after: %s", load())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""experiments/benchmark/compo_schedule.py on the tiny model: ComPO's stage rerun from a DPO-clean
+checkpoint on a benchmark run's ambiguous pairs, measured per pair against the starting model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from compo.data import load_pairs
+from compo.models import TinyModel
+from compo.rundir import write_jsonl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.benchmark import compo_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(tmp_path):
+    """A benchmark OUT with what the study reads: dpo_clean's checkpoint, dpo_compo's split."""
+    source = ROOT / "experiments" / "benchmark" / "data" / "pairs_bt0.1_seed0.jsonl"
+    pairs = load_pairs(source, limit=6).pairs
+    compo_run = tmp_path / "dpo_compo" / "bt0.1" / "seed0"
+    (compo_run / "split").mkdir(parents=True)
+    (compo_run / "config.yaml").write_text(f"data:\n  path: {source}\n")
+    write_jsonl(compo_run / "split" / "ambiguous.jsonl", [p.to_dict() for p in pairs])
+    model, tokenizer = TinyModel().load()
+    checkpoint = tmp_path / "dpo_clean" / "bt0.1" / "seed0" / "checkpoint"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    return tmp_path, pairs
+
+
+def test_the_study_reruns_compo_and_measures_every_pair(bench):
+    root, pairs = bench
+    out = root / "study"
+    args = [str(root), "--seeds", "0", "--variants", "expected", "--out", str(out), "--tiny"]
+    assert compo_schedule.main([*args, "--resamples", "50"]) == 0
+    for variant in ("dpo_clean", "compo", "expected"):
+        rows = json.loads((out / "runs" / variant / "seed0" / "schedule_pairs.json").read_text())
+        assert rows["pair_ids"] == [p.id for p in pairs]
+        assert rows["label_correct"] == [p.metadata["label_correct"] for p in pairs]
+        changes = [abs(x) for x in rows["d_chosen"] + rows["d_rejected"]]
+        if variant == "dpo_clean":  # the starting model itself here: nothing moved
+            assert max(changes) == 0.0
+        else:  # ComPO's stage ran on these pairs and moved them
+            assert (out / "runs" / variant / "seed0" / "checkpoint").is_dir()
+            assert max(changes) > 0.0
+    summary = json.loads((out / "schedule.json").read_text())
+    assert set(summary) == {"dpo_clean", "compo", "expected"}
+    assert summary["expected"]["n_pairs"] == len(pairs)
+    assert "frac_up_down - dpo_clean" in summary["expected"]
+    assert "| expected |" in (out / "schedule.md").read_text()
+    # A finished run is reused: a second call trains nothing and gives the same table.
+    before = (out / "schedule.md").read_text()
+    assert compo_schedule.main([*args, "--resamples", "50"]) == 0
+    assert (out / "schedule.md").read_text() == before
