@@ -28,10 +28,12 @@ def bench(tmp_path):
     (compo_run / "split").mkdir(parents=True)
     (compo_run / "config.yaml").write_text(f"data:\n  path: {source}\n")
     write_jsonl(compo_run / "split" / "ambiguous.jsonl", [p.to_dict() for p in pairs])
+    (compo_run / "metrics.json").write_text(json.dumps({"compo.seconds": 1.5}))
     model, tokenizer = TinyModel().load()
-    checkpoint = tmp_path / "dpo_clean" / "bt0.1" / "seed0" / "checkpoint"
-    model.save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
+    for run in (tmp_path / "dpo_clean" / "bt0.1" / "seed0", compo_run):
+        model.save_pretrained(run / "checkpoint")
+        tokenizer.save_pretrained(run / "checkpoint")
+    (tmp_path / "dpo_clean" / "bt0.1" / "seed0" / "metrics.json").write_text("{}")
     return tmp_path, pairs
 
 
@@ -39,7 +41,7 @@ def test_the_study_reruns_compo_and_measures_every_pair(bench):
     root, pairs = bench
     out = root / "study"
     args = [str(root), "--seeds", "0", "--variants", "expected", "--out", str(out), "--tiny"]
-    assert compo_schedule.main([*args, "--resamples", "50"]) == 0
+    assert compo_schedule.main([*args, "--resamples", "50", "--rerun", "compo"]) == 0
     for variant in ("dpo_clean", "compo", "expected"):
         rows = json.loads((out / "runs" / variant / "seed0" / "schedule_pairs.json").read_text())
         assert rows["pair_ids"] == [p.id for p in pairs]
@@ -59,3 +61,14 @@ def test_the_study_reruns_compo_and_measures_every_pair(bench):
     before = (out / "schedule.md").read_text()
     assert compo_schedule.main([*args, "--resamples", "50"]) == 0
     assert (out / "schedule.md").read_text() == before
+
+
+def test_the_benchmark_arms_checkpoints_are_read_not_retrained(bench):
+    root, _ = bench
+    out = root / "study"
+    args = [str(root), "--seeds", "0", "--variants", "compo", "--out", str(out), "--tiny"]
+    assert compo_schedule.main([*args, "--resamples", "20"]) == 0
+    assert not (out / "runs" / "compo" / "seed0" / "checkpoint").exists()
+    rows = json.loads((out / "runs" / "compo" / "seed0" / "schedule_pairs.json").read_text())
+    assert rows["compo_seconds"] == 1.5  # the benchmark run's metrics
+    assert max(abs(x) for x in rows["d_chosen"]) == 0.0  # its checkpoint here: the starting model

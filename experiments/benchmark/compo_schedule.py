@@ -51,8 +51,7 @@ from experiments.benchmark.stats import Interval, cluster_bootstrap
 log = logging.getLogger("benchmark.compo_schedule")
 ROOT = Path(__file__).resolve().parents[2]
 # Name -> Hydra overrides on top of the benchmark's ComPO arm (bench_dpo_compo); None: no ComPO
-# stage (the DPO-clean checkpoint itself). ``compo`` is the benchmark's setting: it must reproduce
-# the arm's own ambiguous.* numbers (a check that the rerun changes nothing else).
+# stage (the DPO-clean checkpoint itself).
 _EXPECTED, _B8, _E3 = "optimizer.estimator=expected", "optimizer.batch_size=8", "optimizer.epochs=3"
 VARIANTS: dict[str, list[str] | None] = {
     "dpo_clean": None,
@@ -60,11 +59,19 @@ VARIANTS: dict[str, list[str] | None] = {
     "compo_e3": [_E3],
     "compo_b8": [_B8],
     "expected": [_EXPECTED],
+    "expected_g0.01": [_EXPECTED, "optimizer.step_size=0.01"],
     "expected_e3": [_EXPECTED, _E3],
     "expected_b8": [_EXPECTED, _B8],
     "expected_b8_e3": [_EXPECTED, _B8, _E3],
 }
 BASELINES = ("dpo_clean", "compo")
+# Variants whose checkpoints the benchmark already has: its DPO-clean arm and its ComPO arm (the
+# benchmark's setting, which a rerun from the DPO-clean checkpoint reproduces bit for bit: checked
+# on seed 0 with ``--rerun compo``).
+REUSED = {"dpo_clean": "dpo_clean", "compo": "dpo_compo"}
+# Per pair, against the starting model: y+ up and y- down (by the click label; the paper's goal),
+# the truly better reply up and the worse down, and the mean changes (nats).
+METRICS = ("frac_up_down", "frac_better_up_worse_down", "delta_logp_chosen", "delta_logp_rejected")
 
 
 def train(bench: Path, noise: str, seed: int, variant: str, run_dir: Path) -> None:
@@ -118,7 +125,7 @@ def outcomes(rows: dict) -> dict[str, np.ndarray]:
     """Per-pair indicators and changes (the study's metrics before averaging)."""
     up, down = np.array(rows["d_chosen"]) > 0, np.array(rows["d_rejected"]) < 0
     correct = np.array(rows["label_correct"])
-    return {
+    return {  # the keys of METRICS
         "frac_up_down": (up & down).astype(float),
         "frac_better_up_worse_down": np.where(correct, up & down, ~up & ~down).astype(float),
         "delta_logp_chosen": np.array(rows["d_chosen"]),
@@ -126,31 +133,38 @@ def outcomes(rows: dict) -> dict[str, np.ndarray]:
     }
 
 
+def _pooled(runs: dict[int, dict], seeds: list[int]) -> dict[str, np.ndarray]:
+    """Per-pair outcomes of ``seeds``, concatenated, with their (seed, prompt) groups."""
+    parts = []
+    for seed in seeds:
+        groups = [f"{seed}/{prompt}" for prompt in runs[seed]["prompt_ids"]]
+        parts.append(outcomes(runs[seed]) | {"group": np.array(groups)})
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
 def summarise(per_run: dict[str, dict[int, dict]], resamples: int) -> dict[str, dict]:
-    """Per variant: each metric with its interval, and its per-pair contrasts to the baselines."""
-    seeds = sorted(set.intersection(*(set(v) for v in per_run.values())))
-    groups = np.concatenate(
-        [[f"{s}/{p}" for p in per_run["dpo_clean"][s]["prompt_ids"]] for s in seeds]
-    )
-    pooled = {
-        name: {
-            k: np.concatenate([outcomes(runs[s])[k] for s in seeds])
-            for k in outcomes(runs[seeds[0]])
-        }
-        for name, runs in per_run.items()
-    }
+    """Per variant (on the seeds it has): each metric with its interval, and its per-pair
+    contrasts to the baselines (on the seeds both have; the pairs of a seed are the same)."""
     out = {}
-    for name, values in pooled.items():
-        row: dict = {"seeds": seeds, "n_pairs": len(groups)}
-        for key, v in values.items():
-            row[key] = cluster_bootstrap(groups, lambda r, v=v: v[r].mean(), resamples)
-            for base in BASELINES:
-                if base in pooled and base != name:
-                    diff = v - pooled[base][key]
-                    row[f"{key} - {base}"] = cluster_bootstrap(
-                        groups, lambda r, d=diff: d[r].mean(), resamples
-                    )
-        seconds = [per_run[name][s].get("compo_seconds") for s in seeds]
+    for name, runs in per_run.items():
+        seeds = sorted(runs)
+        values = _pooled(runs, seeds)
+        row: dict = {"seeds": seeds, "n_pairs": len(values["group"])}
+        for key in METRICS:
+            row[key] = cluster_bootstrap(
+                values["group"], lambda r, v=values[key]: v[r].mean(), resamples
+            )
+        for base in BASELINES:
+            common = sorted(set(seeds) & set(per_run.get(base, {})))
+            if base == name or not common:
+                continue
+            mine, theirs = _pooled(runs, common), _pooled(per_run[base], common)
+            for key in METRICS:
+                diff = mine[key] - theirs[key]
+                row[f"{key} - {base}"] = cluster_bootstrap(
+                    mine["group"], lambda r, d=diff: d[r].mean(), resamples
+                )
+        seconds = [runs[s].get("compo_seconds") for s in seeds]
         row["compo_seconds"] = None if None in seconds else float(np.mean(seconds))
         out[name] = row
     return out
@@ -158,24 +172,25 @@ def summarise(per_run: dict[str, dict[int, dict]], resamples: int) -> dict[str, 
 
 def markdown(summary: dict[str, dict]) -> str:
     """The study's tables: each variant's numbers, then its contrasts."""
-    keys = ["frac_up_down", "frac_better_up_worse_down", "delta_logp_chosen", "delta_logp_rejected"]
-    head = "| variant | " + " | ".join(keys) + " | ComPO s/run |"
-    lines = [head, "|" + "---|" * (len(keys) + 2)]
+    names = " | ".join(METRICS)
+    lines = [
+        f"| variant | seeds | pairs | {names} | ComPO s/run |",
+        "|---" * (len(METRICS) + 4) + "|",
+    ]
     for name, row in summary.items():
-        cells = [row[k].format() for k in keys]
+        cells = " | ".join(row[k].format() for k in METRICS)
         secs = "" if row["compo_seconds"] is None else f"{row['compo_seconds']:.0f}"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs} |")
+        seeds = " ".join(map(str, row["seeds"]))
+        lines.append(f"| {name} | {seeds} | {row['n_pairs']} | {cells} | {secs} |")
     for base in BASELINES:
-        contrast_head = head.replace(" ComPO s/run |", "")
-        lines += ["", f"Per-pair contrasts: variant - {base}", "", contrast_head]
-        lines.append("|" + "---|" * (len(keys) + 1))
+        lines += ["", f"Per-pair contrasts: variant - {base}", ""]
+        lines += [f"| variant | {names} |", "|---" * (len(METRICS) + 1) + "|"]
         for name, row in summary.items():
-            if f"{keys[0]} - {base}" in row:
-                cells = [row[f"{k} - {base}"].format(signed=True) for k in keys]
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    first = next(iter(summary.values()))
-    lines += ["", f"{first['n_pairs']} ambiguous pairs over seeds {first['seeds']}; 95% cluster "
-              "bootstrap over (seed, prompt)."]  # fmt: skip
+            if f"{METRICS[0]} - {base}" in row:
+                cells = " | ".join(row[f"{k} - {base}"].format(signed=True) for k in METRICS)
+                lines.append(f"| {name} | {cells} |")
+    lines += ["", "95% cluster bootstrap over (seed, prompt); a contrast is taken pair by pair, "
+              "on the seeds both variants have."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +204,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-cache", default=None, help="the benchmark's reference_cache")
     parser.add_argument("--batch-rows", type=int, default=16)
     parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument(
+        "--rerun", nargs="*", default=[], choices=list(REUSED),
+        help="train these variants again instead of reading the benchmark's checkpoints",
+    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="the tiny test model starts (tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -196,26 +215,35 @@ def main(argv=None) -> int:
     log.info("load before: %s", load())
     variants = list(dict.fromkeys([*BASELINES, *args.variants]))
     starting = TinyModel() if args.tiny else EmbeddedSmolLM2()
-    per_run: dict[str, dict[int, dict]] = {v: {} for v in variants}
     for seed in args.seeds:  # seed-major: a stopped study has every variant on its first seeds
-        pairs = args.bench / "dpo_compo" / args.noise / f"seed{seed}" / "split" / "ambiguous.jsonl"
+        split = args.bench / "dpo_compo" / args.noise / f"seed{seed}" / "split" / "ambiguous.jsonl"
         for variant in variants:
             run_dir = args.out / "runs" / variant / f"seed{seed}"
             result = run_dir / "schedule_pairs.json"
-            if not result.exists():
-                started = time.perf_counter()
-                checkpoint = args.bench / "dpo_clean" / args.noise / f"seed{seed}" / "checkpoint"
-                if VARIANTS[variant] is not None:
-                    train(args.bench, args.noise, seed, variant, run_dir)
-                    checkpoint = run_dir / "checkpoint"
-                rows = measure(checkpoint, pairs, starting, args.reference_cache, args.batch_rows)
-                metrics = run_dir / "metrics.json"
-                if metrics.exists():
-                    rows["compo_seconds"] = json.loads(metrics.read_text())["compo.seconds"]
-                run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(result, rows)
-                log.info("%s seed %d: %.0f s", variant, seed, time.perf_counter() - started)
-            per_run[variant][seed] = json.loads(result.read_text())
+            if result.exists():
+                continue
+            started = time.perf_counter()
+            if variant in REUSED and variant not in args.rerun:
+                trained = args.bench / REUSED[variant] / args.noise / f"seed{seed}"
+            else:
+                train(args.bench, args.noise, seed, variant, run_dir)
+                trained = run_dir
+            rows = measure(
+                trained / "checkpoint", split, starting, args.reference_cache, args.batch_rows
+            )
+            metrics = (
+                json.loads((trained / "metrics.json").read_text()) if variant != "dpo_clean" else {}
+            )
+            rows["compo_seconds"] = metrics.get("compo.seconds")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(result, rows)
+            log.info("%s seed %d: %.0f s", variant, seed, time.perf_counter() - started)
+    # Every result under --out, also of earlier calls with other seeds or variants.
+    per_run: dict[str, dict[int, dict]] = {}
+    for variant in VARIANTS:
+        for path in sorted((args.out / "runs" / variant).glob("seed*/schedule_pairs.json")):
+            seed = int(path.parent.name.removeprefix("seed"))
+            per_run.setdefault(variant, {})[seed] = json.loads(path.read_text())
     summary = summarise(per_run, args.resamples)
     table = markdown(summary)
     (args.out / "schedule.md").write_text(table, encoding="utf-8")
