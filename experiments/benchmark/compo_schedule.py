@@ -59,6 +59,7 @@ VARIANTS: dict[str, list[str] | None] = {
     "compo_e3": [_E3],
     "compo_b8": [_B8],
     "expected": [_EXPECTED],
+    "expected_g0.1": [_EXPECTED, "optimizer.step_size=0.1"],
     "expected_g0.01": [_EXPECTED, "optimizer.step_size=0.01"],
     "expected_e3": [_EXPECTED, _E3],
     "expected_b8": [_EXPECTED, _B8],
