@@ -22,25 +22,36 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def bench(tmp_path):
     """A benchmark OUT with what the study reads: dpo_clean's checkpoint, dpo_compo's split."""
-    source = ROOT / "experiments" / "benchmark" / "data" / "pairs_bt0.1_seed0.jsonl"
+    source = ROOT / "experiments" / "benchmark" / "data" / "pairs_eps0.1_seed0.jsonl"
     pairs = load_pairs(source, limit=6).pairs
-    compo_run = tmp_path / "dpo_compo" / "bt0.1" / "seed0"
+    compo_run = tmp_path / "dpo_compo" / "eps0.1" / "seed0"
     (compo_run / "split").mkdir(parents=True)
     (compo_run / "config.yaml").write_text(f"data:\n  path: {source}\n")
     write_jsonl(compo_run / "split" / "ambiguous.jsonl", [p.to_dict() for p in pairs])
     (compo_run / "metrics.json").write_text(json.dumps({"compo.seconds": 1.5}))
     model, tokenizer = TinyModel().load()
-    for run in (tmp_path / "dpo_clean" / "bt0.1" / "seed0", compo_run):
+    for run in (tmp_path / "dpo_clean" / "eps0.1" / "seed0", compo_run):
         model.save_pretrained(run / "checkpoint")
         tokenizer.save_pretrained(run / "checkpoint")
-    (tmp_path / "dpo_clean" / "bt0.1" / "seed0" / "metrics.json").write_text("{}")
+    (tmp_path / "dpo_clean" / "eps0.1" / "seed0" / "metrics.json").write_text("{}")
     return tmp_path, pairs
 
 
 def test_the_study_reruns_compo_and_measures_every_pair(bench):
     root, pairs = bench
     out = root / "study"
-    args = [str(root), "--seeds", "0", "--variants", "expected", "--out", str(out), "--tiny"]
+    args = [
+        str(root),
+        "--noise",
+        "eps0.1",
+        "--seeds",
+        "0",
+        "--variants",
+        "expected",
+        "--out",
+        str(out),
+        "--tiny",
+    ]
     assert compo_schedule.main([*args, "--resamples", "50", "--rerun", "compo"]) == 0
     for variant in ("dpo_clean", "compo", "expected"):
         rows = json.loads((out / "runs" / variant / "seed0" / "schedule_pairs.json").read_text())
@@ -66,7 +77,18 @@ def test_the_study_reruns_compo_and_measures_every_pair(bench):
 def test_the_benchmark_arms_checkpoints_are_read_not_retrained(bench):
     root, _ = bench
     out = root / "study"
-    args = [str(root), "--seeds", "0", "--variants", "compo", "--out", str(out), "--tiny"]
+    args = [
+        str(root),
+        "--noise",
+        "eps0.1",
+        "--seeds",
+        "0",
+        "--variants",
+        "compo",
+        "--out",
+        str(out),
+        "--tiny",
+    ]
     assert compo_schedule.main([*args, "--resamples", "20"]) == 0
     assert not (out / "runs" / "compo" / "seed0" / "checkpoint").exists()
     rows = json.loads((out / "runs" / "compo" / "seed0" / "schedule_pairs.json").read_text())

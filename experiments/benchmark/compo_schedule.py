@@ -46,6 +46,7 @@ from compo.models import EmbeddedSmolLM2, PretrainedModel, TinyModel
 from compo.reference import cached_scores
 from compo.rundir import atomic_write_json
 from compo.scoring import score_pairs
+from experiments.benchmark.simulate import DATA
 from experiments.benchmark.stats import Interval, cluster_bootstrap
 
 log = logging.getLogger("benchmark.compo_schedule")
@@ -107,8 +108,10 @@ def measure(checkpoint: Path, split_path: Path, starting, cache_dir, batch_rows:
     """
     from omegaconf import OmegaConf
 
-    source = OmegaConf.load(split_path.parents[1] / "config.yaml").data.path
-    by_id = {p.id: p for p in load_pairs(ROOT / source).pairs}
+    source = DATA / Path(OmegaConf.load(split_path.parents[1] / "config.yaml").data.path).name
+    if not source.exists():
+        raise SystemExit(f"{source}: missing; write it with experiments/benchmark/simulate.py")
+    by_id = {p.id: p for p in load_pairs(source).pairs}
     pairs = [by_id[p.id] for p in load_pairs(split_path).pairs]
     # The benchmark's encoding (bench_base: max_length 160, max_prompt_length 96).
     model, tokenizer = starting.load()
@@ -229,6 +232,8 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             if variant in REUSED and variant not in args.rerun:
                 trained = args.bench / REUSED[variant] / args.noise / f"seed{seed}"
+            elif (run_dir / "metrics.json").exists():  # trained, not measured: written last
+                trained = run_dir
             else:
                 train(args.bench, args.noise, seed, variant, run_dir)
                 trained = run_dir
