@@ -74,6 +74,29 @@ def test_the_study_reruns_compo_and_measures_every_pair(bench):
     assert (out / "schedule.md").read_text() == before
 
 
+def test_a_variant_gets_the_benchmarks_heldout_evaluation(bench):
+    import os
+    import subprocess
+
+    root, _ = bench
+    base = root / "base"
+    heldout = ROOT / "experiments" / "benchmark" / "heldout.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(heldout), "--base", "--base-dir", str(base)]
+    subprocess.run([*command, *compo_schedule.TINY_HELDOUT], env=env, check=True)
+    out = root / "study"
+    args = [str(root), "--noise", "eps0.1", "--seeds", "0", "--out", str(out), "--tiny"]
+    args += ["--variants", "expected_g0.1", "--heldout", "expected_g0.1", "--base-dir", str(base)]
+    assert compo_schedule.main([*args, "--resamples", "20"]) == 0
+    run = out / "runs" / "expected_g0.1" / "seed0"
+    metrics = json.loads((run / "heldout_metrics.json").read_text())
+    assert metrics["heldout.n_prompts"] == 4 and 0.0 <= metrics["heldout.win_rate"] <= 1.0
+    # aggregate.py tells it from the benchmark's own ComPO arm by its variant
+    assert "variant: expected_g0.1" in (run / "config.yaml").read_text()
+    with pytest.raises(SystemExit):  # --heldout without --base-dir
+        compo_schedule.main([str(root), "--out", str(out), "--heldout", "expected"])
+
+
 def test_the_benchmark_arms_checkpoints_are_read_not_retrained(bench):
     root, _ = bench
     out = root / "study"

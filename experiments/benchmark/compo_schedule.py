@@ -90,7 +90,8 @@ def train(bench: Path, noise: str, seed: int, variant: str, run_dir: Path) -> No
         "+experiment=bench_dpo_compo", f"bench.noise={noise}", f"seed={seed}",
         "model=pretrained", f"model.name_or_path={start}",
         f"data.path={pairs}", "data.limit=null", "splitter=none", "dpo=none",
-        f"optimizer.pairs_path={pairs}", f"hydra.run.dir={run_dir}", *FASTER, *VARIANTS[variant],
+        f"optimizer.pairs_path={pairs}", f"hydra.run.dir={run_dir}", f"bench.variant={variant}",
+        *FASTER, *VARIANTS[variant],
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
@@ -98,6 +99,30 @@ def train(bench: Path, noise: str, seed: int, variant: str, run_dir: Path) -> No
     )
     if done.returncode:
         raise SystemExit(f"{run_dir}: compo exited with {done.returncode} (see its cli.log)")
+
+
+# heldout.py's settings on the tiny model (tests): the smoke benchmark's.
+TINY_HELDOUT = [
+    "--tiny", "--prompts", "4", "--samples", "1", "--max-new-tokens", "8", "--max-pairs", "8",
+]  # fmt: skip
+
+
+def heldout(run_dir: Path, base_dir: Path, cache_dir, tiny: bool = False) -> None:
+    """The benchmark's held-out evaluation of a trained variant (``heldout.py``, ~4 min).
+
+    The run's config names its arm ``dpo_compo`` and its variant (``bench.variant``), so
+    ``aggregate.py`` over the benchmark's OUT and these run dirs gives the variant's paired
+    contrasts with DPO-clean and DPO on all pairs ("dpo_compo [<variant>] - dpo_all").
+    """
+    if (run_dir / "heldout_metrics.json").exists():
+        return
+    command = [sys.executable, str(ROOT / "experiments" / "benchmark" / "heldout.py"), str(run_dir)]
+    command += ["--base-dir", str(base_dir)]
+    command += ["--reference-cache", str(cache_dir)] if cache_dir else []
+    command += TINY_HELDOUT if tiny else []
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if subprocess.run(command, cwd=ROOT, env=env, check=False).returncode:
+        raise SystemExit(f"{run_dir}: heldout.py failed")
 
 
 def measure(checkpoint: Path, split_path: Path, starting, cache_dir, batch_rows: int) -> dict:
@@ -215,8 +240,15 @@ def main(argv=None) -> int:
         "--rerun", nargs="*", default=[], choices=list(REUSED),
         help="train these variants again instead of reading the benchmark's checkpoints",
     )  # fmt: skip
+    parser.add_argument(
+        "--heldout", nargs="*", default=[], choices=[v for v in VARIANTS if v not in REUSED],
+        help="also evaluate these variants on the held-out prompts (heldout.py; ~4 min a run)",
+    )  # fmt: skip
+    parser.add_argument("--base-dir", type=Path, help="the starting model's held-out answers")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model starts (tests)")
     args = parser.parse_args(argv)
+    if args.heldout and (args.base_dir is None or not set(args.heldout) <= set(args.variants)):
+        parser.error("--heldout needs --base-dir, and its variants among --variants")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     load = lambda: " ".join(Path("/proc/loadavg").read_text().split()[:3])  # noqa: E731
     log.info("load before: %s", load())
@@ -247,6 +279,9 @@ def main(argv=None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(result, rows)
             log.info("%s seed %d: %.0f s", variant, seed, time.perf_counter() - started)
+        for variant in args.heldout:
+            run_dir = args.out / "runs" / variant / f"seed{seed}"
+            heldout(run_dir, args.base_dir, args.reference_cache, args.tiny)
     # Every result under --out, also of earlier calls with other seeds or variants.
     per_run: dict[str, dict[int, dict]] = {}
     for variant in VARIANTS:
