@@ -19,11 +19,14 @@ mean changes of log pi(y+), log pi(y-). Intervals: 95% cluster bootstrap over (s
 (``stats.cluster_bootstrap``); contrasts are per pair, against DPO-clean and against the
 benchmark's ComPO setting. Command (repository root; the v2 run dirs under ``OUT``)::
 
-    OMP_NUM_THREADS=1 python experiments/benchmark/compo_schedule.py /work/bench/out \
-        --seeds 0 1 2 3 4 --variants expected expected_b8 --out experiments/results/v2/schedule
+    OMP_NUM_THREADS=1 python experiments/benchmark/compo_schedule.py multirun/bench2 \
+        --seeds 0 1 2 3 4 --variants expected_g0.1 --heldout expected_g0.1 \
+        --base-dir experiments/results/v2/base --reference-cache multirun/bench2/reference_cache \
+        --out multirun/schedule
 
-Runs land in ``<out>/runs/<variant>/seed<k>`` (a finished one is reused); the table in
-``<out>/schedule.md`` and ``schedule.json``.
+Runs land in ``<out>/runs/<variant>/seed<k>`` (a finished one is reused; results of earlier
+calls with other seeds or variants join the table); the table in ``<out>/schedule.md`` and
+``schedule.json``. ``dpo_clean`` and ``compo`` read the benchmark's own checkpoints.
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ def measure(checkpoint: Path, split_path: Path, starting, cache_dir, batch_rows:
     """Per-pair changes of log pi(y+), log pi(y-) against the starting model, and the true label.
 
     The pairs are the split file's, their metadata (true label, prompt) the source file's: split
-    files written before compo 0.1's fix of ``to_dict`` nest it one level down.
+    files written before ``PreferencePair.to_dict`` wrote metadata flat nest it one level down.
     """
     from omegaconf import OmegaConf
 
