@@ -29,9 +29,12 @@ def answer_rows(rng, shift: float) -> list[dict]:
     ]
 
 
-def job(root: Path, arm: str, seed: int, rows: list[dict], frac_up_down: float) -> None:
+def job(
+    root: Path, arm: str, seed: int, rows: list[dict], frac_up_down: float, variant: str = "null"
+) -> None:
     root.mkdir(parents=True)
-    (root / "config.yaml").write_text(f"seed: {seed}\nbench:\n  arm: {arm}\n  noise: bt0.1\n")
+    bench = f"bench:\n  arm: {arm}\n  noise: bt0.1\n  variant: {variant}\n"
+    (root / "config.yaml").write_text(f"seed: {seed}\n{bench}")
     (root / "metrics.json").write_text(json.dumps({"run.seconds": 60.0}))
     held = {"heldout.win_rate": 0.5, "ambiguous.frac_up_down": frac_up_down}
     (root / "heldout_metrics.json").write_text(json.dumps(held))
@@ -63,6 +66,24 @@ def test_interval_tables_find_a_real_effect_and_not_a_null_one(tmp_path):
     low, high = (float(x) for x in null.split(" | ")[3].split("[")[1].rstrip("]").split(", "))
     assert low < 0.5 < high
     assert "0.900 [0.900, 0.900]" in table  # frac_up_down, the same on every seed
+
+
+def test_a_variant_of_an_arm_gets_its_interval_contrasts(tmp_path):
+    # A variant (bench.variant, e.g. compo_schedule.py's reruns of the ComPO stage) is compared
+    # with the arm's baselines, as in the mean +- std contrasts.
+    rng = np.random.default_rng(1)
+    base = tmp_path / "base"
+    write_jsonl(base / "heldout_generations.jsonl", answer_rows(rng, 0.0))
+    runs = tmp_path / "multirun"
+    for seed in range(3):
+        job(runs / f"all{seed}", "dpo_all", seed, answer_rows(rng, 0.0), 0.5)
+        job(runs / f"v{seed}", "dpo_compo", seed, answer_rows(rng, 0.2), 0.9, variant="exact")
+    out = tmp_path / "results"
+    assert aggregate.main([str(runs), "--out", str(out), "--base", str(base), "--no-plots"]) == 0
+    md = (out / "results.md").read_text()
+    head = "| dpo_compo [exact] - dpo_all | bt0.1 | 3 | +"
+    rows = [line for line in md.splitlines() if line.startswith(head) and " *" in line]
+    assert len(rows) == 1 and rows[0].count(" *") == 3  # the interval table's row
 
 
 def test_jobs_without_per_prompt_answers_keep_the_first_table_only(tmp_path):

@@ -161,14 +161,22 @@ def arm_table(
 def contrast_table(
     groups: dict[tuple, dict[int, dict]], base: list[dict], contrasts: Sequence[tuple[str, str]]
 ) -> str:
-    """Arm minus baseline, cell by cell on shared (noise, seed, prompt, answer), with intervals."""
+    """Arm minus baseline, cell by cell on shared (noise, seed, prompt, answer), with intervals.
+
+    A variant of ``arm`` ("<arm> [<variant>]") is compared with the same variant of ``baseline``
+    when one was run, else with the plain ``baseline`` (as ``aggregate.paired`` does).
+    """
     head = ["arm - baseline", "noise", "seeds", "Δ win rate", "Δ greedy win rate", "Δ utility"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, baseline in contrasts:
         for (label, noise), by_seed in groups.items():
-            if label != arm or (baseline, noise) not in groups:
+            if label != arm and not label.startswith(f"{arm} ["):
                 continue
-            other = groups[(baseline, noise)]
+            same = baseline + label.removeprefix(arm)
+            baseline_label = same if (same, noise) in groups else baseline
+            if (baseline_label, noise) not in groups:
+                continue
+            other = groups[(baseline_label, noise)]
             seeds = sorted(set(by_seed) & set(other))
             if not seeds:
                 continue
@@ -182,7 +190,7 @@ def contrast_table(
                 two_way_bootstrap(cells, lambda c: float(np.mean(c["win"][:, :, 0]))),
                 two_way_bootstrap(cells, mean_of("du")),
             ]
-            row = [f"{arm} - {baseline}", str(noise), str(len(seeds))]
+            row = [f"{label} - {baseline_label}", str(noise), str(len(seeds))]
             row += [c.format(signed=True) + (" *" if c.excludes_zero() else "") for c in columns]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
