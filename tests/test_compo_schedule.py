@@ -97,6 +97,25 @@ def test_a_variant_gets_the_benchmarks_heldout_evaluation(bench):
         compo_schedule.main([str(root), "--out", str(out), "--heldout", "expected"])
 
 
+def test_a_judge_variant_runs_the_judge_arm_under_the_plain_variants_label(bench):
+    root, pairs = bench
+    out = root / "study"
+    args = [str(root), "--noise", "eps0.1", "--seeds", "0", "--out", str(out), "--tiny"]
+    args += ["--resamples", "20"]
+    (root / "dpo_compo_judge" / "eps0.1" / "seed0").mkdir(parents=True)
+    (root / "dpo_compo_judge" / "eps0.1" / "seed0" / "metrics.json").write_text("{}")
+    model, tokenizer = TinyModel().load()  # the judge arm's own checkpoint (judge_compo reads it)
+    model.save_pretrained(root / "dpo_compo_judge" / "eps0.1" / "seed0" / "checkpoint")
+    tokenizer.save_pretrained(root / "dpo_compo_judge" / "eps0.1" / "seed0" / "checkpoint")
+    assert compo_schedule.main([*args, "--variants", "judge_compo", "judge_expected_g0.1"]) == 0
+    run = out / "runs" / "judge_expected_g0.1" / "seed0"
+    config = (run / "config.yaml").read_text()
+    assert "arm: dpo_compo_judge" in config and "variant: expected_g0.1" in config
+    judged = [json.loads(line) for line in (run / "judged_pairs.jsonl").read_text().splitlines()]
+    assert [j["pair_id"] for j in judged] == [p.id for p in pairs]  # the judge saw every pair
+    assert json.loads((run / "metrics.json").read_text())["compo.n_applied"] > 0
+
+
 def test_the_benchmark_arms_checkpoints_are_read_not_retrained(bench):
     root, _ = bench
     out = root / "study"

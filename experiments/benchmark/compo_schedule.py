@@ -68,7 +68,14 @@ VARIANTS: dict[str, list[str] | None] = {
     "expected_e3": [_EXPECTED, _E3],
     "expected_b8": [_EXPECTED, _B8],
     "expected_b8_e3": [_EXPECTED, _B8, _E3],
+    # The same with a black-box judge's labels on the ambiguous pairs (bench_dpo_compo_judge: the
+    # benchmark's utility U relabels each pair once, then the likelihood oracle runs on its labels).
+    "judge_compo": [],
+    "judge_expected_g0.1": [_EXPECTED, "optimizer.step_size=0.1"],
 }
+# A judge_<v> variant runs the judge arm's experiment and is labelled <v> (bench.variant), so
+# aggregate.py pairs "dpo_compo_judge [<v>]" with "dpo_compo [<v>]".
+JUDGE = "judge_"
 BASELINES = ("dpo_clean", "compo")
 # Settings that change no number of the study: no trace of the cosine to the limit direction (with
 # estimator=expected it computed the limit a second time) and resume state only at the end.
@@ -76,7 +83,7 @@ FASTER = ["optimizer.trace_limit=false", "optimizer.save_every=0"]
 # Variants whose checkpoints the benchmark already has: its DPO-clean arm and its ComPO arm (the
 # benchmark's setting, which a rerun from the DPO-clean checkpoint reproduces bit for bit: checked
 # on seed 0 with ``--rerun compo``).
-REUSED = {"dpo_clean": "dpo_clean", "compo": "dpo_compo"}
+REUSED = {"dpo_clean": "dpo_clean", "compo": "dpo_compo", "judge_compo": "dpo_compo_judge"}
 # Per pair, against the starting model: y+ up and y- down (by the click label; the paper's goal),
 # the truly better reply up and the worse down, and the mean changes (nats).
 METRICS = ("frac_up_down", "frac_better_up_worse_down", "delta_logp_chosen", "delta_logp_rejected")
@@ -89,12 +96,14 @@ def train(bench: Path, noise: str, seed: int, variant: str, run_dir: Path) -> No
     for need in (pairs, start):
         if not need.exists():
             raise SystemExit(f"{need}: missing (run the benchmark's dpo_compo / dpo_clean arms)")
+    judged = variant.startswith(JUDGE)
     overrides = [
-        "+experiment=bench_dpo_compo", f"bench.noise={noise}", f"seed={seed}",
+        f"+experiment=bench_dpo_compo{'_judge' if judged else ''}", f"bench.noise={noise}",
+        f"seed={seed}",
         "model=pretrained", f"model.name_or_path={start}",
         f"data.path={pairs}", "data.limit=null", "splitter=none", "dpo=none",
-        f"optimizer.pairs_path={pairs}", f"hydra.run.dir={run_dir}", f"bench.variant={variant}",
-        *FASTER, *VARIANTS[variant],
+        f"optimizer.pairs_path={pairs}", f"hydra.run.dir={run_dir}",
+        f"bench.variant={variant.removeprefix(JUDGE)}", *FASTER, *VARIANTS[variant],
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
@@ -113,7 +122,7 @@ TINY_HELDOUT = [
 def heldout(run_dir: Path, base_dir: Path, cache_dir, tiny: bool = False) -> None:
     """The benchmark's held-out evaluation of a trained variant (``heldout.py``, ~4 min).
 
-    The run's config names its arm ``dpo_compo`` and its variant (``bench.variant``), so
+    The run's config names its arm (``dpo_compo``, ``dpo_compo_judge``) and its variant, so
     ``aggregate.py`` over the benchmark's OUT and these run dirs gives the variant's paired
     contrasts with DPO-clean and DPO on all pairs ("dpo_compo [<variant>] - dpo_all").
     """
