@@ -114,6 +114,16 @@ def test_a_judge_variant_runs_the_judge_arm_under_the_plain_variants_label(bench
     judged = [json.loads(line) for line in (run / "judged_pairs.jsonl").read_text().splitlines()]
     assert [j["pair_id"] for j in judged] == [p.id for p in pairs]  # the judge saw every pair
     assert json.loads((run / "metrics.json").read_text())["compo.n_applied"] > 0
+    # What each pair's own updates moved it, read back from the trace (a pair the judge flipped is
+    # traced the other way round), reaches the summary.
+    rows = json.loads((run / "schedule_pairs.json").read_text())
+    own = compo_schedule.own_moves(run, rows["pair_ids"])
+    for side in ("chosen", "rejected"):
+        assert any(abs(x) > 0 for x in own[f"own_{side}"])
+    summary = json.loads((out / "schedule.json").read_text())["judge_expected_g0.1"]
+    assert summary["own_delta_logp_chosen"]["value"] == pytest.approx(
+        sum(own["own_chosen"]) / len(pairs)
+    )
 
 
 def test_the_benchmark_arms_checkpoints_are_read_not_retrained(bench):

@@ -86,7 +86,12 @@ FASTER = ["optimizer.trace_limit=false", "optimizer.save_every=0"]
 REUSED = {"dpo_clean": "dpo_clean", "compo": "dpo_compo", "judge_compo": "dpo_compo_judge"}
 # Per pair, against the starting model: y+ up and y- down (by the click label; the paper's goal),
 # the truly better reply up and the worse down, and the mean changes (nats).
-METRICS = ("frac_up_down", "frac_better_up_worse_down", "delta_logp_chosen", "delta_logp_rejected")
+# ``own_*``: what its own ComPO updates moved each pair (the trace; the rest of its change against
+# DPO-clean is what the other pairs' updates did to it).
+METRICS = (
+    "frac_up_down", "frac_better_up_worse_down", "delta_logp_chosen", "delta_logp_rejected",
+    "own_delta_logp_chosen", "own_delta_logp_rejected",
+)  # fmt: skip
 
 
 def train(bench: Path, noise: str, seed: int, variant: str, run_dir: Path) -> None:
@@ -165,6 +170,37 @@ def measure(checkpoint: Path, split_path: Path, starting, cache_dir, batch_rows:
     }
 
 
+def own_moves(trained: Path, pair_ids: list[str]) -> dict[str, list[float]]:
+    """Each pair's change in its own ComPO updates, from the run's trace (0 without a trace).
+
+    The trace logs log pi(y+), log pi(y-) of an iteration's pairs before and after its step; what
+    a pair moved in the rest of the pass (the other pairs' updates) is its net change minus this.
+    A judged pair the judge flipped is traced the other way round: swapped back here.
+    """
+    own = {pid: [0.0, 0.0] for pid in pair_ids}
+    trace = trained / "trace" / "compo.jsonl"
+    if not trace.exists():
+        return {"own_chosen": [0.0] * len(pair_ids), "own_rejected": [0.0] * len(pair_ids)}
+    judged = trained / "judged_pairs.jsonl"
+    flipped = set()
+    if judged.exists():
+        rows = [json.loads(line) for line in judged.read_text().splitlines()]
+        flipped = {r["pair_id"] for r in rows if r["label"] == "flipped"}
+    for line in trace.read_text().splitlines():
+        row = json.loads(line)
+        for i, pid in enumerate(row["pair_ids"]):
+            moved = [
+                row[f"logp_{side}_after"][i] - row[f"logp_{side}_before"][i]
+                for side in ("chosen", "rejected")
+            ]
+            moved = moved[::-1] if pid in flipped else moved
+            own[pid] = [a + b for a, b in zip(own[pid], moved, strict=True)]
+    return {
+        "own_chosen": [own[pid][0] for pid in pair_ids],
+        "own_rejected": [own[pid][1] for pid in pair_ids],
+    }
+
+
 def outcomes(rows: dict) -> dict[str, np.ndarray]:
     """Per-pair indicators and changes (the study's metrics before averaging)."""
     up, down = np.array(rows["d_chosen"]) > 0, np.array(rows["d_rejected"]) < 0
@@ -174,6 +210,8 @@ def outcomes(rows: dict) -> dict[str, np.ndarray]:
         "frac_better_up_worse_down": np.where(correct, up & down, ~up & ~down).astype(float),
         "delta_logp_chosen": np.array(rows["d_chosen"]),
         "delta_logp_rejected": np.array(rows["d_rejected"]),
+        "own_delta_logp_chosen": np.array(rows["own_chosen"]),
+        "own_delta_logp_rejected": np.array(rows["own_rejected"]),
     }
 
 
@@ -299,7 +337,11 @@ def main(argv=None) -> int:
     for variant in VARIANTS:
         for path in sorted((args.out / "runs" / variant).glob("seed*/schedule_pairs.json")):
             seed = int(path.parent.name.removeprefix("seed"))
-            per_run.setdefault(variant, {})[seed] = json.loads(path.read_text())
+            rows = json.loads(path.read_text())
+            trained = path.parent
+            if variant in REUSED and not (path.parent / "checkpoint").exists():
+                trained = args.bench / REUSED[variant] / args.noise / path.parent.name
+            per_run.setdefault(variant, {})[seed] = rows | own_moves(trained, rows["pair_ids"])
     summary = summarise(per_run, args.resamples)
     table = markdown(summary)
     (args.out / "schedule.md").write_text(table, encoding="utf-8")
