@@ -19,6 +19,11 @@ from experiments.benchmark import compo_schedule
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def study_args(root: Path, out: Path, *more: str) -> list[str]:
+    """The study's command line on the fixture's benchmark dir (tiny model, eps0.1, seed 0)."""
+    return [str(root), "--noise", "eps0.1", "--seeds", "0", "--out", str(out), "--tiny", *more]
+
+
 @pytest.fixture
 def bench(tmp_path):
     """A benchmark OUT with what the study reads: dpo_clean's checkpoint, dpo_compo's split."""
@@ -40,18 +45,7 @@ def bench(tmp_path):
 def test_the_study_reruns_compo_and_measures_every_pair(bench):
     root, pairs = bench
     out = root / "study"
-    args = [
-        str(root),
-        "--noise",
-        "eps0.1",
-        "--seeds",
-        "0",
-        "--variants",
-        "expected",
-        "--out",
-        str(out),
-        "--tiny",
-    ]
+    args = study_args(root, out, "--variants", "expected")
     assert compo_schedule.main([*args, "--resamples", "50", "--rerun", "compo"]) == 0
     for variant in ("dpo_clean", "compo", "expected"):
         rows = json.loads((out / "runs" / variant / "seed0" / "schedule_pairs.json").read_text())
@@ -85,8 +79,8 @@ def test_a_variant_gets_the_benchmarks_heldout_evaluation(bench):
     command = [sys.executable, str(heldout), "--base", "--base-dir", str(base)]
     subprocess.run([*command, *compo_schedule.TINY_HELDOUT], env=env, check=True)
     out = root / "study"
-    args = [str(root), "--noise", "eps0.1", "--seeds", "0", "--out", str(out), "--tiny"]
-    args += ["--variants", "expected_g0.1", "--heldout", "expected_g0.1", "--base-dir", str(base)]
+    args = study_args(root, out, "--variants", "expected_g0.1", "--heldout", "expected_g0.1")
+    args += ["--base-dir", str(base)]
     assert compo_schedule.main([*args, "--resamples", "20"]) == 0
     run = out / "runs" / "expected_g0.1" / "seed0"
     metrics = json.loads((run / "heldout_metrics.json").read_text())
@@ -100,8 +94,7 @@ def test_a_variant_gets_the_benchmarks_heldout_evaluation(bench):
 def test_a_judge_variant_runs_the_judge_arm_under_the_plain_variants_label(bench):
     root, pairs = bench
     out = root / "study"
-    args = [str(root), "--noise", "eps0.1", "--seeds", "0", "--out", str(out), "--tiny"]
-    args += ["--resamples", "20"]
+    args = study_args(root, out, "--resamples", "20")
     (root / "dpo_compo_judge" / "eps0.1" / "seed0").mkdir(parents=True)
     (root / "dpo_compo_judge" / "eps0.1" / "seed0" / "metrics.json").write_text("{}")
     model, tokenizer = TinyModel().load()  # the judge arm's own checkpoint (judge_compo reads it)
@@ -129,18 +122,7 @@ def test_a_judge_variant_runs_the_judge_arm_under_the_plain_variants_label(bench
 def test_the_benchmark_arms_checkpoints_are_read_not_retrained(bench):
     root, _ = bench
     out = root / "study"
-    args = [
-        str(root),
-        "--noise",
-        "eps0.1",
-        "--seeds",
-        "0",
-        "--variants",
-        "compo",
-        "--out",
-        str(out),
-        "--tiny",
-    ]
+    args = study_args(root, out, "--variants", "compo")
     assert compo_schedule.main([*args, "--resamples", "20"]) == 0
     assert not (out / "runs" / "compo" / "seed0" / "checkpoint").exists()
     rows = json.loads((out / "runs" / "compo" / "seed0" / "schedule_pairs.json").read_text())
