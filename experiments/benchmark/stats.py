@@ -76,14 +76,7 @@ def two_way_bootstrap(
         s = rng.integers(0, n_seeds, n_seeds)
         p = rng.integers(0, n_prompts, n_prompts)
         draws.append(statistic({k: v[s][:, p] for k, v in cells.items()}))
-    draws = np.asarray(draws, dtype=np.float64)
-    draws = draws[np.isfinite(draws)]
-    if not draws.size:
-        return Interval(value, float("nan"), float("nan"))
-    tail = (1 - level) / 2 * 100
-    return Interval(
-        value, float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
-    )
+    return _percentile_interval(value, draws, level)
 
 
 def cluster_bootstrap(
@@ -116,10 +109,15 @@ def cluster_bootstrap(
     draws = []
     for _ in range(resamples):
         picked = rng.integers(0, len(names), len(names))
-        draw = statistic(np.concatenate([rows_of[g] for g in picked]))
-        if np.isfinite(draw):
-            draws.append(draw)
-    if not draws:
+        draws.append(statistic(np.concatenate([rows_of[g] for g in picked])))
+    return _percentile_interval(value, draws, level)
+
+
+def _percentile_interval(value: float, draws, level: float) -> Interval:
+    """``value`` with the percentile interval of the finite ``draws`` (nan ends if none is)."""
+    draws = np.asarray(draws, dtype=np.float64)
+    draws = draws[np.isfinite(draws)]
+    if not draws.size:
         return Interval(value, float("nan"), float("nan"))
     tail = (1 - level) / 2 * 100
     return Interval(
