@@ -208,10 +208,9 @@ def table(records: list[dict], columns=COLUMNS, signed: bool = False) -> str:
 def paired(records: list[dict], contrasts=CONTRASTS, keys=None) -> list[dict]:
     """Per-seed differences arm - baseline, as records ``table`` and ``plot`` take.
 
-    Runs are matched on (noise, seed). A variant of ``arm`` is compared with the same variant of
-    ``baseline`` when one was run (e.g. both on all pairs), else with the plain ``baseline``
-    (e.g. a step-size variant of ComPO against its first-order arm). A seed without a matching
-    baseline run is left out; a metric missing on either side is None.
+    Runs are matched on (noise, seed); a variant of ``arm`` is compared with the baseline
+    :func:`intervals.baseline_label` names. A seed without a matching baseline run is left out; a
+    metric missing on either side is None.
     """
     keys = keys or [key for _, key in CONTRAST_COLUMNS]
     by_key = {(r["label"], r["noise"], r["seed"]): r for r in records}
@@ -220,8 +219,8 @@ def paired(records: list[dict], contrasts=CONTRASTS, keys=None) -> list[dict]:
         for (label, noise), rows in groups(records).items():
             if rows[0]["arm"] != arm:
                 continue
-            same = _label(baseline, rows[0]["variant"])
-            base = same if any(k[:2] == (same, noise) for k in by_key) else baseline
+            present = {name for name, n, _ in by_key if n == noise}
+            base = intervals.baseline_label(label, arm, baseline, present)
             for r in rows:
                 b = by_key.get((base, noise, r["seed"]))
                 if b is None:

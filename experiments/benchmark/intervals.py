@@ -20,7 +20,7 @@ prompt and answer index before resampling. A contrast whose interval excludes 0 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -158,13 +158,22 @@ def arm_table(
     return "\n".join(lines) + "\n"
 
 
+def baseline_label(label: str, arm: str, baseline: str, present: Container[str]) -> str:
+    """The baseline a run labelled ``label`` (``arm`` or "<arm> [<variant>]") is compared with.
+
+    The same variant of ``baseline`` when one was run (is in ``present``), e.g. both on all pairs;
+    else the plain ``baseline``, e.g. a step-size variant of ComPO against its first-order arm.
+    """
+    same = baseline + label.removeprefix(arm)
+    return same if same in present else baseline
+
+
 def contrast_table(
     groups: dict[tuple, dict[int, dict]], base: list[dict], contrasts: Sequence[tuple[str, str]]
 ) -> str:
     """Arm minus baseline, cell by cell on shared (noise, seed, prompt, answer), with intervals.
 
-    A variant of ``arm`` ("<arm> [<variant>]") is compared with the same variant of ``baseline``
-    when one was run, else with the plain ``baseline`` (as ``aggregate.paired`` does).
+    A variant of ``arm`` ("<arm> [<variant>]") is compared as :func:`baseline_label` says.
     """
     head = ["arm - baseline", "noise", "seeds", "Δ win rate", "Δ greedy win rate", "Δ utility"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -172,11 +181,11 @@ def contrast_table(
         for (label, noise), by_seed in groups.items():
             if label != arm and not label.startswith(f"{arm} ["):
                 continue
-            same = baseline + label.removeprefix(arm)
-            baseline_label = same if (same, noise) in groups else baseline
-            if (baseline_label, noise) not in groups:
+            present = {name for name, n in groups if n == noise}
+            base_label = baseline_label(label, arm, baseline, present)
+            if base_label not in present:
                 continue
-            other = groups[(baseline_label, noise)]
+            other = groups[(base_label, noise)]
             seeds = sorted(set(by_seed) & set(other))
             if not seeds:
                 continue
@@ -190,7 +199,7 @@ def contrast_table(
                 two_way_bootstrap(cells, lambda c: float(np.mean(c["win"][:, :, 0]))),
                 two_way_bootstrap(cells, mean_of("du")),
             ]
-            row = [f"{label} - {baseline_label}", str(noise), str(len(seeds))]
+            row = [f"{label} - {base_label}", str(noise), str(len(seeds))]
             row += [c.format(signed=True) + (" *" if c.excludes_zero() else "") for c in columns]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
