@@ -41,19 +41,24 @@ def job(
     write_jsonl(root / "heldout_generations.jsonl", rows)
 
 
-def test_interval_tables_find_a_real_effect_and_not_a_null_one(tmp_path):
-    rng = np.random.default_rng(0)
+def benchmark(tmp_path: Path, seed: int, n_seeds: int, shift: float, variant: str = "null"):
+    """Base answers, then per seed a dpo_all job (the base's distribution) and a dpo_compo job
+    whose answers are better by ``shift`` on every prompt; aggregated. Returns (base, runs, md)."""
+    rng = np.random.default_rng(seed)
     base = tmp_path / "base"
     write_jsonl(base / "heldout_generations.jsonl", answer_rows(rng, 0.0))
     runs = tmp_path / "multirun"
-    for seed in range(4):
-        job(runs / f"all{seed}", "dpo_all", seed, answer_rows(rng, 0.0), 0.5)
-        # The recipe's answers are better by 0.15 on every prompt: a clear effect.
-        job(runs / f"compo{seed}", "dpo_compo", seed, answer_rows(rng, 0.15), 0.9)
+    for s in range(n_seeds):
+        job(runs / f"all{s}", "dpo_all", s, answer_rows(rng, 0.0), 0.5)
+        job(runs / f"compo{s}", "dpo_compo", s, answer_rows(rng, shift), 0.9, variant=variant)
     out = tmp_path / "results"
-    args = [str(runs), "--out", str(out), "--base", str(base), "--no-plots"]
-    assert aggregate.main(args) == 0
-    md = (out / "results.md").read_text()
+    assert aggregate.main([str(runs), "--out", str(out), "--base", str(base), "--no-plots"]) == 0
+    return base, runs, (out / "results.md").read_text()
+
+
+def test_interval_tables_find_a_real_effect_and_not_a_null_one(tmp_path):
+    # The recipe's answers are better by 0.15 on every prompt: a clear effect.
+    base, runs, md = benchmark(tmp_path, seed=0, n_seeds=4, shift=0.15)
     assert "With 95% intervals" in md and "Paired contrasts, cell by cell" in md
     rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if " - " in line}
     goal = rows["dpo_compo - dpo_all"]
@@ -71,16 +76,7 @@ def test_interval_tables_find_a_real_effect_and_not_a_null_one(tmp_path):
 def test_a_variant_of_an_arm_gets_its_interval_contrasts(tmp_path):
     # A variant (bench.variant, e.g. compo_schedule.py's reruns of the ComPO stage) is compared
     # with the arm's baselines, as in the mean +- std contrasts.
-    rng = np.random.default_rng(1)
-    base = tmp_path / "base"
-    write_jsonl(base / "heldout_generations.jsonl", answer_rows(rng, 0.0))
-    runs = tmp_path / "multirun"
-    for seed in range(3):
-        job(runs / f"all{seed}", "dpo_all", seed, answer_rows(rng, 0.0), 0.5)
-        job(runs / f"v{seed}", "dpo_compo", seed, answer_rows(rng, 0.2), 0.9, variant="exact")
-    out = tmp_path / "results"
-    assert aggregate.main([str(runs), "--out", str(out), "--base", str(base), "--no-plots"]) == 0
-    md = (out / "results.md").read_text()
+    _, _, md = benchmark(tmp_path, seed=1, n_seeds=3, shift=0.2, variant="exact")
     head = "| dpo_compo [exact] - dpo_all | bt0.1 | 3 | +"
     rows = [line for line in md.splitlines() if line.startswith(head) and " *" in line]
     assert len(rows) == 1 and rows[0].count(" *") == 3  # the interval table's row
