@@ -110,12 +110,14 @@ def train(bench: Path, noise: str, seed: int, variant: str, run_dir: Path) -> No
         f"optimizer.pairs_path={pairs}", f"hydra.run.dir={run_dir}",
         f"bench.variant={variant.removeprefix(JUDGE)}", *FASTER, *VARIANTS[variant],
     ]  # fmt: skip
+    _run(["-m", "compo.cli", *overrides], f"{run_dir}: compo failed (see its cli.log)")
+
+
+def _run(arguments: list[str], failure: str) -> None:
+    """``python <arguments>`` from the repository root, one thread; ``failure`` if it fails."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "compo.cli", *overrides], cwd=ROOT, env=env, check=False
-    )
-    if done.returncode:
-        raise SystemExit(f"{run_dir}: compo exited with {done.returncode} (see its cli.log)")
+    if subprocess.run([sys.executable, *arguments], cwd=ROOT, env=env, check=False).returncode:
+        raise SystemExit(failure)
 
 
 # heldout.py's settings on the tiny model (tests): the smoke benchmark's.
@@ -133,41 +135,55 @@ def heldout(run_dir: Path, base_dir: Path, cache_dir, tiny: bool = False) -> Non
     """
     if (run_dir / "heldout_metrics.json").exists():
         return
-    command = [sys.executable, str(ROOT / "experiments" / "benchmark" / "heldout.py"), str(run_dir)]
+    command = [str(ROOT / "experiments" / "benchmark" / "heldout.py"), str(run_dir)]
     command += ["--base-dir", str(base_dir)]
     command += ["--reference-cache", str(cache_dir)] if cache_dir else []
     command += TINY_HELDOUT if tiny else []
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    if subprocess.run(command, cwd=ROOT, env=env, check=False).returncode:
-        raise SystemExit(f"{run_dir}: heldout.py failed")
+    _run(command, f"{run_dir}: heldout.py failed")
 
 
-def measure(checkpoint: Path, split_path: Path, starting, cache_dir, batch_rows: int) -> dict:
-    """Per-pair changes of log pi(y+), log pi(y-) against the starting model, and the true label.
+class SeedPairs:
+    """One seed's ambiguous pairs, encoded, with their scores under the starting model.
 
     The pairs are the split file's, their metadata (true label, prompt) the source file's: split
     files written before ``PreferencePair.to_dict`` wrote metadata flat nest it one level down.
+    Built once per seed: every variant of the seed is measured against the same scores.
     """
-    from omegaconf import OmegaConf
 
-    source = DATA / Path(OmegaConf.load(split_path.parents[1] / "config.yaml").data.path).name
-    if not source.exists():
-        raise SystemExit(f"{source}: missing; write it with experiments/benchmark/simulate.py")
-    by_id = {p.id: p for p in load_pairs(source).pairs}
-    pairs = [by_id[p.id] for p in load_pairs(split_path).pairs]
-    # The benchmark's encoding (bench_base: max_length 160, max_prompt_length 96).
-    model, tokenizer = starting.load()
-    encoded, _ = encode_pairs(pairs, tokenizer, 160, 96)
-    before = cached_scores(model, encoded, tokenizer.pad_token_id, batch_rows, cache_dir, None)
-    trained, _ = PretrainedModel(str(checkpoint)).load()
-    after = score_pairs(trained, encoded, tokenizer.pad_token_id, batch_size=batch_rows)
-    return {
-        "pair_ids": [p.id for p in pairs],
-        "prompt_ids": [str(p.metadata["prompt_id"]) for p in pairs],
-        "label_correct": [bool(p.metadata["label_correct"]) for p in pairs],
-        "d_chosen": (after[0].sum_logps - before[0].sum_logps).tolist(),
-        "d_rejected": (after[1].sum_logps - before[1].sum_logps).tolist(),
-    }
+    def __init__(self, split_path: Path, model, tokenizer, cache_dir, batch_rows: int) -> None:
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.load(split_path.parents[1] / "config.yaml")
+        source = DATA / Path(config.data.path).name
+        if not source.exists():
+            raise SystemExit(f"{source}: missing; write it with experiments/benchmark/simulate.py")
+        by_id = {p.id: p for p in load_pairs(source).pairs}
+        self.pairs = [by_id[p.id] for p in load_pairs(split_path).pairs]
+        # The benchmark's encoding (bench_base: max_length 160, max_prompt_length 96).
+        self.encoded, _ = encode_pairs(self.pairs, tokenizer, 160, 96)
+        self.pad, self.batch_rows = tokenizer.pad_token_id, batch_rows
+        self.before = cached_scores(model, self.encoded, self.pad, batch_rows, cache_dir, None)
+
+    def measure(self, checkpoint: Path) -> dict:
+        """Per-pair changes of log pi(y+), log pi(y-) from the starting model to ``checkpoint``."""
+        trained, _ = PretrainedModel(str(checkpoint)).load()
+        after = score_pairs(trained, self.encoded, self.pad, batch_size=self.batch_rows)
+        return {
+            "pair_ids": [p.id for p in self.pairs],
+            "prompt_ids": [str(p.metadata["prompt_id"]) for p in self.pairs],
+            "label_correct": [bool(p.metadata["label_correct"]) for p in self.pairs],
+            "d_chosen": (after[0].sum_logps - self.before[0].sum_logps).tolist(),
+            "d_rejected": (after[1].sum_logps - self.before[1].sum_logps).tolist(),
+        }
+
+
+def trained_dir(bench: Path, out: Path, noise: str, variant: str, seed: int) -> Path:
+    """Where a variant's trained run is: its own run dir once trained there (``--rerun`` or not
+    reused), else the benchmark arm's it reuses (``REUSED``)."""
+    run_dir = out / "runs" / variant / f"seed{seed}"
+    if variant in REUSED and not (run_dir / "metrics.json").exists():
+        return bench / REUSED[variant] / noise / f"seed{seed}"
+    return run_dir
 
 
 def own_moves(trained: Path, pair_ids: list[str]) -> dict[str, list[float]]:
@@ -303,29 +319,28 @@ def main(argv=None) -> int:
     load = lambda: " ".join(Path("/proc/loadavg").read_text().split()[:3])  # noqa: E731
     log.info("load before: %s", load())
     variants = list(dict.fromkeys([*BASELINES, *args.variants]))
-    starting = TinyModel() if args.tiny else EmbeddedSmolLM2()
+    starting = None  # loaded when a result is missing
     for seed in args.seeds:  # seed-major: a stopped study has every variant on its first seeds
         split = args.bench / "dpo_compo" / args.noise / f"seed{seed}" / "split" / "ambiguous.jsonl"
+        seed_pairs = None
         for variant in variants:
             run_dir = args.out / "runs" / variant / f"seed{seed}"
             result = run_dir / "schedule_pairs.json"
             if result.exists():
                 continue
             started = time.perf_counter()
-            if variant in REUSED and variant not in args.rerun:
-                trained = args.bench / REUSED[variant] / args.noise / f"seed{seed}"
-            elif (run_dir / "metrics.json").exists():  # trained, not measured: written last
-                trained = run_dir
-            else:
+            own_run = variant not in REUSED or variant in args.rerun
+            if own_run and not (run_dir / "metrics.json").exists():  # written last by a run
                 train(args.bench, args.noise, seed, variant, run_dir)
-                trained = run_dir
-            rows = measure(
-                trained / "checkpoint", split, starting, args.reference_cache, args.batch_rows
-            )
-            metrics = (
-                json.loads((trained / "metrics.json").read_text()) if variant != "dpo_clean" else {}
-            )
-            rows["compo_seconds"] = metrics.get("compo.seconds")
+            if starting is None:
+                starting = (TinyModel() if args.tiny else EmbeddedSmolLM2()).load()
+            if seed_pairs is None:
+                seed_pairs = SeedPairs(split, *starting, args.reference_cache, args.batch_rows)
+            trained = trained_dir(args.bench, args.out, args.noise, variant, seed)
+            rows = seed_pairs.measure(trained / "checkpoint")
+            rows["compo_seconds"] = json.loads((trained / "metrics.json").read_text()).get(
+                "compo.seconds"
+            )  # none for DPO-clean
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(result, rows)
             log.info("%s seed %d: %.0f s", variant, seed, time.perf_counter() - started)
@@ -338,9 +353,7 @@ def main(argv=None) -> int:
         for path in sorted((args.out / "runs" / variant).glob("seed*/schedule_pairs.json")):
             seed = int(path.parent.name.removeprefix("seed"))
             rows = json.loads(path.read_text())
-            trained = path.parent
-            if variant in REUSED and not (path.parent / "checkpoint").exists():
-                trained = args.bench / REUSED[variant] / args.noise / path.parent.name
+            trained = trained_dir(args.bench, args.out, args.noise, variant, seed)
             per_run.setdefault(variant, {})[seed] = rows | own_moves(trained, rows["pair_ids"])
     summary = summarise(per_run, args.resamples)
     table = markdown(summary)
