@@ -99,6 +99,27 @@ def test_easy_pair_moves_chosen_up_and_rejected_down(tiny, easy_encoded, tmp_pat
     assert rows[-1]["logp_chosen_after"][0] == pytest.approx(chosen1.sum_logps.item(), abs=1e-3)
 
 
+def test_expected_estimator_computes_the_limit_once_per_iteration(
+    tiny, easy_encoded, tmp_path, monkeypatch
+):
+    # The trace's cos_limit and the expected estimator need the same r -> 0 limit: its two
+    # backward passes (HeadEvaluator.gradients) once per iteration, not twice.
+    from compo.zo.head import HeadEvaluator
+
+    calls = []
+    exact = HeadEvaluator.gradients
+
+    def counted(head):
+        calls.append(1)
+        return exact(head)
+
+    monkeypatch.setattr(HeadEvaluator, "gradients", counted)
+    _run(tiny, easy_encoded[:1], tmp_path, epochs=3, estimator="expected")
+    rows = [json.loads(line) for line in (tmp_path / "trace" / "compo.jsonl").open()]
+    assert len(rows) == 3 and len(calls) == 3
+    assert all(r["cos_limit"] == pytest.approx(1.0) for r in rows)  # the step is the limit
+
+
 def test_trace_and_metrics(tiny, easy_encoded, tmp_path):
     summary = _run(tiny, easy_encoded[:2], tmp_path, batch_size=2, acceptance_check=True)
     row = json.loads((tmp_path / "trace" / "compo.jsonl").read_text().splitlines()[0])

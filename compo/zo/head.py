@@ -43,6 +43,7 @@ class HeadEvaluator:
     def __init__(self, batch_size: int = 8, chunk: int = 1024) -> None:
         self.batch_size, self.chunk = batch_size, chunk
         self.scope: Scope | None = None
+        self._limit = None
 
     # ------------------------------------------------------------------ caching
     @torch.no_grad()
@@ -106,6 +107,7 @@ class HeadEvaluator:
         self.token_logps0 = logp.gather(-1, targets[:, None]).squeeze(-1)
         self.p0 = logp.exp_()
         self.base = segment_sum(self.token_logps0, seq_index, n_seqs)
+        self._limit = None  # computed on first use, for this cached state only
         return self.base
 
     def support(self, top_k: int) -> Tensor:
@@ -162,10 +164,16 @@ class HeadEvaluator:
         return chosen, rejected
 
     def limit(self):
-        """The likelihood oracle's r -> 0 limit on the cached pairs (:func:`limit_direction`)."""
+        """The likelihood oracle's r -> 0 limit on the cached pairs (:func:`limit_direction`).
+
+        Computed once per cached state: the optimizer's trace and the ``expected`` estimator both
+        ask for it in the same iteration, and it costs two backward passes.
+        """
         from compo.zo.estimator import limit_direction  # estimator imports this module
 
-        return limit_direction(self)
+        if self._limit is None:
+            self._limit = limit_direction(self)
+        return self._limit
 
     def gradient(self, weights: Tensor) -> list[Tensor]:
         """Gradient of sum_j weights_j log pi(seq_j) over the perturbed blocks (one backward)."""

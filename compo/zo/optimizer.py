@@ -36,7 +36,6 @@ from compo.zo.estimator import (
     Expected,
     MonteCarlo,
     cosine,
-    limit_direction,
     norm,
 )
 from compo.zo.head import HeadEvaluator
@@ -401,7 +400,7 @@ class ComPO:
         base = head.begin(policy, scope, batch, pad)
         oracle.begin(policy, scope, batch, pad, iteration=t, head=head)
         n = len(batch)
-        limit = limit_direction(head) if self.trace_limit else None
+        limit = head.limit() if self.trace_limit else None
         radius, search = None, {}
         if self.estimator == "expected":
             est = self._expected(oracle)
