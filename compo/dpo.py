@@ -3,7 +3,8 @@
 The loss is one of :data:`compo.losses.LOSSES`, chosen by ``dpo.loss``. Reference log-probs are
 computed once before training (or taken from the run's :class:`compo.reference.ReferenceScores`,
 with the frozen blocks' output recorded on the way; a pass of its own goes through the run's
-``reference_cache`` too), so no reference model stays in memory while training.
+``reference_cache`` too), so no reference model stays in memory while training
+(:class:`compo.dpo_reference.PhaseReference`).
 :meth:`DPOTrainer.fit` is the stage the recipe calls; :meth:`DPOTrainer.train` is the same on
 encoded pairs, for use as a library.
 
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from compo import distributed, settings, state
 from compo.dpo_loop import LABEL_SIDES, SCHEDULES, StepLoop, lr_scheduler
+from compo.dpo_reference import PhaseReference
 from compo.dpo_state import load_state, save_state
 from compo.encoding import labels_of
 from compo.errors import CompoError
@@ -37,18 +39,11 @@ from compo.interfaces import plain_settings
 from compo.kto_reference import MismatchedKL
 from compo.lora import LoRA
 from compo.losses import LOSSES, SFT, PairwiseLoss
-from compo.reference import ReferenceScores
 from compo.reference_cache import ReferenceCache
 from compo.rundir import RunDir
-from compo.scoring import SequenceScores, score_pairs
+from compo.scoring import SequenceScores
 from compo.stages import Job, Outcome
-from compo.trunk import (
-    FrozenTrunkCache,
-    low_precision,
-    set_trainable,
-    train_in_fp32,
-    transformer_blocks,
-)
+from compo.trunk import FrozenTrunkCache, low_precision, set_trainable, train_in_fp32
 
 log = logging.getLogger(__name__)
 
@@ -279,22 +274,25 @@ class DPOTrainer:
             losses = losses * weights
         return losses.mean(), {"loss": losses.detach().sum().item(), **stats}
 
-    def _uses_cache(self, model: nn.Module) -> bool:
-        blocks = len(transformer_blocks(model)) if self.scope == "last_k" else 0
-        return self.cache_trunk and 0 < self.last_k < blocks
+    def _reference(self) -> PhaseReference:
+        # Built on each use, from the settings as they are now: fit() gives its SFT copy
+        # another loss.
+        return PhaseReference(
+            self.loss, self.scope, self.last_k, self.cache_trunk, self.ref_batch_size
+        )
 
     def frozen_trunk(self, model: nn.Module) -> FrozenTrunkCache | None:
         """An empty cache of the blocks this stage freezes, or None when it trains them all.
 
         Filled while the reference scores are computed (see :class:`compo.reference`), it saves
-        :meth:`prepare` a full forward pass and every training step the frozen blocks.
+        :meth:`prepare` a full forward pass and every training step the frozen blocks
+        (:meth:`compo.dpo_reference.PhaseReference.frozen_trunk`).
         """
-        return FrozenTrunkCache(model, self.last_k) if self._uses_cache(model) else None
+        return self._reference().frozen_trunk(model)
 
     def reference_logps(self, model, pairs, pad_token_id) -> tuple[Tensor, Tensor]:
         """Reference log-probs of ``pairs`` (zeros for reference-free losses)."""
-        ref, _ = self.prepare(model, pairs, pad_token_id)
-        return ref
+        return self._reference().prepare(model, pairs, pad_token_id).logps
 
     def prepare(
         self,
@@ -305,65 +303,16 @@ class DPOTrainer:
         trunk: FrozenTrunkCache | None = None,
         reference_cache: ReferenceCache | None = None,
     ) -> tuple[tuple, Any]:
-        """Reference log-probs of ``pairs`` and the model (or cached view) to train with.
-
-        Args:
-            model: The policy before any update (it is the reference).
-            pairs: Encoded pairs.
-            pad_token_id: Padding id.
-            reference: (chosen, rejected) scores already computed under ``model``, if any.
-            trunk: A frozen-trunk cache filled while those scores were computed, if any.
-            reference_cache: Where a reference pass of its own is looked up and stored, if any.
+        """Reference log-probs of ``pairs`` and the model (or cached view) to train with
+        (:meth:`compo.dpo_reference.PhaseReference.prepare`, which documents the arguments).
 
         Returns:
             ``((ref_chosen, ref_rejected), scorer)``.
         """
-        ref, scorer, _ = self._prepare(
+        ref, scorer, _ = self._reference().prepare(
             model, pairs, pad_token_id, reference, trunk, reference_cache
         )
         return ref, scorer
-
-    def _own_reference(self, model, pairs, pad_token_id, trunk, reference_cache):
-        """The reference pass this stage runs itself (no earlier stage ran it, or the SFT step
-        changed the model), through the run's cache like the shared one; (scores, cache hit)."""
-        own = ReferenceScores(
-            model, pairs, pad_token_id, self.ref_batch_size, "dpo/reference", trunk,
-            reference_cache,
-        )  # fmt: skip
-        return own.get(), own.cache_hit
-
-    def _prepare(self, model, pairs, pad_token_id, reference, trunk, reference_cache):
-        """:meth:`prepare`, and whether the cache served its own reference pass (None: no such
-        pass, or no cache)."""
-        hit = None
-        cache = trunk if trunk is not None and trunk.model is model else None
-        if cache is not None and cache.covers(pairs):
-            # Recorded with the reference scores: the reference costs only the top blocks.
-            reference = score_pairs(cache.cached(), pairs, pad_token_id, desc="dpo/reference")
-        elif self._uses_cache(model):
-            cache = FrozenTrunkCache(model, self.last_k)
-            reference, hit = self._own_reference(model, pairs, pad_token_id, cache, reference_cache)
-        elif reference is None and self.loss.needs_reference:
-            reference, hit = self._own_reference(model, pairs, pad_token_id, None, reference_cache)
-        device = next(model.parameters()).device
-        if self.loss.needs_reference:
-            ref = tuple(self.loss.logps(s).detach().to(device) for s in reference)
-        else:
-            ref = tuple(torch.zeros(len(pairs), device=device) for _ in pairs[0].replies)
-        if cache is None:
-            return ref, model, hit
-        # The cached path assumes a Llama-like decoder; check it reproduces the full model.
-        probe = list(range(min(2, len(pairs))))
-        got = score_pairs(cache.cached(), [pairs[i] for i in probe], pad_token_id)
-        want = [s.sum_logps[probe].to(device) for s in reference]
-        if all(
-            torch.allclose(g.sum_logps, w, rtol=1e-4, atol=1e-3)
-            for g, w in zip(got, want, strict=True)
-        ):
-            return ref, cache.cached(), hit
-        log.warning("dpo: the frozen-trunk cache does not reproduce %s; running the full model",
-                    type(model).__name__)  # fmt: skip
-        return ref, model, hit
 
     def train(
         self,
@@ -407,7 +356,7 @@ class DPOTrainer:
             names = adapter.names
         else:
             names = set_trainable(model, self.scope, self.last_k)
-        ref, scorer, cache_hit = self._prepare(
+        ref, scorer, cache_hit = self._reference().prepare(
             model, pairs, pad_token_id, reference, trunk, reference_cache
         )
         # A low-precision trunk (dtype=bfloat16) runs under autocast to its dtype, the trained
