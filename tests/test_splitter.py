@@ -137,7 +137,7 @@ def test_cli_split_and_dpo_end_to_end(easy_file, tmp_path):
 
 def test_without_eval_split_and_dpo_share_one_reference_pass(easy_file, tmp_path, monkeypatch):
     """eval=none: one reference pass serves both the splitter and DPO."""
-    from compo import dpo, reference
+    from compo import dpo_reference, reference
 
     def not_here(*args, **kwargs):
         raise AssertionError("the splitter scored the pairs itself")
@@ -153,7 +153,7 @@ def test_without_eval_split_and_dpo_share_one_reference_pass(easy_file, tmp_path
 
     monkeypatch.setattr("compo.splitter.score_pairs", not_here)
     monkeypatch.setattr("compo.reference.score_pairs", counting(reference.score_pairs))
-    monkeypatch.setattr("compo.dpo.score_pairs", counting(dpo.score_pairs))
+    monkeypatch.setattr("compo.dpo_reference.score_pairs", counting(dpo_reference.score_pairs))
     shared = run(_cfg(easy_file, "splitter.delta=30", "eval=none"), tmp_path / "shared")
     # one pass over all 8 pairs; DPO reuses its rows of it (the other calls are training steps)
     assert [p for p in passes if p[0] in ("reference", "dpo/reference")] == [("reference", 8)]
