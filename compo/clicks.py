@@ -5,7 +5,8 @@
     compo-clicks impressions.jsonl --out pairs.jsonl --correction ipw --eta 1.0 --on-error skip
     compo-clicks impressions.jsonl --out thumbs.jsonl --unpaired     # KTO's data: dpo=kto
 
-Input: one impression per row (JSONL, JSON, CSV or Parquet, read like preference files)::
+Input: one impression per row (JSONL, JSON, CSV or Parquet, read like preference files;
+validated, and read by the rule below, in :mod:`compo.impressions`)::
 
     {"id": "imp-1",                  # optional
      "prompt": "...",                # a string, or chat messages
@@ -32,9 +33,9 @@ other, chosen = the response with more weight, and::
                = 1 - I_{1/2}(a + w, a + l)
 
 the posterior probability that the preference holds under a Beta(a, a) prior (``--prior``,
-a = 1: uniform). One unopposed click gives 0.75, three give 0.9375; a 3-to-1 split gives 0.8125.
-Pairs with exactly equal evidence in both directions carry no preference: they are counted and
-reported, not written.
+a = 1: uniform; :mod:`compo.beta_posterior`). One unopposed click gives 0.75, three give 0.9375;
+a 3-to-1 split gives 0.8125. Pairs with exactly equal evidence in both directions carry no
+preference: they are counted and reported, not written.
 
 The command line is :mod:`compo.clicks_cli`. Numeric flags are checked when parsed (``--eta``
 and ``--min-dwell`` finite and >= 0, ``--prior`` in (0, 1e6], each ``--propensities`` value in
@@ -69,198 +70,20 @@ from pathlib import Path
 from typing import Any
 
 from compo import settings
-from compo.data import ROLES, RejectedRow, as_object
+from compo.beta_posterior import MAX_PRIOR, beta_confidence
+from compo.data import RejectedRow
 from compo.errors import CompoError, DataError
+from compo.impressions import Impression, clicked, impression_preferences, parse_impression
 from compo.readers import RowError
 
 log = logging.getLogger(__name__)
 
-RULES = ("skip_above", "skip_next")
 CORRECTIONS = ("none", "ipw")
-# Beyond this the prior swamps any click log (every confidence rounds to 0.5) and the incomplete
-# beta function loses accuracy; at 1e6 it still matches scipy to 1e-8.
-MAX_PRIOR = 1e6
-
-
-# --------------------------------------------------------------------------------------------
-# Beta posterior
-# --------------------------------------------------------------------------------------------
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """Lentz's continued fraction for the incomplete beta function (Numerical Recipes 6.4)."""
-    tiny, eps = 1e-300, 3e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10_000):
-        m2 = 2 * m
-        for aa in (
-            m * (b - m) * x / ((qam + m2) * (a + m2)),
-            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
-        ):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < eps:
-            break
-    return h
-
-
-def regularized_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the Beta(a, b) distribution function at x."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    front = math.exp(log_front)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def beta_confidence(wins: float, losses: float, prior: float = 1.0) -> float:
-    """P(theta > 1/2) for theta ~ Beta(prior + wins, prior + losses)."""
-    # Written so that NaN fails too: it would come out as a null confidence.
-    if not (0 < prior <= MAX_PRIOR and 0 <= wins < math.inf and 0 <= losses < math.inf):
-        raise ValueError(
-            f"need prior in (0, {MAX_PRIOR:g}] and finite non-negative wins and losses, "
-            f"got prior={prior}, wins={wins}, losses={losses}"
-        )
-    return 1.0 - regularized_beta(prior + wins, prior + losses, 0.5)
 
 
 def examination_propensities(n: int, eta: float = 1.0) -> list[float]:
     """p_k = (1 / (k + 1)) ** eta for display positions k = 0 .. n-1."""
     return [(1.0 / (k + 1)) ** eta for k in range(n)]
-
-
-# --------------------------------------------------------------------------------------------
-# Impressions
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Impression:
-    """One validated impression: what was shown, in which order, and what was clicked."""
-
-    prompt: str | list[dict[str, str]]
-    responses: list[str]
-    clicks: list[int]
-    dwell: list[float] | None = None
-    id: str | None = None
-
-
-def _prompt(record: dict[str, Any]) -> str | list[dict[str, str]]:
-    value = record.get("prompt")
-    if value is None:
-        raise RowError("prompt", "is missing")
-    if isinstance(value, str):
-        if not value.strip():
-            raise RowError("prompt", "is empty")
-        return value
-    if isinstance(value, list) and value:
-        for i, m in enumerate(value):
-            ok = (
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            )
-            if not ok:
-                raise RowError(
-                    "prompt", f"message {i}: expected an object with 'role' and 'content'"
-                )
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise RowError("prompt", f"expected a string or chat messages, got {type(value).__name__}")
-
-
-def _number_list(record: dict[str, Any], name: str) -> list:
-    value = record.get(name)
-    if isinstance(value, str):  # CSV cells hold JSON text
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise RowError(name, "expected a list (CSV: a JSON list in the cell)") from None
-    if not isinstance(value, list):
-        raise RowError(name, f"expected a list, got {type(value).__name__}")
-    return value
-
-
-def parse_impression(record: Any) -> Impression:
-    """Validates one impression row.
-
-    Raises:
-        RowError: Naming the field at fault and why.
-    """
-    record = as_object(record)
-    prompt = _prompt(record)
-    if record.get("responses") is None:
-        raise RowError("responses", "is missing")
-    responses = _number_list(record, "responses")
-    if len(responses) < 2:
-        raise RowError("responses", "needs at least two responses")
-    for i, text in enumerate(responses):
-        if not isinstance(text, str) or not text.strip():
-            raise RowError("responses", f"entry {i}: expected a non-empty string")
-    if len({t.strip() for t in responses}) < len(responses):
-        raise RowError("responses", "holds the same response twice")
-    if record.get("clicks") is None:
-        raise RowError("clicks", "is missing (use [] for an impression without clicks)")
-    clicks = _number_list(record, "clicks")
-    for c in clicks:
-        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < len(responses):
-            raise RowError("clicks", f"{c!r} is not a response index in [0, {len(responses) - 1}]")
-    if len(set(clicks)) < len(clicks):
-        raise RowError("clicks", "lists the same index twice")
-    dwell = None
-    if record.get("dwell") is not None:
-        dwell = _number_list(record, "dwell")
-        if len(dwell) != len(clicks):
-            raise RowError("dwell", f"has {len(dwell)} entries for {len(clicks)} clicks")
-        for d in dwell:
-            if isinstance(d, bool) or not isinstance(d, int | float) or not d >= 0:
-                raise RowError("dwell", f"{d!r} is not a non-negative number of seconds")
-    raw_id = record.get("id")
-    return Impression(prompt, responses, clicks, dwell, None if raw_id is None else str(raw_id))
-
-
-def clicked(imp: Impression, min_dwell: float | None = None) -> set[int]:
-    """The positions that count as clicked: clicks shorter than ``min_dwell`` seconds do not."""
-    if min_dwell is not None and imp.dwell is not None:
-        return {c for c, d in zip(imp.clicks, imp.dwell, strict=True) if d >= min_dwell}
-    return set(imp.clicks)
-
-
-def impression_preferences(
-    imp: Impression, rule: str = "skip_above", min_dwell: float | None = None
-) -> list[tuple[int, int, int]]:
-    """(winner, loser, position of the click) triples that Joachims' rule derives.
-
-    Args:
-        imp: A validated impression.
-        rule: ``skip_above`` or ``skip_next`` (also the first unclicked response below).
-        min_dwell: Clicks shorter than this many seconds count as no click.
-    """
-    if rule not in RULES:
-        raise CompoError(f"rule: {rule!r} is not one of {list(RULES)}")
-    hits = clicked(imp, min_dwell)
-    out = []
-    for c in sorted(hits):
-        out += [(c, j, c) for j in range(c) if j not in hits]
-        if rule == "skip_next":
-            below = [j for j in range(c + 1, len(imp.responses)) if j not in hits]
-            if below:
-                out.append((c, below[0], c))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Aggregation
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass

@@ -20,8 +20,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from compo.clicks import CORRECTIONS, MAX_PRIOR, RULES, clicks_to_pairs, clicks_to_unpaired
+from compo.beta_posterior import MAX_PRIOR
+from compo.clicks import CORRECTIONS, clicks_to_pairs, clicks_to_unpaired
 from compo.errors import CompoError, DataError
+from compo.impressions import RULES
 from compo.readers import iter_records
 from compo.rundir import write_jsonl
 

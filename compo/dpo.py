@@ -9,9 +9,9 @@ with the frozen blocks' output recorded on the way; a pass of its own goes throu
 encoded pairs, for use as a library.
 
 :meth:`DPOTrainer.train` is the stage's recipe: trainable parameters, reference, resume, the
-step loop (:class:`compo.dpo_loop.StepLoop`), LoRA merge, metrics. Each optimizer step appends a
-row to ``trace/dpo.jsonl`` with the loss, reward margin, accuracy and the batch's mean
-log pi(y+) and log pi(y-), so likelihood displacement shows as it happens.
+step loop (:class:`compo.dpo_loop.StepLoop`), LoRA merge, metrics (:mod:`compo.dpo_metrics`).
+Each optimizer step appends a row to ``trace/dpo.jsonl`` with the loss, reward margin, accuracy
+and the batch's mean log pi(y+) and log pi(y-), so likelihood displacement shows as it happens.
 ``dpo_state/`` holds what resuming needs: the trainable weights (safetensors), the AdamW state
 and the step, committed with sha256 hashes (:mod:`compo.dpo_state`); a corrupt file is refused.
 """
@@ -19,7 +19,6 @@ and the step, committed with sha256 hashes (:mod:`compo.dpo_state`); a corrupt f
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -30,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from compo import distributed, settings, state
-from compo.dpo_loop import LABEL_SIDES, SCHEDULES, StepLoop, lr_scheduler
+from compo.dpo_loop import SCHEDULES, StepLoop, lr_scheduler
+from compo.dpo_metrics import pair_stats, summary, unpaired_stats
 from compo.dpo_reference import PhaseReference
 from compo.dpo_state import load_state, save_state
 from compo.encoding import labels_of
@@ -249,7 +249,8 @@ class DPOTrainer:
         kl: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Mean (optionally confidence-weighted) loss of a batch and its summed step statistics.
+        """Mean (optionally confidence-weighted) loss of a batch and its summed step statistics
+        (:func:`compo.dpo_metrics.pair_stats`, :func:`compo.dpo_metrics.unpaired_stats`).
 
         Args:
             policy: The policy's (chosen, rejected) scores, or (completion,) of unpaired examples.
@@ -260,16 +261,10 @@ class DPOTrainer:
         """
         if labels is not None:
             losses, rewards = self.loss.unpaired(policy[0], reference[0], labels, kl)
-            stats = _unpaired_stats(policy[0], rewards, labels)
+            stats = unpaired_stats(policy[0], rewards, labels)
         else:
             losses, chosen_r, rejected_r = self.loss(policy, reference, kl)
-            margin = chosen_r - rejected_r
-            stats = {
-                "reward_margin": margin.sum().item(),
-                "accuracy": (margin > 0).float().sum().item(),
-                "logp_chosen": policy[0].sum_logps.detach().sum().item(),
-                "logp_rejected": policy[1].sum_logps.detach().sum().item(),
-            }
+            stats = pair_stats(policy, chosen_r, rejected_r)
         if weights is not None:
             losses = losses * weights
         return losses.mean(), {"loss": losses.detach().sum().item(), **stats}
@@ -412,8 +407,8 @@ class DPOTrainer:
                 log.info(
                     "%s: resuming from %s at step %d of %d", self.phase, state_dir, step, total
                 )
+        trace_path = out.path / "trace" / f"{self.phase}.jsonl"
         if distributed.is_main():  # rows after the last commit (or all, on a fresh start) rerun
-            trace_path = out.path / "trace" / f"{self.phase}.jsonl"
             state.truncate_trace(trace_path, lambda r: r["step"] <= step)
         # Rank 0 overwrites dpo_state/ from its first step on: every rank must have read it.
         distributed.barrier()
@@ -450,60 +445,9 @@ class DPOTrainer:
                 adapter.save(self.adapter_dir(out))
             adapter.merge()  # ComPO and the checkpoint see a plain model with the update in it
         train_seconds = time.perf_counter() - train_started
-        metrics = self._summary(out, identity, start_step, n_trainable, tokens, train_seconds)
+        metrics = summary(trace_path, identity, start_step, n_trainable, tokens, train_seconds)
         metrics["seconds"] = round(time.perf_counter() - started, 3)
         metrics.update(balance)
         if cache_hit is not None:
             metrics["reference_cache_hit"] = int(cache_hit)
         return metrics
-
-    def _summary(self, out, identity, start_step, n_trainable, tokens, seconds) -> dict[str, Any]:
-        # From the whole trace, so a resumed run reports its first loss too.
-        trace_path = out.path / "trace" / f"{self.phase}.jsonl"
-        rows = []
-        if distributed.is_main():  # other ranks write no trace (and rank 0 may be writing it)
-            lines = trace_path.read_text().splitlines()
-            rows = [json.loads(line) for line in lines if line.strip()]
-        metrics: dict[str, Any] = {
-            **identity,
-            "steps_run": identity["total_steps"] - start_step,
-            "resumed_from_step": start_step,
-            "n_trainable_params": n_trainable,
-            "train_seconds": round(seconds, 3),
-            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-        }
-        if rows:
-            for key in _SUMMARY_KEYS:
-                if key in rows[0]:
-                    metrics[f"{key}_first"] = rows[0][key]
-                    metrics[f"{key}_last"] = rows[-1][key]
-        return metrics
-
-
-# The trace values whose first and last step are in the metrics (pairs: loss, accuracy,
-# reward_margin, logp_*; unpaired examples: loss, accuracy, and the per-label means).
-_SUMMARY_KEYS = (
-    "loss",
-    "accuracy",
-    "reward_margin",
-    "logp_chosen",
-    "logp_rejected",
-    "reward_desirable",
-    "reward_undesirable",
-    "logp_desirable",
-    "logp_undesirable",
-)
-
-
-def _unpaired_stats(scores: SequenceScores, rewards: Tensor, labels: Tensor) -> dict[str, float]:
-    """Summed step statistics of unpaired examples: ``accuracy`` counts those whose implicit
-    reward has their label's sign (desirable above the reference, undesirable below); rewards and
-    log-probs are summed per label, with the count of each label (the step's mean divides by it,
-    :mod:`compo.dpo_loop`)."""
-    sign = torch.where(labels, 1.0, -1.0).to(rewards.dtype)
-    stats = {"accuracy": ((rewards * sign) > 0).float().sum().item()}
-    for side, mask in zip(LABEL_SIDES, (labels, ~labels), strict=True):
-        stats[f"n_{side}"] = float(mask.sum().item())
-        stats[f"reward_{side}"] = rewards[mask].sum().item()
-        stats[f"logp_{side}"] = scores.sum_logps.detach()[mask].sum().item()
-    return stats

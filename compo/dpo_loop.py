@@ -6,8 +6,8 @@ clips it, steps AdamW and the learning-rate schedule (:func:`lr_scheduler`), app
 row to the trace, stops at a non-finite loss and has the resume state saved every ``save_every``
 steps. The batch order and the dropout masks depend on the step alone and the schedule's state is
 part of ``dpo_state/``, so a resumed run takes the steps the interrupted one would have taken.
-:class:`compo.dpo.DPOTrainer` sets the loop up (trainable parameters, reference log-probs, resume)
-and reads its trace back into metrics.
+:class:`compo.dpo.DPOTrainer` sets the loop up (trainable parameters, reference log-probs, resume);
+:func:`compo.dpo_metrics.summary` reads its trace back into metrics.
 """
 
 from __future__ import annotations

@@ -6,18 +6,12 @@ import json
 
 import pytest
 
-from compo.clicks import (
-    Impression,
-    beta_confidence,
-    clicks_to_pairs,
-    clicks_to_unpaired,
-    examination_propensities,
-    impression_preferences,
-    regularized_beta,
-)
+from compo.beta_posterior import beta_confidence, regularized_beta
+from compo.clicks import clicks_to_pairs, clicks_to_unpaired, examination_propensities
 from compo.clicks_cli import main
 from compo.data import load_pairs
 from compo.errors import DataError
+from compo.impressions import Impression, impression_preferences
 
 
 def imp(clicks, n=4, prompt="Q?", dwell=None, **extra):
