@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from compo import distributed, settings
+from compo.errors import CompoError
 from compo.zo.directions import DirectionSampler, GaussianSphere
 from compo.zo.head import HeadEvaluator
 from compo.zo.scope import Scope
@@ -205,6 +206,20 @@ class Expected:
     """
 
     m = 0
+
+    def estimate(self, oracle) -> Estimate:
+        """The oracle's r -> 0 limit direction (no queries).
+
+        Raises:
+            CompoError: The oracle has no exact limit (an output-level judge, say).
+        """
+        limit = oracle.limit()
+        if limit is None:
+            raise CompoError(
+                f"optimizer.estimator=expected: oracle {type(oracle).__name__} has no exact "
+                "r -> 0 limit; use estimator=monte_carlo"
+            )
+        return self.estimate_from_limit(limit)
 
     def estimate_from_limit(self, limit) -> Estimate:
         frac = 0.0 if math.isnan(limit.frac) else limit.frac

@@ -3,8 +3,9 @@
 Per iteration t on ``batch_size`` pairs: draw m directions z_i (regenerated from (seed, t, i)),
 ask the oracle y_i = C(theta, theta + r z_i), form g = sum_i y_i z_i / ||.|| in fp32, zero its
 small entries, and with frac = |{y_i = -1}| / m take theta <- theta - gamma frac g if frac > lambda
-(optionally only if the oracle prefers the result). Each iteration writes one row of
-``trace/compo.jsonl``; the summary goes to ``metrics.json`` under ``compo.``.
+(optionally only if the oracle prefers the result); r is :class:`compo.zo.radius.RadiusSchedule`'s.
+Each iteration writes one row of ``trace/compo.jsonl``; their summary (:mod:`compo.zo.summary`)
+goes to ``metrics.json`` under ``compo.``.
 
 After each iteration the fp32 master weights are committed to ``compo_state/``
 (:mod:`compo.zo.resume`); rerunning the same command continues from there. Under torchrun the m
@@ -14,7 +15,6 @@ perturbations are split across ranks (:mod:`compo.distributed`); only rank 0 wri
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from compo import distributed, settings, state
+from compo import distributed, settings
 from compo.data import load_pairs
 from compo.errors import CompoError
 from compo.heldout import count_shared
@@ -30,25 +30,17 @@ from compo.interfaces import ComparisonOracle
 from compo.rundir import RunDir
 from compo.stages import Job, Outcome
 from compo.zo.directions import DirectionBatch, DirectionSampler, GaussianSphere
-from compo.zo.estimator import (
-    TIE_RULES,
-    Estimate,
-    Expected,
-    MonteCarlo,
-    cosine,
-    norm,
-)
+from compo.zo.estimator import TIE_RULES, Expected, MonteCarlo, cosine, norm
 from compo.zo.head import HeadEvaluator
-from compo.zo.radius import AUTO_START, PARAMETER_ORACLE_RADIUS, RADIUS_SCALES, RadiusSearch
-from compo.zo.resume import CompoState, fingerprint
+from compo.zo.radius import PARAMETER_ORACLE_RADIUS, RADIUS_SCALES, RadiusSchedule, RadiusSearch
+from compo.zo.resume import CompoState, fingerprint, truncate_traces
 from compo.zo.scope import Scope
+from compo.zo.summary import low_decisive, summarise
 from compo.zo.update import clip, normalise
 
 log = logging.getLogger(__name__)
 
 ESTIMATORS = ("monte_carlo", "expected")
-# Below this share of decisive verdicts over a run, the oracle barely spoke: say so.
-LOW_DECISIVE = 0.05
 
 
 class ComPO:
@@ -238,7 +230,7 @@ class ComPO:
         """What the iterations' results depend on (for the resume fingerprint)."""
         ignored = {"epochs", "max_iterations", "progress", "pairs_path", "resume", "save_every"}
         skip = ignored | {"sampler", "monte_carlo", "radius_search"}
-        # Run state (``_radius``) is not a setting: a resumed run restores it from the commit.
+        # Run state (``_radii``) is not a setting: a resumed run restores it from the commit.
         out = {k: v for k, v in vars(self).items() if k not in skip and not k.startswith("_")}
         out["radius_search"] = vars(self.radius_search)
         out["sampler"] = [type(self.sampler).__name__, vars(self.sampler)]
@@ -289,9 +281,17 @@ class ComPO:
             )
         # Rank 0 commits compo_state/ after its first iteration: every rank must have read it.
         distributed.barrier()
-        rows = self._truncate_traces(run_dir, start) if distributed.is_main() else []
-        self._radius = keeper.radius if start else None
-        self._fixed_radius = False
+        rows = truncate_traces(run_dir.path, start) if distributed.is_main() else []
+        self._radii = RadiusSchedule(
+            None if self.auto_radius else self.radius,
+            self.radius_scale,
+            self.radius_every,
+            self.radius_search,
+            self.sampler,
+            self.seed,
+            self.monte_carlo.batch,
+            keeper.radius if start else None,
+        )
         log.info(
             "ComPO: %d iterations%s, %d perturbed parameters (%s)",
             len(batches),
@@ -311,88 +311,17 @@ class ComPO:
                 done = t + 1
                 due = done == len(batches) or (self.save_every and done % self.save_every == 0)
                 if due and distributed.is_main():
-                    keeper.save(scope, done, batches, self.seed, self._radius)
+                    keeper.save(scope, done, batches, self.seed, self._radii.in_force)
                 bar.set_postfix(frac=f"{row['frac']:.2f}", applied=row["applied"])
         scope.write_back()
-        summary = _summary(rows, time.perf_counter() - started)
+        summary = summarise(rows, time.perf_counter() - started)
         summary.update(resumed_from_iteration=start, iterations_run=len(batches) - start)
-        if self.estimator == "monte_carlo" and summary["n_verdicts"]:
-            share = summary["decisive_share"]
-            if share < LOW_DECISIVE:
-                warning = (
-                    f"the oracle decided only {summary['n_decisive']} of {summary['n_verdicts']} "
-                    f"comparisons ({100 * share:.1f}%); ties teach nothing: try optimizer.radius="
-                    "auto, a larger radius, or an oracle with finer verdicts"
-                )
-                log.warning("compo: %s", warning)
-                summary["warning"] = warning
+        # The expected estimator asks the oracle nothing: there are no verdicts to judge it by.
+        warning = low_decisive(summary) if self.estimator == "monte_carlo" else None
+        if warning:
+            log.warning("compo: %s", warning)
+            summary["warning"] = warning
         return summary
-
-    @staticmethod
-    def _truncate_traces(run_dir: RunDir, start: int) -> list[dict[str, Any]]:
-        """Keeps the trace rows of the ``start`` committed iterations; returns ComPO's."""
-        oracle_trace = run_dir.path / "trace" / "oracle.jsonl"
-        state.truncate_trace(oracle_trace, lambda r: r.get("iteration", -1) < start)
-        return state.truncate_trace(
-            run_dir.path / "trace" / "compo.jsonl", lambda r: r["iteration"] < start
-        )
-
-    # ------------------------------------------------------------------ radius
-    def _entries(self, scope: Scope, support) -> int:
-        """Entries one direction spans (for the per-entry convention)."""
-        if support is None:
-            return scope.numel
-        rest = sum(b.master.numel() for b in scope.blocks[1:])
-        return int(support.numel()) * scope.shapes[0][1] + rest
-
-    def _iteration_radius(self, t, oracle, scope, support) -> tuple[float, dict[str, Any]]:
-        """The total radius of iteration t, searching it under ``radius=auto`` when due."""
-        if not self.auto_radius:
-            scale = (
-                math.sqrt(self._entries(scope, support)) if self.radius_scale == "per_entry" else 1
-            )
-            return self.radius * scale, {}
-        if self._radius is not None and (self._fixed_radius or t % self.radius_every):
-            return self._radius, {}
-        probes = list(range(self.radius_search.probes))
-        measured: dict[float, float] = {}  # the search may ask again for the starting radius
-
-        def share_at(r: float) -> float:
-            if r in measured:
-                return measured[r]
-            shares: list[float] = []
-            for lo in range(0, len(probes), self.monte_carlo.batch):
-                dirs = self.sampler.sample(
-                    self.seed,
-                    -(t + 1),
-                    probes[lo : lo + self.monte_carlo.batch],
-                    scope.shapes,
-                    support,
-                )
-                got = oracle.differ(dirs.scaled(r))
-                if got is None:
-                    return float("nan")
-                shares.extend(got)
-            measured[r] = sum(shares) / len(shares)
-            return measured[r]
-
-        start = self._radius or AUTO_START
-        if oracle.kind != "output" or math.isnan(share_at(start)):
-            # The oracle reads log-probabilities (exactly, at any radius): the paper's r serves.
-            self._radius, self._fixed_radius = PARAMETER_ORACLE_RADIUS, True
-            return self._radius, {"radius_search": "not needed: the oracle reads log-probs"}
-        found = self.radius_search.search(share_at, start)
-        self._radius = found.radius
-        log.info(
-            "compo: radius %.4g (%.0f%% of responses differ, target %.0f%%)",
-            found.radius,
-            100 * found.share,
-            100 * self.radius_search.target,
-        )
-        return found.radius, {
-            "radius_differ": found.share,
-            "radius_tried": [[r, s] for r, s in found.tried],
-        }
 
     # ------------------------------------------------------------------ one iteration
     def _iteration(self, t, batch, policy, scope, oracle, head, pad, progress):
@@ -403,13 +332,13 @@ class ComPO:
         limit = head.limit() if self.trace_limit else None
         radius, search = None, {}
         if self.estimator == "expected":
-            est = self._expected(oracle)
+            est = Expected().estimate(oracle)
         else:
             support = None
             if self.sampler.needs_support:
                 support = oracle.support(self.sampler.top_k)
                 support = head.support(self.sampler.top_k) if support is None else support
-            radius, search = self._iteration_radius(t, oracle, scope, support)
+            radius, search = self._radii.at(t, oracle, scope, support)
             est = self.monte_carlo.estimate(
                 oracle, scope, self.seed, t, support, progress=progress, radius=radius
             )
@@ -463,51 +392,3 @@ class ComPO:
             }
         )
         return row
-
-    @staticmethod
-    def _expected(oracle) -> Estimate:
-        """The oracle's r -> 0 limit direction (no queries)."""
-        limit = oracle.limit()
-        if limit is None:
-            raise CompoError(
-                f"optimizer.estimator=expected: oracle {type(oracle).__name__} has no exact "
-                "r -> 0 limit; use estimator=monte_carlo"
-            )
-        return Expected().estimate_from_limit(limit)
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(values) / len(values) if values else None
-
-
-def _summary(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    applied = [r for r in rows if r["applied"]]
-
-    def changes(key: str) -> list[float]:
-        after, before = f"logp_{key}_after", f"logp_{key}_before"
-        return [a - b for r in rows for a, b in zip(r[after], r[before], strict=True)]
-
-    d_chosen, d_rejected = changes("chosen"), changes("rejected")
-    n_verdicts = sum(r["m"] for r in rows)
-    n_decisive = sum(r["n_better"] + r["n_worse"] for r in rows)
-    radii = [r["radius"] for r in rows if r.get("radius") is not None]
-    return {
-        "changed": bool(applied),
-        "n_iterations": len(rows),
-        "n_applied": len(applied),
-        "n_skipped": len(rows) - len(applied),
-        "n_verdicts": n_verdicts,
-        "n_decisive": n_decisive,
-        "decisive_share": n_decisive / n_verdicts if n_verdicts else None,
-        "frac_mean": _mean(r["frac"] for r in rows),
-        "frac_predicted_mean": _mean(r["frac_predicted"] for r in rows),
-        "cos_limit_mean": _mean(r["cos_limit"] for r in rows),
-        "radius_mean": _mean(radii),
-        "radius_last": radii[-1] if radii else None,
-        "radius_differ_mean": _mean(r.get("radius_differ") for r in rows),
-        "delta_norm_sum": sum(r["delta_norm"] for r in rows),
-        "delta_logp_chosen_mean": _mean(d_chosen),
-        "delta_logp_rejected_mean": _mean(d_rejected),
-        "seconds": round(seconds, 3),
-    }

@@ -15,6 +15,9 @@ perturbed responses differ from the current ones, on that iteration's prompts, w
 directions of their own (drawn for iteration ``-(t + 1)``, so they never coincide with the
 iteration's m directions). The search brackets the target by factors of 4, then bisects in log
 space; it asks the oracle's ``differ`` (generation only, no judge call).
+
+:class:`RadiusSchedule` gives each iteration of a run its total radius under either convention
+and runs the search when it is due; :class:`compo.zo.optimizer.ComPO` builds one per run.
 """
 
 from __future__ import annotations
@@ -23,8 +26,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
 
 from compo import settings
+from compo.interfaces import ComparisonOracle
+from compo.zo.directions import DirectionSampler
+from compo.zo.scope import Scope
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +116,97 @@ class RadiusSearch:
             tried, key=lambda t: (abs(t[1] - self.target), t[1] < self.target, t[0])
         )
         return SearchResult(best_r, best_s, tried)
+
+
+def spanned_entries(scope: Scope, support: Tensor | None) -> int:
+    """Entries one direction spans: d of the ``per_entry`` convention (||r z|| ~ r sqrt(d)).
+
+    A support-restricted direction spans only the ``support`` rows of the output layer (the
+    first block), and every entry of the other blocks.
+    """
+    if support is None:
+        return scope.numel
+    rest = sum(b.master.numel() for b in scope.blocks[1:])
+    return int(support.numel()) * scope.shapes[0][1] + rest
+
+
+class RadiusSchedule:
+    """The total radius of each iteration of one run.
+
+    A number r serves every iteration: as the total norm, or under ``per_entry`` as
+    r sqrt(d) for the d entries that iteration's directions span. Under ``radius=auto`` the
+    radius is searched at the first iteration and every ``every`` iterations after, and kept in
+    between; an oracle that reads log-probabilities, not text, gets the paper's r for the run.
+
+    Args:
+        radius: r, or None for ``radius=auto``.
+        scale: One of :data:`RADIUS_SCALES`.
+        every: ``radius=auto``: search again every this many iterations.
+        search: ``radius=auto``: the search (its target share and probe count).
+        sampler: Draws the probe directions (the run's direction sampler).
+        seed: The run's seed; iteration t's probes are drawn for iteration ``-(t + 1)``.
+        batch: Probe directions alive at once (the estimator's perturbation batch).
+        in_force: The radius in force at a resumed run's commit (None: none yet).
+    """
+
+    def __init__(
+        self,
+        radius: float | None,
+        scale: str,
+        every: int,
+        search: RadiusSearch,
+        sampler: DirectionSampler,
+        seed: int,
+        batch: int,
+        in_force: float | None = None,
+    ) -> None:
+        self.radius, self.scale, self.every, self.search = radius, scale, every, search
+        self.sampler, self.seed, self.batch = sampler, seed, batch
+        # Under radius=auto: the radius searched last (what a commit stores), and whether it is
+        # the parameter oracles' r, which is never searched again.
+        self.in_force, self.fixed = in_force, False
+
+    def at(
+        self, t: int, oracle: ComparisonOracle, scope: Scope, support: Tensor | None
+    ) -> tuple[float, dict[str, Any]]:
+        """The total radius of iteration t and its trace fields (the search's, when it ran)."""
+        if self.radius is not None:
+            scale = math.sqrt(spanned_entries(scope, support)) if self.scale == "per_entry" else 1
+            return self.radius * scale, {}
+        if self.in_force is not None and (self.fixed or t % self.every):
+            return self.in_force, {}
+        probes = list(range(self.search.probes))
+        measured: dict[float, float] = {}  # the search may ask again for the starting radius
+
+        def share_at(r: float) -> float:
+            if r in measured:
+                return measured[r]
+            shares: list[float] = []
+            for lo in range(0, len(probes), self.batch):
+                dirs = self.sampler.sample(
+                    self.seed, -(t + 1), probes[lo : lo + self.batch], scope.shapes, support
+                )
+                got = oracle.differ(dirs.scaled(r))
+                if got is None:
+                    return float("nan")
+                shares.extend(got)
+            measured[r] = sum(shares) / len(shares)
+            return measured[r]
+
+        start = self.in_force or AUTO_START
+        if oracle.kind != "output" or math.isnan(share_at(start)):
+            # The oracle reads log-probabilities (exactly, at any radius): the paper's r serves.
+            self.in_force, self.fixed = PARAMETER_ORACLE_RADIUS, True
+            return self.in_force, {"radius_search": "not needed: the oracle reads log-probs"}
+        found = self.search.search(share_at, start)
+        self.in_force = found.radius
+        log.info(
+            "compo: radius %.4g (%.0f%% of responses differ, target %.0f%%)",
+            found.radius,
+            100 * found.share,
+            100 * self.search.target,
+        )
+        return found.radius, {
+            "radius_differ": found.share,
+            "radius_tried": [[r, s] for r, s in found.tried],
+        }

@@ -5,6 +5,8 @@ iterations; ``progress.json`` (written last, the commit marker, see :mod:`compo.
 the data position, the seed, a fingerprint of everything the iterations depend on and the file's
 sha256. A rerun of the same command loads it, skips the t committed iterations and continues;
 directions are regenerated from (seed, t, i), so nothing else is needed to continue exactly.
+Trace rows written after the last commit are dropped (:func:`truncate_traces`): their
+iterations run again.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ def fingerprint(settings: dict[str, Any], scope: Scope, pairs: Sequence) -> str:
             "start": state.digest_tensors(scope.masters()),
         }
     )
+
+
+def truncate_traces(run_dir: Path, start: int) -> list[dict[str, Any]]:
+    """Keeps the trace rows of the ``start`` committed iterations; returns ComPO's.
+
+    ``trace/compo.jsonl`` and ``trace/oracle.jsonl`` under ``run_dir`` are rewritten; oracle rows
+    that belong to no iteration are kept.
+    """
+    oracle_trace = run_dir / "trace" / "oracle.jsonl"
+    state.truncate_trace(oracle_trace, lambda r: r.get("iteration", -1) < start)
+    return state.truncate_trace(run_dir / "trace" / "compo.jsonl", lambda r: r["iteration"] < start)
 
 
 class CompoState:

@@ -1,0 +1,83 @@
+"""A ComPO run's summary: the ``compo.*`` metrics, read from its trace rows.
+
+:func:`summarise` reads every row of ``trace/compo.jsonl``, those of a resumed run's earlier
+iterations included, so a rerun's metrics describe the whole run, not only its last part.
+:func:`low_decisive` is the one line a run ends with when its oracle barely decided anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+# Below this share of decisive verdicts over a run, the oracle barely spoke: say so.
+LOW_DECISIVE = 0.05
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    # Rows without a value (None: no limit traced, no radius) or with NaN leave the mean alone.
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The summary metrics of a run with these trace rows (one per iteration).
+
+    Args:
+        rows: The run's trace rows, in iteration order.
+        seconds: Wall-clock time of the run (this process's part of it).
+
+    Returns:
+        Counts of iterations, steps and verdicts, means over the rows and the total log-prob
+        changes of the pairs; ``changed`` is whether any step was applied.
+    """
+    applied = [r for r in rows if r["applied"]]
+
+    def changes(key: str) -> list[float]:
+        after, before = f"logp_{key}_after", f"logp_{key}_before"
+        return [a - b for r in rows for a, b in zip(r[after], r[before], strict=True)]
+
+    d_chosen, d_rejected = changes("chosen"), changes("rejected")
+    n_verdicts = sum(r["m"] for r in rows)
+    n_decisive = sum(r["n_better"] + r["n_worse"] for r in rows)
+    radii = [r["radius"] for r in rows if r.get("radius") is not None]
+    return {
+        "changed": bool(applied),
+        "n_iterations": len(rows),
+        "n_applied": len(applied),
+        "n_skipped": len(rows) - len(applied),
+        "n_verdicts": n_verdicts,
+        "n_decisive": n_decisive,
+        "decisive_share": n_decisive / n_verdicts if n_verdicts else None,
+        "frac_mean": _mean(r["frac"] for r in rows),
+        "frac_predicted_mean": _mean(r["frac_predicted"] for r in rows),
+        "cos_limit_mean": _mean(r["cos_limit"] for r in rows),
+        "radius_mean": _mean(radii),
+        "radius_last": radii[-1] if radii else None,
+        "radius_differ_mean": _mean(r.get("radius_differ") for r in rows),
+        "delta_norm_sum": sum(r["delta_norm"] for r in rows),
+        "delta_logp_chosen_mean": _mean(d_chosen),
+        "delta_logp_rejected_mean": _mean(d_rejected),
+        "seconds": round(seconds, 3),
+    }
+
+
+def low_decisive(summary: dict[str, Any]) -> str | None:
+    """The warning for a run whose oracle decided < :data:`LOW_DECISIVE` of its comparisons.
+
+    Args:
+        summary: From :func:`summarise`.
+
+    Returns:
+        One line saying how few comparisons were decided and what to try, or None (enough were,
+        or there were no verdicts).
+    """
+    share = summary["decisive_share"]
+    if not summary["n_verdicts"] or share >= LOW_DECISIVE:
+        return None
+    return (
+        f"the oracle decided only {summary['n_decisive']} of {summary['n_verdicts']} "
+        f"comparisons ({100 * share:.1f}%); ties teach nothing: try optimizer.radius="
+        "auto, a larger radius, or an oracle with finer verdicts"
+    )
