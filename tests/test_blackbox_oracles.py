@@ -128,6 +128,18 @@ def test_each_design_teaches_the_judges_taste_on_unseen_prompts(tmp_path, design
     assert usage["judge.texts_scored"] > 0  # the judge, not the likelihood, taught it
 
 
+def test_the_trace_measures_steps_against_the_oracles_own_exact_direction(tmp_path):
+    # sample_scored's exact direction is its policy gradient, not the likelihood oracle's: the
+    # trace's cos_limit is taken against the oracle's own, so its expected steps score 1.
+    *_, run_dir = _train(tmp_path, _sample_scored(), estimator="expected", epochs=1)
+    rows = [json.loads(line) for line in (run_dir.path / "trace" / "compo.jsonl").open()]
+    assert rows and all(r["cos_limit"] == pytest.approx(1.0) for r in rows)
+    *_, run_dir = _train(tmp_path / "judge", _generative(), radius="auto", epochs=1,
+                         num_directions=8, max_iterations=1)  # fmt: skip
+    row = json.loads((run_dir.path / "trace" / "compo.jsonl").read_text().splitlines()[0])
+    assert row["cos_limit"] is None  # a judge of text has no exact direction to compare with
+
+
 def test_sample_scored_spends_k_calls_per_prompt_whatever_m(tmp_path):
     calls = []
     for m in (16, 64):

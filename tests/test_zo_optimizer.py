@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -118,6 +119,23 @@ def test_expected_estimator_computes_the_limit_once_per_iteration(
     rows = [json.loads(line) for line in (tmp_path / "trace" / "compo.jsonl").open()]
     assert len(rows) == 3 and len(calls) == 3
     assert all(r["cos_limit"] == pytest.approx(1.0) for r in rows)  # the step is the limit
+
+
+def test_a_noisy_vote_direction_is_measured_and_the_run_says_so(
+    tiny, easy_encoded, tmp_path, caplog
+):
+    # 4 votes span almost nothing of the output layer: the step's cosine with the likelihood
+    # oracle's exact direction is small, and the run ends saying so (one line, and the metric).
+    with caplog.at_level(logging.WARNING):
+        votes = _run(tiny, easy_encoded[:2], tmp_path / "votes", num_directions=4, epochs=1)
+    assert 0 < abs(votes["cos_limit_mean"]) < 0.1
+    assert "exact direction" in votes["warning"]
+    assert sum("exact direction" in r.getMessage() for r in caplog.records) == 1
+    from compo.models import TinyModel
+
+    exact = _run(TinyModel(seed=0).load(), easy_encoded[:2], tmp_path / "exact",
+                 epochs=1, estimator="expected")  # fmt: skip
+    assert exact["cos_limit_mean"] == pytest.approx(1.0) and "warning" not in exact
 
 
 def test_trace_and_metrics(tiny, easy_encoded, tmp_path):

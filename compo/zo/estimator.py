@@ -207,13 +207,18 @@ class Expected:
 
     m = 0
 
-    def estimate(self, oracle) -> Estimate:
+    def estimate(self, oracle, limit=None) -> Estimate:
         """The oracle's r -> 0 limit direction (no queries).
+
+        Args:
+            oracle: The comparison oracle.
+            limit: ``oracle.limit()`` when the caller holds it already (it may cost a backward
+                pass); asked of the oracle when None.
 
         Raises:
             CompoError: The oracle has no exact limit (an output-level judge, say).
         """
-        limit = oracle.limit()
+        limit = oracle.limit() if limit is None else limit
         if limit is None:
             raise CompoError(
                 f"optimizer.estimator=expected: oracle {type(oracle).__name__} has no exact "

@@ -35,7 +35,7 @@ from compo.zo.head import HeadEvaluator
 from compo.zo.radius import PARAMETER_ORACLE_RADIUS, RADIUS_SCALES, RadiusSchedule, RadiusSearch
 from compo.zo.resume import CompoState, fingerprint, truncate_traces
 from compo.zo.scope import Scope
-from compo.zo.summary import low_decisive, summarise
+from compo.zo.summary import low_decisive, noisy_direction, summarise
 from compo.zo.update import clip, normalise
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,11 @@ class ComPO:
         epochs: Passes over the pairs.
         max_iterations: Stop after this many iterations (None: all pairs, all epochs).
         perturbation_batch: Directions alive at once (memory vs. speed).
-        trace_limit: Compute the likelihood limit direction each iteration for the trace (two
-            backward passes through the head; cheap next to m oracle queries).
+        trace_limit: Trace each iteration's step against the oracle's own exact r -> 0
+            direction when it has one (``cos_limit``; likelihood, judged_pairs, sample_scored),
+            and the likelihood oracle's predicted frac and angle (two backward passes through
+            the head; cheap next to m oracle queries). A vote run whose mean ``cos_limit`` is
+            below :data:`compo.zo.summary.NOISY_COSINE` ends with a warning.
         seed: Seeds every direction through (seed, iteration, index).
         pairs_path: Run on this preference file instead of the splitter's ambiguous split (the
             cli loads it; kept here so the config holds it).
@@ -316,11 +319,13 @@ class ComPO:
         scope.write_back()
         summary = summarise(rows, time.perf_counter() - started)
         summary.update(resumed_from_iteration=start, iterations_run=len(batches) - start)
-        # The expected estimator asks the oracle nothing: there are no verdicts to judge it by.
-        warning = low_decisive(summary) if self.estimator == "monte_carlo" else None
-        if warning:
-            log.warning("compo: %s", warning)
-            summary["warning"] = warning
+        # The expected estimator asks the oracle nothing: no verdicts, no estimate to judge.
+        if self.estimator == "monte_carlo":
+            warnings = [w for w in (low_decisive(summary), noisy_direction(summary)) if w]
+            for warning in warnings:
+                log.warning("compo: %s", warning)
+            if warnings:
+                summary["warning"] = "; ".join(warnings)
         return summary
 
     # ------------------------------------------------------------------ one iteration
@@ -330,9 +335,13 @@ class ComPO:
         oracle.begin(policy, scope, batch, pad, iteration=t, head=head)
         n = len(batch)
         limit = head.limit() if self.trace_limit else None
+        # The oracle's own exact direction (None for a judge of text): the expected estimator's
+        # step, and what the trace measures a vote step against. Asked once: it may cost a
+        # backward pass (the likelihood oracle's is the head's limit above, memoised).
+        exact = oracle.limit() if self.trace_limit or self.estimator == "expected" else None
         radius, search = None, {}
         if self.estimator == "expected":
-            est = Expected().estimate(oracle)
+            est = Expected().estimate(oracle, exact)
         else:
             support = None
             if self.sampler.needs_support:
@@ -356,7 +365,7 @@ class ComPO:
             **search,
             "frac_predicted": limit.frac if limit else None,
             "angle_ab": limit.angle if limit else None,
-            "cos_limit": cosine(g, limit.direction) if limit else None,
+            "cos_limit": cosine(g, exact.direction) if exact and self.trace_limit else None,
             "logp_chosen_before": base[:n].tolist(),
             "logp_rejected_before": base[n:].tolist(),
         }

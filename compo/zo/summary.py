@@ -2,7 +2,8 @@
 
 :func:`summarise` reads every row of ``trace/compo.jsonl``, those of a resumed run's earlier
 iterations included, so a rerun's metrics describe the whole run, not only its last part.
-:func:`low_decisive` is the one line a run ends with when its oracle barely decided anything.
+:func:`low_decisive` and :func:`noisy_direction` are the lines a run ends with when its oracle
+barely decided anything, or its votes barely pointed the oracle's way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from typing import Any
 
 # Below this share of decisive verdicts over a run, the oracle barely spoke: say so.
 LOW_DECISIVE = 0.05
+# Below this mean cosine between the vote direction and the oracle's exact one, under 1% of a
+# step's squared length points where the oracle wants: the rest is noise, and a random change of
+# a trained output layer lowers the likelihood of every reply it was trained on (the v2
+# benchmark measured 0.008 at m = 64 on SmolLM2; experiments/README.md, "What limits ComPO").
+NOISY_COSINE = 0.1
 
 
 def _mean(values: Iterable[Any]) -> float | None:
@@ -80,4 +86,25 @@ def low_decisive(summary: dict[str, Any]) -> str | None:
         f"the oracle decided only {summary['n_decisive']} of {summary['n_verdicts']} "
         f"comparisons ({100 * share:.1f}%); ties teach nothing: try optimizer.radius="
         "auto, a larger radius, or an oracle with finer verdicts"
+    )
+
+
+def noisy_direction(summary: dict[str, Any]) -> str | None:
+    """The warning for a vote run whose steps were mostly noise.
+
+    Args:
+        summary: From :func:`summarise`; ``cos_limit_mean`` is the mean cosine of the vote
+            direction with the oracle's exact one (None: not traced, or no exact direction).
+
+    Returns:
+        One line with the measured cosine and what to change, or None (not measured, or at
+        least :data:`NOISY_COSINE`).
+    """
+    cos = summary["cos_limit_mean"]
+    if cos is None or cos >= NOISY_COSINE:
+        return None
+    return (
+        f"the vote direction's mean cosine with the oracle's exact direction was {cos:.3f}: "
+        "each step was mostly noise; raise optimizer.num_directions (the cosine grows like "
+        "sqrt(m)) or use optimizer.estimator=expected"
     )
