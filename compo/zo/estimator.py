@@ -63,31 +63,23 @@ class Limit:
     norm_rejected: float
 
 
-def dot(x: Sequence[Tensor], y: Sequence[Tensor]) -> float:
-    """<x, y> over a list of blocks, in float64.
-
-    Products of float32 numbers are exact in float64, so only the sum rounds. One BLAS dot per
-    block: an output layer is ~10^7-10^8 entries, and a product tensor of that size (what
-    ``(a * b).sum()`` allocates) made these reductions most of a ComPO iteration's time.
-    """
-    return float(sum(_dot(a, b) for a, b in zip(x, y, strict=True)))
+def _flat64(t: Tensor) -> Tensor:
+    # Products of float32 numbers are exact in float64, so only the sums round. One conversion
+    # and one BLAS dot per block: an output layer is ~10^7-10^8 entries, and a float64 product
+    # tensor per reduction (``(a * b).sum()``) made these reductions most of an iteration's time.
+    return t.detach().reshape(-1).double()
 
 
 def norm(x: Sequence[Tensor]) -> float:
-    """||x|| over a list of blocks (each block converted to float64 once)."""
-    return math.sqrt(float(sum(_dot(t, None) for t in x)))
-
-
-def _dot(a: Tensor, b: Tensor | None) -> Tensor:
-    a = a.detach().reshape(-1).double()
-    return torch.dot(a, a if b is None else b.detach().reshape(-1).double())
+    """||x|| over a list of blocks, in float64."""
+    return math.sqrt(sum(float(f @ f) for f in map(_flat64, x)))
 
 
 def gram(x: Sequence[Tensor], y: Sequence[Tensor]) -> tuple[float, float, float]:
-    """(<x, x>, <y, y>, <x, y>) in float64, each block of x and y converted once."""
+    """(<x, x>, <y, y>, <x, y>) over lists of blocks in float64, each block converted once."""
     xx = yy = xy = 0.0
     for a, b in zip(x, y, strict=True):
-        a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+        a, b = _flat64(a), _flat64(b)
         xx, yy, xy = xx + float(a @ a), yy + float(b @ b), xy + float(a @ b)
     return xx, yy, xy
 
