@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from compo.data import ROLES, as_object
 from compo.errors import CompoError
 from compo.readers import RowError
+from compo.records import ROLES, as_object
 
 RULES = ("skip_above", "skip_next")
 

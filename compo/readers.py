@@ -4,7 +4,7 @@
 Parquet; :func:`read_source` also resolves ``save_to_disk`` directories and hub dataset ids
 (:mod:`compo.sources`) and the embedded default set. A row that cannot be read becomes a
 :class:`RowError` in place of its record, so one bad line spoils only its row; validating records
-into pairs is :mod:`compo.data`'s job.
+into pairs is :mod:`compo.records`' job, loading a file's rows :mod:`compo.data`'s.
 """
 
 from __future__ import annotations
