@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from compo.interfaces import CompoError, OracleError, Verdict, local_generator, settings
-from oracles.generative import Decoder, TextOracle, eos_ids, judge_prompt
+from oracles.decoding import Decoder, eos_ids
+from oracles.generative import TextOracle, judge_prompt
 
 log = logging.getLogger(__name__)
 
