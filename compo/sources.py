@@ -1,6 +1,6 @@
 """Preference rows from Hugging Face ``datasets``: a ``save_to_disk`` directory or a hub id.
 
-``data.path`` names a local file (read by :mod:`compo.data` itself), a directory written by
+``data.path`` names a local file (read by :mod:`compo.readers`), a directory written by
 ``datasets.save_to_disk`` (read with ``datasets.load_from_disk``: a ``Dataset``, or a
 ``DatasetDict`` whose ``data.split`` is taken) or a dataset id on the Hugging Face hub (read with
 ``datasets.load_dataset(id, split=data.split)``; ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``
