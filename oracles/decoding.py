@@ -14,6 +14,7 @@ given are duck-typed.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,8 +40,7 @@ class Decoder:
         """The prompt's KV cache and last hidden state, for :meth:`generate` to continue from."""
         decoder = self.model.get_decoder()
         ids = torch.tensor([list(prompt_ids)], device=self.weight.device)
-        out = decoder(input_ids=ids, use_cache=True)
-        return out.past_key_values, out.last_hidden_state[:, -1]
+        return _forward(decoder, None, input_ids=ids)
 
     @torch.no_grad()
     def generate(
@@ -78,8 +78,7 @@ class Decoder:
                 break
             feed = nxt.clone()
             feed[torch.tensor(done)] = self.pad  # finished rows: output ignored from here on
-            out = decoder(input_ids=feed[:, None], past_key_values=cache, use_cache=True)
-            cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+            cache, h = _forward(decoder, cache, input_ids=feed[:, None])
         return tokens
 
     @torch.no_grad()
@@ -100,8 +99,9 @@ class Decoder:
             mask[r, width - len(seq) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         decoder = self.model.get_decoder()
-        out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+        cache, h = _forward(
+            decoder, None, input_ids=ids, attention_mask=mask, position_ids=positions
+        )
         position = positions[:, -1:]
         tokens: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
@@ -118,14 +118,9 @@ class Decoder:
             feed[torch.tensor(done)] = self.pad
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1
-            out = decoder(
-                input_ids=feed[:, None],
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=cache,
-                use_cache=True,
+            cache, h = _forward(
+                decoder, cache, input_ids=feed[:, None], attention_mask=mask, position_ids=position
             )
-            cache, h = out.past_key_values, out.last_hidden_state[:, -1]
         return [tokens[j * k : (j + 1) * k] for j in range(len(prompts))]
 
     def _head_product(self, deltas: Any, h: torch.Tensor) -> torch.Tensor:
@@ -151,6 +146,21 @@ class Decoder:
         u = torch.rand(shape, generator=gen, device=logits.device)
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
         return (logits / temperature + gumbel).argmax(-1)
+
+
+def _forward(decoder: Any, cache: Any, **inputs: Any) -> tuple[Any, torch.Tensor]:
+    """One decoder pass continuing ``cache`` (None: a fresh one): the new cache, last hidden state.
+
+    transformers 5.x calls the KV cache ``cache`` (argument and output field) and deprecates
+    ``past_key_values`` (removal announced for 5.40); earlier releases only know the old name.
+    The name is read from the decoder's signature, so both work without a version check.
+    """
+    known = inspect.signature(decoder.forward).parameters
+    name = "cache" if "cache" in known else "past_key_values"
+    if cache is not None:
+        inputs[name] = cache
+    out = decoder(use_cache=True, **inputs)
+    return out[name], out.last_hidden_state[:, -1]
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:

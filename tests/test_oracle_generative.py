@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -66,6 +68,20 @@ def test_current_response_matches_hf_generate(setup):
     )[0, ids.shape[1]:].tolist()  # fmt: skip
     assert oracle.current[0] == ref
     assert oracle.prompts[0] == "Name three primary colors."
+
+
+def test_cached_decoding_uses_the_installed_transformers_name_for_the_cache(setup):
+    """No deprecated keyword: transformers 5.x renamed ``past_key_values`` to ``cache`` and will
+    drop the old name (5.40), which would break every generating oracle at once."""
+    model, tokenizer, pairs, scope = setup
+    oracle = _oracle(tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        oracle.begin(model, scope, pairs, tokenizer.pad_token_id, iteration=0, head=None)
+        oracle._responses(GaussianSphere().sample(0, 0, [0, 1], scope.shapes).scaled(20.0), 0)
+        prompts = [pairs[0].prompt_ids, pairs[1].prompt_ids]
+        oracle.decoder.sample(prompts, 2, torch.Generator().manual_seed(0), 1.0)
 
 
 def test_zero_perturbation_ties_without_asking_the_judge(setup):
