@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compo.data import PreferencePair
 from compo.encoding import encode_pairs
 from compo.models import EmbeddedSmolLM2, TinyModel
 from compo.scoring import score_pairs
+from compo.types import PreferencePair
 from compo.zo import GaussianSphere, LowRank, Scope, SupportRestricted
 from compo.zo.estimator import MonteCarlo
 from compo.zo.head import HeadEvaluator

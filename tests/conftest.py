@@ -10,9 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from compo.cli import CONFIG_DIR, run
-from compo.data import PreferencePair
 from compo.encoding import encode_pairs
 from compo.models import TinyModel
+from compo.types import PreferencePair
 
 EASY_PAIRS = [
     PreferencePair(

@@ -19,11 +19,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from compo.cli import CONFIG_DIR
-from compo.data import PreferencePair
 from compo.encoding import encode_pairs
 from compo.interfaces import ComparisonOracle, OutputJudge, Verdict
 from compo.models import TinyModel
 from compo.rundir import RunDir
+from compo.types import PreferencePair
 from compo.zo import ComPO, GaussianSphere, SupportRestricted
 from compo.zo.estimator import MonteCarlo
 from compo.zo.radius import RadiusSearch

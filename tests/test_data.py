@@ -12,11 +12,12 @@ import sys
 import pytest
 
 from compo.clicks import clicks_to_pairs
-from compo.data import PreferencePair, load_pairs
+from compo.data import load_pairs
 from compo.encoding import encode_pairs
 from compo.errors import DataError
 from compo.readers import iter_records
 from compo.rundir import write_jsonl
+from compo.types import PreferencePair
 
 GOOD = {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}
 

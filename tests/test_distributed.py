@@ -57,7 +57,7 @@ ESTIMATES = textwrap.dedent(
     """
     import sys, torch
     from compo import distributed
-    from compo.data import PreferencePair
+    from compo.types import PreferencePair
     from compo.encoding import encode_pairs
     from compo.models import TinyModel
     from compo.zo import LowRank, Scope

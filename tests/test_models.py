@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compo.data import PreferencePair
 from compo.encoding import encode_pairs
 from compo.errors import CompoError, ModelLoadError
 from compo.models import EmbeddedSmolLM2, PretrainedModel, TinyModel, save_checkpoint
 from compo.scoring import score_pairs
+from compo.types import PreferencePair
 
 
 def test_tiny_model_is_deterministic_and_leaves_global_rng_alone():

@@ -105,9 +105,9 @@ def test_oracle_protocol_and_compare(tiny, easy_encoded):
 
 @pytest.mark.slow
 def test_fast_deltas_match_full_forward_on_smollm2():
-    from compo.data import PreferencePair
     from compo.encoding import encode_pairs
     from compo.models import EmbeddedSmolLM2
+    from compo.types import PreferencePair
 
     model, tokenizer = EmbeddedSmolLM2().load()
     pair = PreferencePair("p", "Name three primary colors.", "Red, blue and yellow.", "Colors.")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from compo.data import PreferencePair
 from compo.encoding import encode_pairs
 from compo.scoring import score_pairs, score_sequences, token_logps
+from compo.types import PreferencePair
 
 
 def _direct(model, prompt, response):

@@ -10,7 +10,6 @@ from conftest import EASY_PAIRS
 from hydra import compose, initialize_config_dir
 
 from compo.cli import CONFIG_DIR, run
-from compo.data import PreferencePair
 from compo.errors import CompoError
 from compo.reference import ReferenceScores
 from compo.rundir import RunDir
@@ -23,6 +22,7 @@ from compo.splitter import (
     ches_scores,
     record_split,
 )
+from compo.types import PreferencePair
 
 
 def _scores(sums, lengths) -> SequenceScores:
