@@ -80,7 +80,9 @@ CONTRASTS = [
     ("dpo_compo", "dpo_all"),  # does the whole recipe beat DPO on every pair? (the goal)
     ("dpo_compo_judge", "dpo_compo"),  # what is a judge's label worth over the click's?
     ("dpo_compo_judge", "dpo_all"),  # the recipe with a black-box judge on the ambiguous pairs
-    ("simpo_compo", "simpo_clean"),
+    ("simpo_clean", "dpo_clean"),  # is SimPO the better first-order stage on the clean pairs?
+    ("simpo_compo", "simpo_clean"),  # does ComPO add anything on top of SimPO?
+    ("simpo_compo", "dpo_all"),  # the recipe with SimPO first against DPO on every pair
     # does another first-order loss do better than DPO on the same noisy pairs?
     *((arm, "dpo_all") for arm in FAMILY),
 ]
