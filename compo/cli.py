@@ -37,7 +37,7 @@ from compo.errors import CompoError
 from compo.interfaces import ComparisonOracle, OracleError
 from compo.objective import Objective, sweeper_direction
 from compo.pipeline import Stages, run_pipeline
-from compo.rundir import RunDir, lock_run_dir
+from compo.rundir import RunDir, atomic_write_text, lock_run_dir
 from compo.stages import (
     Evaluator,
     FirstOrderStage,
@@ -195,6 +195,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+def scrub_hydra_copy(run_dir: Path, secrets: tuple[str, ...]) -> None:
+    """Replaces ``secrets`` by ``***`` in Hydra's copy of the config (``.hydra/`` in the run dir).
+
+    Hydra writes that copy, command-line overrides included, before compo checks any setting;
+    a setting refused because it looks secret (:attr:`CompoError.secrets`) is removed from it.
+    """
+    if not secrets or not HydraConfig.initialized():
+        return
+    subdir = HydraConfig.get().output_subdir
+    if subdir is None:
+        return
+    for path in sorted((run_dir / subdir).glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        scrubbed = text
+        for secret in sorted(secrets, key=len, reverse=True):
+            scrubbed = scrubbed.replace(secret, "***")
+        if scrubbed != text:
+            atomic_write_text(path, scrubbed)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -206,6 +226,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg, run_dir)
     except (CompoError, OracleError) as exc:
+        scrub_hydra_copy(run_dir, getattr(exc, "secrets", ()))
         log.error("%s", exc)
         print(f"compo: error: {exc}", file=sys.stderr)
         sys.exit(2)

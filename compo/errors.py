@@ -7,7 +7,15 @@ exits with status 2, without a traceback; every other exception is a bug and kee
 
 
 class CompoError(Exception):
-    """A user-facing error whose message says what went wrong and where."""
+    """A user-facing error whose message says what went wrong and where.
+
+    Attributes:
+        secrets: Values of the config the error refused because they look secret (a key typed
+            where a variable name belongs, credentials in a URL). The message never repeats
+            them; the CLI scrubs them from Hydra's copy of the config, written before any check.
+    """
+
+    secrets: tuple[str, ...] = ()
 
 
 class DataError(CompoError):

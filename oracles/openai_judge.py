@@ -16,8 +16,11 @@ spent from the budget); a reply that is no valid answer counts as a failed reque
 failed is asked again rather than returned as ties. A request and token budget stops the run with
 a clear message when spent, and verdicts are cached on disk, keyed on the judge's identity
 (endpoint, model, template, sampling settings) and the texts, so reruns and sweep jobs do not pay
-twice. The API key is read from the environment at call time and
-appears in no config, log, cache, trace or exception.
+twice. The API key is read from the environment at call time (surrounding whitespace stripped, a
+key with other characters than printable ASCII refused) and appears in no config, log, cache,
+trace or exception. A ``base_url`` holding credentials, a query string or a fragment (where a key
+would travel) is refused, and so is an ``api_key_env`` that is no variable name (most likely the
+key itself); neither is repeated in the message.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,6 +60,8 @@ TEMPLATE_ID = "compo-pairwise-v1\n" + SYSTEM_PROMPT + "\n" + USER_TEMPLATE
 TEMPERATURE = 0.0  # greedy: a verdict should not depend on the sampler's luck
 _ANSWER = re.compile(r"^(A|B|TIE)$")
 RETRY_AFTER_MAX = 60.0  # longer waits asked by a server: our own backoff (as the openai client)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KEY_CHARS = re.compile(r"^[!-~]+$")  # printable ASCII without spaces: what an HTTP header holds
 
 
 def _transient(exc: openai.APIError) -> bool:
@@ -116,6 +122,25 @@ def _root_cause(exc: BaseException) -> str:
     return (text.strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _refused(message: str, *secrets: str | None) -> settings.SettingError:
+    """A setting error whose refused values the CLI scrubs from the run dir (never shown)."""
+    error = settings.SettingError(message)
+    error.secrets = tuple(s for s in secrets if s)
+    return error
+
+
+def _forms(secret: str) -> set[str]:
+    """The ways an error message may spell ``secret``: as is, repr-escaped, percent-encoded."""
+    forms = {secret, secret.strip()}
+    for text in list(forms):
+        forms |= {
+            repr(text)[1:-1],
+            repr(text.encode("utf-8"))[2:-1],
+            urllib.parse.quote(text, safe=""),
+        }
+    return {f for f in forms if f}
+
+
 class OpenAIJudge(OutputJudge):
     """Pairwise judge over the ``openai`` client.
 
@@ -158,6 +183,37 @@ class OpenAIJudge(OutputJudge):
         seed: int = 0,
     ) -> None:
         key = "oracle.judge"
+        settings.text(f"{key}.base_url", base_url, optional=True)
+        if base_url is not None:
+            # Credentials in a URL end up in the config copied into every run dir and in the
+            # logs of servers and proxies: the key belongs in the variable named below.
+            parts = urllib.parse.urlsplit(base_url)
+            userinfo, at, host = parts.netloc.rpartition("@")
+            if at or parts.query or parts.fragment or base_url.endswith(("?", "#")):
+                shown = urllib.parse.urlunsplit(
+                    (
+                        parts.scheme,
+                        "***@" * bool(at) + host,
+                        parts.path,
+                        "***" * bool(parts.query),
+                        "***" * bool(parts.fragment),
+                    )
+                )
+                raise _refused(
+                    f"{key}.base_url must not hold credentials, a query string or a fragment "
+                    f"(got {shown}); put the key in the variable named by {key}.api_key_env",
+                    userinfo,
+                    parts.query,
+                    parts.fragment,
+                )
+        if api_key_env is not None and not (
+            isinstance(api_key_env, str) and _ENV_NAME.match(api_key_env)
+        ):
+            # Not repeated: a value that is no variable name is most likely the key itself.
+            raise _refused(
+                f"{key}.api_key_env must name an environment variable (it looks like a key itself)",
+                str(api_key_env),
+            )
         self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
         self.timeout = settings.number(f"{key}.timeout", timeout, gt=0)
         self.max_retries = settings.number(f"{key}.max_retries", max_retries, integer=True, ge=0)
@@ -226,18 +282,32 @@ class OpenAIJudge(OutputJudge):
         return self.base_url or "https://api.openai.com/v1"
 
     def _key(self) -> str:
+        """The key from the environment, stripped of surrounding whitespace (a pasted newline).
+
+        Raises:
+            JudgeError: The variable is unset, or the key holds characters no HTTP header can
+                carry (never shown: the message names the variable only).
+        """
         if self.api_key_env is None:
             return "not-needed"
-        key = os.environ.get(self.api_key_env)
+        key = os.environ.get(self.api_key_env, "").strip()
         if not key:
             raise JudgeError(
                 f"oracle.openai_judge: environment variable {self.api_key_env} is not set"
             )
+        if not _KEY_CHARS.match(key):
+            raise JudgeError(
+                f"oracle.openai_judge: the key in {self.api_key_env} is malformed (it holds "
+                "spaces, control or non-ASCII characters); set it to the key alone"
+            )
         return key
 
     def _redact(self, text: str) -> str:
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        return text.replace(key, "***") if key else text
+        """``text`` without the key in any spelling of it (a header error shows it escaped)."""
+        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+        for form in sorted(_forms(key) if key.strip() else (), key=len, reverse=True):
+            text = text.replace(form, "***")  # longest first: no partial leftovers
+        return text
 
     def client(self) -> openai.OpenAI:
         """The ``openai`` client (built once; its own retries are off: ours count and back off)."""

@@ -116,6 +116,27 @@ def test_bad_settings_stop_before_any_work_in_one_line(tmp_path):
         assert not (run_dir / "checkpoint").exists() and not (run_dir / "metrics.json").exists()
 
 
+def test_a_secret_given_as_a_setting_is_scrubbed_from_the_run_dir(tmp_path):
+    # A key typed where a variable name belongs, or credentials in the judge's URL, used to be
+    # echoed in the error and stay in cli.log and Hydra's copy of the config (.hydra/).
+    for i, override in enumerate(
+        [
+            "oracle.judge.api_key_env=sk-SECRET123",
+            "oracle.judge.base_url=http://user:SECRET123@127.0.0.1:9/v1",
+            "oracle.judge.base_url='http://127.0.0.1:9/v1?api-key=SECRET123'",
+        ]
+    ):
+        run_dir = tmp_path / str(i)
+        proc = _compo(run_dir, "optimizer=compo_tiny", "oracle=openai_judge", override)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "SECRET123" not in proc.stderr + proc.stdout
+        assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+        for path in run_dir.rglob("*"):
+            if path.is_file():
+                assert b"SECRET123" not in path.read_bytes(), path
+
+
 def test_an_unlockable_run_dir_is_one_line(tmp_path):
     from compo.errors import CompoError
     from compo.rundir import lock_run_dir

@@ -334,3 +334,56 @@ def test_a_resume_is_not_refused_for_a_new_budget_or_timeout():
     assert described() == described(max_requests=5000, timeout=90.0, max_retries=8, cache=False)
     assert described() != described(model="gpt-4o-mini")
     assert described() != described(base_url="http://127.0.0.1:8000/v1")
+
+
+SECRET = "sk-SECRET123"
+
+
+def test_a_key_with_surrounding_whitespace_is_stripped_and_never_echoed(
+    serve, judge_for, monkeypatch
+):
+    # A key pasted with its newline used to reach the HTTP header and come back in the error.
+    monkeypatch.setenv("COMPO_TEST_KEY", f" {KEY}\n")
+    judge = judge_for(serve())
+    judge.check()
+    assert judge.judge(PROMPT, GOOD, BAD).verdict == Verdict.CURRENT_BETTER
+    # The redaction covers the key as written, stripped and repr-escaped.
+    for form in (f" {KEY}\n", KEY, repr(f"{KEY}\n"), repr(f"Bearer {KEY}\n".encode())):
+        assert KEY not in judge._redact(f"error ({form})")
+
+
+@pytest.mark.parametrize("value", ["sk-SECRÉT123", "sk-SEC RET123", "sk-SECRET\x07123"])
+def test_a_malformed_key_is_refused_in_one_line_without_echoing_it(monkeypatch, value):
+    monkeypatch.setenv("COMPO_TEST_KEY", value)
+    judge = OpenAIJudge(base_url="http://127.0.0.1:9/v1", api_key_env="COMPO_TEST_KEY")
+    with pytest.raises(CompoError, match="the key in COMPO_TEST_KEY is malformed") as info:
+        judge.check()
+    assert "SEC" not in str(info.value) and "cannot reach" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", [SECRET, "1KEY", "MY-KEY", ""])
+def test_api_key_env_must_name_a_variable(value):
+    with pytest.raises(
+        CompoError, match=r"oracle\.judge\.api_key_env must name an environment"
+    ) as e:
+        OpenAIJudge(api_key_env=value)
+    assert value == "" or value not in str(e.value)
+    assert e.value.secrets == ((value,) if value else ())  # scrubbed from Hydra's copy by the CLI
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/v1?api-key=SECRET123",
+        "http://h/v1#SECRET123",
+        "http://user:SECRET123@127.0.0.1:9/v1",
+        "http://SECRET123@127.0.0.1:9/v1",
+    ],
+)
+def test_a_base_url_with_credentials_a_query_or_fragment_is_refused(url):
+    # Each used to pass and be echoed (with its secret) in "cannot reach ..." or request errors;
+    # the config holding it is copied into the run dir, so it is refused before any work.
+    with pytest.raises(CompoError, match=r"oracle\.judge\.base_url must not hold") as info:
+        OpenAIJudge(base_url=url)
+    assert "SECRET123" not in str(info.value) and "***" in str(info.value)
+    assert "SECRET123" in " ".join(info.value.secrets)  # scrubbed from Hydra's copy by the CLI
