@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from compo.interfaces import Judgement, Verdict, default_cache_dir
+from compo.interfaces import CompoError, Judgement, Verdict, default_cache_dir
 
 
 def default_verdict_cache() -> Path:
@@ -25,17 +25,34 @@ def default_verdict_cache() -> Path:
     return default_cache_dir() / "verdicts.sqlite"
 
 
-def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+def open_sqlite(path: Path, schema: str, key: str) -> sqlite3.Connection:
     """Opens (creating) a sqlite file shared by threads and processes, with ``schema`` applied.
 
     One connection serves this process's threads (callers guard it with a lock); WAL and sqlite's
     file locking, with a generous timeout, serialise concurrent sweep jobs and survive a kill.
+
+    Args:
+        path: The sqlite file; created with its directory.
+        schema: The ``CREATE TABLE IF NOT EXISTS`` statement.
+        key: The setting that named ``path`` (``oracle.judge.cache_path``), for errors.
+
+    Raises:
+        CompoError: ``path`` is a directory, no sqlite database, or cannot be created.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=60, check_same_thread=False)
-    with db:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(schema)
+    if path.is_dir():
+        raise CompoError(f"{key}: {path} is a directory, not a sqlite file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        with db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(schema)
+    except sqlite3.DatabaseError as exc:
+        # sqlite reads the file only here: a text file or another format fails on first use.
+        problem = "is not a sqlite database" if "not a database" in str(exc) else "cannot be used"
+        raise CompoError(f"{key}: {path} {problem} ({exc})") from None
+    except OSError as exc:
+        raise CompoError(f"{key}: cannot create {path} ({exc.strerror or exc})") from None
     return db
 
 
@@ -51,15 +68,19 @@ class VerdictCache:
     Args:
         path: The sqlite file; created with its directory. ``None``: the default under
             :func:`compo.interfaces.default_cache_dir`.
+        key: The setting that named ``path``, for errors.
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(
+        self, path: str | Path | None = None, key: str = "oracle.judge.cache_path"
+    ) -> None:
         self.path = Path(path) if path else default_verdict_cache()
         self._lock = threading.Lock()
         self._db = open_sqlite(
             self.path,
             "CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, verdict INTEGER, "
             "confidence REAL, reason TEXT, created REAL)",
+            key,
         )
 
     def get(self, judge: str, prompt: str, current: str, perturbed: str):

@@ -42,9 +42,12 @@ class LabelQueue:
 
     Args:
         path: The sqlite file; None: ``<compo cache dir>/labels.sqlite``.
+        key: The setting that named ``path``, for errors.
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(
+        self, path: str | Path | None = None, key: str = "oracle.judge.queue_path"
+    ) -> None:
         if path is None:
             path = default_cache_dir() / "labels.sqlite"
         self.path = Path(path)
@@ -53,6 +56,7 @@ class LabelQueue:
             self.path,
             "CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, prompt TEXT, first TEXT, "
             "second TEXT, swapped INTEGER, label TEXT, created REAL, labelled REAL, asked REAL)",
+            key,
         )
         with self._lock, self._db:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}

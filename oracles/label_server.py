@@ -32,6 +32,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from compo.interfaces import CompoError
 from oracles.label_queue import ANSWERS, LabelQueue
 
 MAX_BODY = 64 * 1024  # a label is under 200 bytes; anything near this is not a label
@@ -337,8 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.port <= 65535:
         parser.exit(2, f"compo-label: error: --port must be in [0, 65535], got {args.port}\n")
     try:
-        server = LabelServer(LabelQueue(args.queue), args.port)
-    except (OSError, sqlite3.Error) as exc:  # port in use, queue not a sqlite file
+        server = LabelServer(LabelQueue(args.queue, key="--queue"), args.port)
+    except (OSError, sqlite3.Error, CompoError) as exc:  # port in use, queue not a sqlite file
         parser.exit(2, f"compo-label: error: {exc}\n")
     print(f"compo-label: open {server.url}", flush=True)
     try:

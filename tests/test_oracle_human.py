@@ -510,3 +510,16 @@ def test_a_resume_is_not_refused_for_a_new_port_wait_or_budget():
 
     assert described(port=0) == described(port=8123, wait_seconds=60, max_labels=5, mode="web")
     assert described(seed=0) != described(seed=1)  # another order is another experiment
+
+
+@pytest.mark.parametrize("kind", ["directory", "text file"])
+def test_a_queue_path_that_is_no_sqlite_file_is_one_line(tmp_path, kind):
+    # Used to end in a sqlite3.OperationalError / DatabaseError traceback.
+    path = tmp_path / "queue"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_text("not a database\n")
+    problem = "is a directory" if kind == "directory" else "is not a sqlite database"
+    with pytest.raises(CompoError, match=rf"^oracle\.judge\.queue_path: {path} {problem}"):
+        HumanJudge(queue_path=str(path)).check()
