@@ -63,8 +63,10 @@ class RewardModelJudge(OutputJudge):
         epsilon: Rewards closer than this are a tie.
         batch_size: Sequences per forward pass.
         max_length: Longest (prompt + response) in tokens; longer inputs keep their end.
-        device: Torch device string.
-        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: Torch device string (``auto``, ``cpu``, ``cuda``...), checked as the top-level
+            ``device`` is.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``, checked as the top-level
+            ``dtype`` is; the ``tiny`` model is cast to it too.
         seed: Seeds the ``tiny`` model.
     """
 
@@ -84,7 +86,10 @@ class RewardModelJudge(OutputJudge):
         self.epsilon = settings.number("oracle.judge.epsilon", epsilon, ge=0)
         self.batch_size = settings.number("oracle.judge.batch_size", batch_size, integer=True, ge=1)
         settings.number("oracle.judge.max_length", max_length, integer=True, ge=2)
-        self.max_length, self.device, self.dtype, self.seed = max_length, device, dtype, seed
+        # Checked here, as the run's own device and dtype: not a CUDA error mid-load later.
+        self.device = settings.device("oracle.judge.device", device)
+        self.dtype = settings.dtype("oracle.judge.dtype", dtype, self.device)
+        self.max_length, self.seed = max_length, seed
         self.model = self.tokenizer = None
         self._lock = threading.Lock()
         self.counts = {"calls": 0, "identical": 0, "sequences_scored": 0, "abstentions": 0}
@@ -103,12 +108,10 @@ class RewardModelJudge(OutputJudge):
                 )
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-            dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-            dtypes["float16"] = torch.float16
             try:
                 tokenizer = AutoTokenizer.from_pretrained(self.path)
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    self.path, dtype=dtypes[self.dtype]
+                    self.path, dtype=getattr(torch, self.dtype)
                 )
             except (OSError, ValueError, KeyError) as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -122,7 +125,8 @@ class RewardModelJudge(OutputJudge):
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:  # needed to find each row's last token
             model.config.pad_token_id = tokenizer.pad_token_id
-        self.model, self.tokenizer = model.to(self.device).eval(), tokenizer
+        model = model.to(self.device, getattr(torch, self.dtype))
+        self.model, self.tokenizer = model.eval(), tokenizer
 
     def _render(self, prompt: str, response: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):

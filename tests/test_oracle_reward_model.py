@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from compo.errors import CompoError
 from oracles.base import Verdict
@@ -60,3 +61,27 @@ def test_bad_path_and_wrong_head_fail_with_one_line(tmp_path, rm_path):
     build_tiny_reward_model()[1].save_pretrained(tmp_path / "three")
     with pytest.raises(CompoError, match="3 outputs"):
         RewardModelJudge(str(tmp_path / "three")).check()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"device": "bogus"}, r"^oracle\.judge\.device: 'bogus' is not a device torch knows"),
+        ({"device": "cuda:7"}, r"^oracle\.judge\.device=cuda:7: this machine has no such device"),
+        ({"dtype": "bogus"}, r"^oracle\.judge\.dtype: 'bogus' is not one of"),
+        ({"dtype": "int8"}, r"^oracle\.judge\.dtype: 'int8' is not one of"),
+    ],
+)
+def test_device_and_dtype_are_checked_at_construction(rm_path, setting, message):
+    # Used to be tracebacks at load (no CUDA, unknown device), a misleading "cannot load d/rm:
+    # 'bogus'", or accepted with path=tiny; now checked as the top-level device and dtype are.
+    for path in ("tiny", rm_path):
+        with pytest.raises(CompoError, match=message):
+            RewardModelJudge(path, **setting)
+
+
+def test_dtype_auto_resolves_and_tiny_is_loaded_in_the_dtype():
+    assert RewardModelJudge("tiny", device="cpu", dtype="auto").dtype == "float32"
+    judge = RewardModelJudge("tiny", dtype="bfloat16")
+    judge.check()
+    assert next(judge.model.parameters()).dtype == torch.bfloat16
