@@ -23,6 +23,7 @@ Outside code may implement the protocols structurally; subclassing them gives th
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "aggregate",
     "byte_tokenizer",
     "default_cache_dir",
+    "finite_scores",
     "load_language_model",
     "local_generator",
     "plain_settings",
@@ -70,6 +72,19 @@ class Judgement:
 
 class OracleError(RuntimeError):
     """The oracle failed and has no verdict to give (never replaced by a made-up one)."""
+
+
+def finite_scores(judge: str, values: Sequence[Any]) -> list[float]:
+    """``values`` as floats, if all are finite; else an :class:`OracleError` naming ``judge``.
+
+    Every oracle that reads scores goes through this: a NaN or inf score is a broken scorer, and
+    treated as a tie it would let a run end "successfully" having learnt nothing.
+    """
+    scores = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in scores):
+        shown = ", ".join(map(str, scores[:4])) + (", ..." if len(scores) > 4 else "")
+        raise OracleError(f"judge {judge}: non-finite score [{shown}]")
+    return scores
 
 
 @runtime_checkable

@@ -26,7 +26,6 @@ generated from scratch, and the saved weights copied back (bit-exact).
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from compo.interfaces import (
     OracleError,
     Verdict,
     aggregate,
+    finite_scores,
     local_generator,
     settings,
 )
@@ -266,7 +266,8 @@ class GenerativeOracle(TextOracle):
             )
             if got is None or len(got) != len(todo_list):
                 raise OracleError(f"judge {type(self.judge).__name__}: score() gave {got!r}")
-            self._scores.update(zip(todo_list, map(float, got), strict=True))
+            scores = finite_scores(type(self.judge).__name__, got)
+            self._scores.update(zip(todo_list, scores, strict=True))
             self.counts["texts_scored"] += len(todo_list)
             self.counts["judge_calls"] += len(todo_list)
         votes, reasons = [], []
@@ -279,10 +280,6 @@ class GenerativeOracle(TextOracle):
                     continue
                 a = self._scores[j, tuple(minus[j][i])]
                 b = self._scores[j, tuple(plus[j][i])]
-                if not (math.isfinite(a) and math.isfinite(b)):
-                    self.counts["abstentions"] += 1
-                    why.append(f"abstain: non-finite score ({a}, {b})")
-                    continue
                 diff += b - a
                 why.append(f"scores {a:.4g} -> {b:.4g}")
             if diff == 0:

@@ -30,7 +30,14 @@ from typing import Any
 
 import torch
 
-from compo.interfaces import CompoError, OracleError, Verdict, local_generator, settings
+from compo.interfaces import (
+    CompoError,
+    OracleError,
+    Verdict,
+    finite_scores,
+    local_generator,
+    settings,
+)
 from oracles.decoding import Decoder, eos_ids
 from oracles.generative import TextOracle, judge_prompt
 
@@ -131,10 +138,7 @@ class SampleScoredOracle(TextOracle):
         if scored is not None:
             self.counts["texts_scored"] += len(texts)
             self.counts["judge_calls"] += len(texts)
-            values = [float(v) for v in scored]
-            if not all(math.isfinite(v) for v in values):
-                raise OracleError(f"judge {type(self.judge).__name__}: non-finite score {values}")
-            return values
+            return finite_scores(type(self.judge).__name__, scored)
         k = len(texts)
         if self.ranking == "reference":
             matches = [(0, b) for b in range(1, k)]

@@ -10,7 +10,6 @@ wins; scores within ``epsilon`` of each other are a tie.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import sys
@@ -20,7 +19,15 @@ from typing import Any
 
 from hydra.utils import get_object
 
-from compo.interfaces import CompoError, Judgement, OracleError, OutputJudge, Verdict, settings
+from compo.interfaces import (
+    CompoError,
+    Judgement,
+    OracleError,
+    OutputJudge,
+    Verdict,
+    finite_scores,
+    settings,
+)
 
 _WORD = re.compile(r"[A-Za-z]+")
 _PLAIN = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'\"-:;()\n")
@@ -113,7 +120,7 @@ class ScorerJudge(OutputJudge):
         self.with_prompt = settings.flag("oracle.judge.with_prompt", with_prompt)
         self.batched = settings.flag("oracle.judge.batched", batched)
         self._lock = threading.Lock()
-        self.counts = {"calls": 0, "identical": 0, "abstentions": 0, "texts_scored": 0}
+        self.counts = {"calls": 0, "identical": 0, "texts_scored": 0}
 
     def check(self) -> None:
         """Resolves the scorer (a bad import path fails here, before any model work)."""
@@ -121,6 +128,7 @@ class ScorerJudge(OutputJudge):
             self._scorer = resolve_callable(self.scorer_name, "oracle.judge.scorer")
 
     def _call(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
+        """The scorer's values; a failure or a non-finite value is an :class:`OracleError`."""
         try:
             if self.batched:
                 values = list(self._scorer(list(prompts), list(texts)))
@@ -130,14 +138,15 @@ class ScorerJudge(OutputJudge):
                 values = [self._scorer(p, t) for p, t in zip(prompts, texts, strict=True)]
             else:
                 values = [self._scorer(t) for t in texts]
-            return [float(v) for v in values]
+            values = [float(v) for v in values]
         except Exception as exc:  # the scorer is user code: report it, never guess a verdict
             raise OracleError(
                 f"oracle.scorer: {self.scorer_name} failed: {type(exc).__name__}: {exc}"
             ) from exc
+        return finite_scores(f"{type(self).__name__} ({self.scorer_name})", values)
 
     def score(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
-        """The scorer's value of each (prompt, text); non-finite values are returned as they are."""
+        """The scorer's value of each (prompt, text); a non-finite one is an OracleError."""
         self.check()
         with self._lock:
             self.counts["texts_scored"] += len(texts)
@@ -154,10 +163,6 @@ class ScorerJudge(OutputJudge):
             self.counts["calls"] += 1
             self.counts["texts_scored"] += 2
         a, b = self._call([prompt, prompt], [current, perturbed])
-        if not (math.isfinite(a) and math.isfinite(b)):
-            with self._lock:
-                self.counts["abstentions"] += 1
-            return Judgement(Verdict.TIE, None, f"abstain: non-finite score ({a}, {b})")
         if abs(a - b) <= self.epsilon:
             return Judgement(Verdict.TIE, None, f"scores {a:.4g} vs {b:.4g} within epsilon")
         verdict = Verdict.PERTURBED_BETTER if b > a else Verdict.CURRENT_BETTER

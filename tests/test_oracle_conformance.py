@@ -116,8 +116,8 @@ def test_failure_abstains_or_raises_never_invents(make, name, monkeypatch, tmp_p
         judge = ScorerJudge(_broken_scorer)
         with pytest.raises(OracleError, match="model crashed"):
             judge.judge(PROMPT, GOOD, BAD)
-        nan = ScorerJudge(lambda text: math.nan).judge(PROMPT, GOOD, BAD)
-        assert nan.verdict == Verdict.TIE and nan.reason.startswith("abstain")
+        with pytest.raises(OracleError, match="non-finite score"):  # a broken scorer: no tie
+            ScorerJudge(lambda text: math.nan).judge(PROMPT, GOOD, BAD)
     elif name == "reward_model":
         judge = RewardModelJudge(str(tmp_path / "missing"))
         with pytest.raises(CompoError, match=r"oracle\.reward_model"):

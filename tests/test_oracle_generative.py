@@ -177,3 +177,25 @@ def test_judge_prompt_strips_chatml():
     text = "<|im_start|>system\nBe nice<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     assert judge_prompt(text + "<|im_start|>assistant\n") == "Hi"
     assert judge_prompt("plain prompt ") == "plain prompt"
+
+
+class NanScoring:
+    """A scoring judge (not a ScorerJudge) whose scores are NaN, e.g. a reward model overflowing."""
+
+    name = "nan-scoring"
+
+    def score(self, prompts, texts):
+        return [float("nan")] * len(texts)
+
+    def judge(self, prompt, current, perturbed):
+        raise AssertionError("a scoring judge is asked for scores")
+
+
+def test_a_non_finite_score_is_an_error_naming_the_judge(setup):
+    # Used to abstain on every comparison (a run to exit 0 with a warning blaming the radius);
+    # now as sample_scored: an error naming the judge.
+    model, tokenizer, pairs, scope = setup
+    oracle = _oracle(tokenizer, NanScoring(), aggregation="sum")
+    oracle.begin(model, scope, pairs, tokenizer.pad_token_id, iteration=0, head=None)
+    with pytest.raises(OracleError, match=r"^judge NanScoring: non-finite score \[nan"):
+        oracle.compare(GaussianSphere().sample(0, 0, [0, 1], scope.shapes).scaled(50.0))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from compo.errors import CompoError
-from oracles.base import Verdict
+from oracles.base import OracleError, Verdict
 from oracles.scorer import ScorerJudge
 
 PROMPT = "Name three primary colors."
@@ -57,3 +57,21 @@ def test_a_bad_dotted_path_is_one_line_naming_the_setting(path, reason, caplog):
 def test_a_scorer_that_is_no_path_and_no_callable_is_a_setting_error(value):
     with pytest.raises(CompoError, match=r"^oracle\.judge\.scorer must be a string"):
         ScorerJudge(value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scorer": lambda text: float("nan")},
+        {"scorer": lambda text: float("inf") if len(text) % 2 else 0.0},
+        {"scorer": lambda prompts, texts: [float("nan")] * len(texts), "batched": True},
+    ],
+)
+def test_a_non_finite_score_is_an_error_naming_the_judge(kwargs):
+    # Used to abstain (oracle=scorer ran to exit 0 blaming the radius; judged_pairs kept no
+    # pair) while sample_scored raised: one behaviour now, from the scorer itself.
+    judge = ScorerJudge(**kwargs)
+    with pytest.raises(OracleError, match=r"^judge ScorerJudge \(<lambda>\): non-finite score"):
+        judge.judge(PROMPT, "one", "three")
+    with pytest.raises(OracleError, match=r"^judge ScorerJudge \(<lambda>\): non-finite score"):
+        judge.score([PROMPT, PROMPT], ["one", "three"])
