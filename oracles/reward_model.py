@@ -27,6 +27,7 @@ from compo.interfaces import (
     OutputJudge,
     Verdict,
     byte_tokenizer,
+    finite_scores,
     settings,
 )
 
@@ -92,7 +93,7 @@ class RewardModelJudge(OutputJudge):
         self.max_length, self.seed = max_length, seed
         self.model = self.tokenizer = None
         self._lock = threading.Lock()
-        self.counts = {"calls": 0, "identical": 0, "sequences_scored": 0, "abstentions": 0}
+        self.counts = {"calls": 0, "identical": 0, "sequences_scored": 0}
 
     def check(self) -> None:
         """Loads the model (a bad path fails here, before any optimisation work)."""
@@ -139,7 +140,7 @@ class RewardModelJudge(OutputJudge):
 
     @torch.no_grad()
     def rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """Rewards of each (prompt, response), in batches."""
+        """Rewards of each (prompt, response), in batches; a non-finite one is an OracleError."""
         self.check()
         texts = [self._render(p, r) for p, r in zip(prompts, responses, strict=True)]
         out: list[float] = []
@@ -157,13 +158,9 @@ class RewardModelJudge(OutputJudge):
             out.extend(logits[:, 0].tolist())
         with self._lock:
             self.counts["sequences_scored"] += len(texts)
-        return out
+        return finite_scores(f"{type(self).__name__} ({self.path})", out)
 
     def _verdict(self, a: float, b: float) -> Judgement:
-        if not (math.isfinite(a) and math.isfinite(b)):
-            with self._lock:
-                self.counts["abstentions"] += 1
-            return Judgement(Verdict.TIE, None, f"abstain: non-finite reward ({a}, {b})")
         if abs(a - b) <= self.epsilon:
             return Judgement(Verdict.TIE, None, f"rewards {a:.4g} vs {b:.4g} within epsilon")
         verdict = Verdict.PERTURBED_BETTER if b > a else Verdict.CURRENT_BETTER

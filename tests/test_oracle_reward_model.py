@@ -85,3 +85,15 @@ def test_dtype_auto_resolves_and_tiny_is_loaded_in_the_dtype():
     judge = RewardModelJudge("tiny", dtype="bfloat16")
     judge.check()
     assert next(judge.model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_non_finite_reward_is_an_error_naming_the_judge():
+    # Used to abstain (a tie per comparison) while the scoring oracles stopped: one behaviour.
+    from compo.interfaces import OracleError
+
+    judge = RewardModelJudge("tiny")
+    judge.check()
+    with torch.no_grad():
+        judge.model.score.weight.fill_(float("nan"))
+    with pytest.raises(OracleError, match=r"^judge RewardModelJudge \(tiny\): non-finite score"):
+        judge.judge(PROMPT, "Red.", "zz")
