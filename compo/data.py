@@ -179,7 +179,7 @@ class DataSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        settings.text("data.path", self.path, optional=True)
+        settings.path("data.path", self.path, null="the embedded default set")
         settings.text("data.split", self.split)
         settings.choice("data.on_error", self.on_error, ON_ERROR)
         settings.choice("data.chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
@@ -188,8 +188,7 @@ class DataSpec:
             "data.max_prompt_length", self.max_prompt_length, integer=True, ge=1, lt=self.max_length
         )
         settings.number("data.limit", self.limit, integer=True, ge=1, optional=True)
-        if settings.text("data.eval_path", self.eval_path, optional=True) == "":
-            raise settings.SettingError("data.eval_path is empty; give a file, or null for none")
+        settings.path("data.eval_path", self.eval_path, null="none")
         settings.number("data.eval_fraction", self.eval_fraction, gt=0, lt=1, optional=True)
         settings.seed("data.seed", self.seed)
         if self.eval_path is not None and self.eval_fraction is not None:

@@ -435,3 +435,9 @@ def test_a_directory_or_device_is_named_as_such(tmp_path):
         load_pairs(tmp_path)
     with pytest.raises(DataError, match="is not a regular file"):
         load_pairs("/dev/null")
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_path_is_an_error_not_the_default_set(path):
+    with pytest.raises(DataError, match=r"^empty path; give a file"):
+        load_pairs(path)

@@ -148,7 +148,7 @@ class ComPO:
             ("resume", resume),
         ):
             settings.flag(f"optimizer.{name}", value)
-        settings.text("optimizer.pairs_path", pairs_path, optional=True)
+        settings.path("optimizer.pairs_path", pairs_path, null="the splitter's ambiguous pairs")
         modules = settings.names("optimizer.modules", modules)
         if directions is not None and not isinstance(directions, DirectionSampler):
             raise settings.SettingError(
