@@ -44,7 +44,8 @@ mistakes end in a one-line error, exit status 2.
 
 Malformed rows follow ``compo.data``'s rules: the run stops with one line naming file, row and
 field (exit status 2), or with ``--on-error skip`` the row goes to the rejected-rows file with the
-reason. Nothing is dropped silently.
+reason (also when no row is usable: the error then names the first reason). Nothing is dropped
+silently.
 
 Output: JSONL rows ``{"id", "prompt", "chosen", "rejected", "confidence", "n_impressions",
 "n_wins", "n_losses", "weighted_wins", "weighted_losses"}``; ``compo.data.load_pairs`` reads them

@@ -201,13 +201,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             prior=args.prior,
             on_error=args.on_error,
         )
-        if not result.rows:
-            what = "unpaired row" if args.unpaired else "preference pair"
-            raise DataError(f"{args.input}: no {what} could be derived ({result.stats})")
-        # Rejected rows first: a pairs file, once there, always comes with its rejected rows.
+        # Rejected rows first: a pairs file, once there, always comes with its rejected rows;
+        # and without a single pair they are what says why.
         if result.rejected:
             rejected_path, what = rejected_to  # rows are only set aside with --on-error skip
             _write(what, rejected_path, [r.to_dict() for r in result.rejected])
+        if not result.rows:
+            what = "unpaired row" if args.unpaired else "preference pair"
+            why = (
+                f"; the first rejected: {result.rejected[0].describe()}; every rejected row is "
+                f"in {rejected_path}"
+                if result.rejected
+                else ""
+            )
+            raise DataError(f"{args.input}: no {what} could be derived ({result.stats}){why}")
         _write("--out", args.out, result.rows)
     except CompoError as exc:
         print(f"compo-clicks: error: {exc}", file=sys.stderr)

@@ -219,6 +219,19 @@ def test_cli_skip_writes_rejected_and_loadable_pairs(write_jsonl, tmp_path):
     assert loaded.pairs[0].metadata["n_impressions"] == 1
 
 
+def test_cli_no_valid_row_names_the_first_and_writes_the_rejected_rows(
+    write_jsonl, tmp_path, capsys
+):
+    path = write_jsonl([imp([9]), "{not json"], name="clicks.jsonl")
+    out = tmp_path / "pairs.jsonl"
+    code, err = _cli([path, "--out", out, "--on-error", "skip"], capsys)
+    assert code == 2 and "\n" not in err, err
+    assert "the first rejected: row 1: field 'clicks'" in err and "pairs.rejected.jsonl" in err, err
+    rejected = [json.loads(line) for line in out.with_suffix(".rejected.jsonl").open()]
+    assert [r["row"] for r in rejected] == [1, 2]
+    assert not out.exists()
+
+
 def _cli(argv, capsys) -> tuple[int, str]:
     """Runs compo-clicks in-process: (exit status, stderr); argparse errors exit via SystemExit."""
     try:
