@@ -179,7 +179,8 @@ def read_source(
     """Resolves ``data.path`` and returns (label for messages, stem for default ids, rows).
 
     A path that exists locally is a file (read here) or a ``save_to_disk`` directory; a name
-    that does not, and has no file extension of ours, is tried as a hub dataset id.
+    that cannot be a local path (:func:`compo.sources.looks_like_hub_id`) is tried as a hub
+    dataset id.
 
     Args:
         path: File, ``save_to_disk`` directory or hub id; None is the embedded default set (an
@@ -196,11 +197,7 @@ def read_source(
         label, rows = sources.read_saved(source, split)
         return label, source.name, rows
     hub_id = str(path)
-    if (
-        not source.exists()
-        and source.suffix.lower() not in _FORMATS
-        and sources.looks_like_hub_id(hub_id)
-    ):
+    if sources.looks_like_hub_id(hub_id):
         label, rows = sources.read_hub(hub_id, split)
         return label, hub_id.rpartition("/")[2], rows
     return source, source.stem, iter_records(source)
