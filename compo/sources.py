@@ -4,10 +4,9 @@
 ``datasets.save_to_disk`` (read with ``datasets.load_from_disk``: a ``Dataset``, or a
 ``DatasetDict`` whose ``data.split`` is taken) or a dataset id on the Hugging Face hub (read with
 ``datasets.load_dataset(id, split=data.split)``, only for a name that cannot be a local path;
-``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``
-are honoured, and then only the local cache answers). Either way the rows come back one by one,
-numbered from 1, for the same per-row validation as a file's rows: nothing is dropped or
-retyped here.
+``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1`` are honoured, and then only the local cache
+answers). Either way the rows come back one by one, numbered from 1, for the same per-row
+validation as a file's rows: nothing is dropped or retyped here.
 
 Failures a user can cause (an unreachable or offline hub, an unknown id or split, a directory
 that holds no dataset) are one :class:`compo.errors.DataError` line naming ``data.path``.
