@@ -15,8 +15,8 @@ The public schemas of a preference pair:
 Unpaired rows (KTO's data, TRL's unpaired preference format): ``prompt`` (a string or chat
 messages), ``completion`` (a string, or chat messages ending with the assistant's reply; turns
 before it are the prompt when there is no ``prompt``) and ``label`` (true: desirable, false:
-undesirable; also ``"true"``/``"false"`` as text, as in CSV, and 1/0). :func:`is_unpaired_row`
-tells the two kinds apart.
+undesirable; also ``"true"``/``"false"`` as text, as in CSV, and 1/0, as numbers or text, also
+written 1.0/0.0). :func:`is_unpaired_row` tells the two kinds apart.
 
 Optional fields: ``id`` (default: the ``default_id`` the loader gives, ``<file stem>-<row>``),
 ``confidence`` in [0, 1] (default 1.0); every other field is kept in ``metadata``.
@@ -209,7 +209,9 @@ def _row_id(record: dict[str, Any], default_id: str) -> str:
     return str(raw_id) if raw_id is not None and str(raw_id) else default_id
 
 
-_LABELS = {"true": True, "false": False}
+# CSV cells are text; "1.0"/"0.0" (and 1.0/0.0 in JSON) are what pandas writes for a label
+# column with a missing value, which makes the column float.
+_LABELS = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}
 
 
 def _label(record: dict[str, Any]) -> bool:
@@ -218,9 +220,9 @@ def _label(record: dict[str, Any]) -> bool:
         raise RowError("label", "is missing (true: desirable, false: undesirable)")
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, int | float) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _LABELS:  # CSV cells are text
+    if isinstance(value, str) and value.strip().lower() in _LABELS:
         return _LABELS[value.strip().lower()]
     shown = repr(value) if len(repr(value)) <= 20 else f"{repr(value)[:17]}..."
     raise RowError("label", f"expected true or false, got {shown}")
