@@ -71,6 +71,40 @@ def test_ultrafeedback_schema_prompt_string_and_two_message_lists(write_jsonl):
     assert pair.metadata["score_chosen"] == 9.0
 
 
+def _said(*contents):
+    roles = ("user", "assistant")
+    return [{"role": roles[i % 2], "content": c} for i, c in enumerate(contents)]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "agrees"),
+    [
+        ("Capital of France?", True),
+        ("  Capital of France?\n", True),
+        (_said("Hi", "Hello", "Capital of France?"), True),
+        ("Capital of Spain?", False),
+        ("Hi", False),  # an earlier turn, not the question the replies answer
+        (_said("Capital of France?"), False),  # the turns before it dropped
+    ],
+)
+def test_a_given_prompt_must_agree_with_the_prompt_turns(write_jsonl, prompt, agrees):
+    turns = _said("Hi", "Hello", "Capital of France?")
+    row = {
+        "prompt": prompt,
+        "chosen": [*turns, {"role": "assistant", "content": "Paris."}],
+        "rejected": [*turns, {"role": "assistant", "content": "Lyon."}],
+    }
+    path = write_jsonl([row])
+    if agrees:
+        assert load_pairs(path).pairs[0].prompt == turns
+    else:
+        with pytest.raises(DataError) as err:
+            load_pairs(path)
+        assert f"{path}: row 1: field 'prompt': differs from the prompt turns of 'chosen'" in str(
+            err.value
+        )
+
+
 def test_hh_rlhf_raw_transcripts(write_jsonl):
     row = {
         "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?",

@@ -106,6 +106,18 @@ BAD_ROWS = [
         "the last message must be the assistant's reply",
     ),
     ({"completion": "a", "label": False}, "prompt", "is missing"),
+    (
+        {
+            **GOOD,
+            "prompt": "Name a fruit.",
+            "completion": [
+                {"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "Blue."},
+            ],
+        },
+        "prompt",
+        "differs from the prompt turns of 'completion'",
+    ),
     ({**GOOD, "prompt": ""}, "prompt", "is empty"),
     ({**GOOD, "confidence": 1.5}, "confidence", "must be in [0, 1], got 1.5"),
     ({**GOOD, "id": "x"}, "id", "duplicate id 'x'"),
