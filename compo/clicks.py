@@ -39,12 +39,14 @@ preference: they are counted and reported, not written.
 
 The command line is :mod:`compo.clicks_cli`. Numeric flags are checked when parsed (``--eta``
 and ``--min-dwell`` finite and >= 0, ``--prior`` in (0, 1e6], each ``--propensities`` value in
-(0, 1]); ``--out`` and the rejected-rows file must be writable files other than the input. Such
-mistakes end in a one-line error, exit status 2.
+(0, 1]; ``--eta``/``--propensities`` only with ``--correction ipw``, and not both); ``--out``
+and the rejected-rows file must be writable ``*.jsonl`` files other than the input. Such mistakes
+end in a one-line error, exit status 2.
 
 Malformed rows follow ``compo.data``'s rules: the run stops with one line naming file, row and
 field (exit status 2), or with ``--on-error skip`` the row goes to the rejected-rows file with the
-reason. Nothing is dropped silently.
+reason (also when no row is usable: the error then names the first reason). Nothing is dropped
+silently.
 
 Output: JSONL rows ``{"id", "prompt", "chosen", "rejected", "confidence", "n_impressions",
 "n_wins", "n_losses", "weighted_wins", "weighted_losses"}``; ``compo.data.load_pairs`` reads them

@@ -4,9 +4,10 @@
     compo-clicks impressions.jsonl --out pairs.jsonl --correction ipw --eta 1.0 --on-error skip
     compo-clicks impressions.jsonl --out thumbs.jsonl --unpaired     # KTO's data: dpo=kto
 
-The rules are :mod:`compo.clicks`'. Every numeric flag is checked when parsed; ``--out`` and the
-rejected-rows file must be writable files other than the input. Such mistakes, and a malformed
-impression, end in one line and exit status 2.
+The rules are :mod:`compo.clicks`'. Every numeric flag is checked when parsed; ``--eta`` and
+``--propensities`` only with ``--correction ipw`` (elsewhere they would change nothing), and not
+both; ``--out`` and the rejected-rows file must be writable ``*.jsonl`` files other than the input.
+Such mistakes, and a malformed impression, end in one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from compo.errors import CompoError, DataError
 from compo.impressions import RULES
 from compo.readers import iter_records
 from compo.rundir import write_jsonl
+
+DEFAULT_ETA = 1.0
 
 
 def _number(valid: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
@@ -66,7 +69,18 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    """The flags, refusing the position-bias ones where they would be silently ignored."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.correction != "ipw":
+        for flag, value in (("--eta", args.eta), ("--propensities", args.propensities)):
+            if value is not None:
+                parser.error(f"{flag} only applies with --correction ipw")
+    elif args.eta is not None and args.propensities is not None:
+        parser.error("--eta and --propensities are both given; --propensities replaces eta's p_k")
+    if args.eta is None:
+        args.eta = DEFAULT_ETA
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "confidence.",
     )
     p.add_argument("input", type=Path, help="impressions (JSONL, JSON, CSV or Parquet)")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output pairs (JSONL)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output pairs (*.jsonl)")
     p.add_argument(
         "--rule",
         choices=RULES,
@@ -93,11 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eta",
         type=_number("a finite number >= 0", lambda v: v >= 0),
-        default=1.0,
-        help="p_k = (1/(k+1))**eta; 0: no position bias",
+        default=None,  # None: not given, so that it can be refused without --correction ipw
+        help=f"with ipw: p_k = (1/(k+1))**eta (default {DEFAULT_ETA:g}); 0: no position bias",
     )
     p.add_argument(
-        "--propensities", type=_propensity_list, default=None, help="comma-separated p_0,p_1,..."
+        "--propensities",
+        type=_propensity_list,
+        default=None,
+        help="with ipw, instead of --eta: comma-separated p_0,p_1,...",
     )
     p.add_argument(
         "--min-dwell",
@@ -117,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="raise",
         help="raise: stop at the first bad row | skip: set bad rows aside in --rejected",
     )
-    p.add_argument("--rejected", type=Path, default=None, help="default: <out>.rejected.jsonl")
+    p.add_argument(
+        "--rejected", type=Path, default=None, help="*.jsonl; default: <out>.rejected.jsonl"
+    )
     p.add_argument(
         "--unpaired",
         action="store_true",
@@ -139,9 +158,12 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_writable(what: str, path: Path) -> None:
-    """Raises CompoError unless ``path`` can become a file; missing parents are created later."""
+    """Raises CompoError unless ``path`` can become a JSON Lines file (named so: a ``.csv`` that
+    holds JSON would mislead every reader); missing parents are created later."""
     if path.is_dir():
         raise CompoError(f"{what}: {path} is a directory, not a file name")
+    if path.suffix.lower() != ".jsonl":
+        raise CompoError(f"{what}: {path}: compo-clicks writes JSON Lines; name it *.jsonl")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -201,13 +223,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             prior=args.prior,
             on_error=args.on_error,
         )
-        if not result.rows:
-            what = "unpaired row" if args.unpaired else "preference pair"
-            raise DataError(f"{args.input}: no {what} could be derived ({result.stats})")
-        # Rejected rows first: a pairs file, once there, always comes with its rejected rows.
+        # Rejected rows first: a pairs file, once there, always comes with its rejected rows;
+        # and without a single pair they are what says why.
         if result.rejected:
             rejected_path, what = rejected_to  # rows are only set aside with --on-error skip
             _write(what, rejected_path, [r.to_dict() for r in result.rejected])
+        if not result.rows:
+            what = "unpaired row" if args.unpaired else "preference pair"
+            why = (
+                f"; the first rejected: {result.rejected[0].describe()}; every rejected row is "
+                f"in {rejected_path}"
+                if result.rejected
+                else ""
+            )
+            raise DataError(f"{args.input}: no {what} could be derived ({result.stats}){why}")
         _write("--out", args.out, result.rows)
     except CompoError as exc:
         print(f"compo-clicks: error: {exc}", file=sys.stderr)

@@ -15,12 +15,15 @@ nothing is cached.
 
 A bad row (missing or empty field, wrong type, identical chosen and rejected, undecodable bytes,
 invalid JSON, a duplicate id) stops the load with one line naming file, row and field, or, with
-``on_error="skip"``, is returned in :attr:`LoadResult.rejected` with its reason.
+``on_error="skip"``, is returned in :attr:`LoadResult.rejected` with its reason. A file without a
+valid row is a :class:`NoValidRowError` naming the first reason and holding the rejected rows,
+which :func:`keep_rejected` still writes to the run dir.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,10 @@ class RejectedRow:
     reason: str
     record: Any
 
+    def describe(self) -> str:
+        """Where and why, without the file: ``row 3: field 'rejected': is missing``."""
+        return f"row {self.row}: " + (f"field '{self.field}': " if self.field else "") + self.reason
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -56,6 +63,36 @@ class RejectedRow:
             "reason": self.reason,
             "record": self.record,
         }
+
+
+class NoValidRowError(DataError):
+    """A file without a single valid row; ``rejected`` holds its rows set aside (under
+    ``on_error=skip``), so that the caller can still write them where their reasons can be read."""
+
+    def __init__(self, source: str | Path, rejected: list[RejectedRow]) -> None:
+        first = f"; the first: {rejected[0].describe()}" if rejected else ""
+        super().__init__(f"{source}: no valid row ({len(rejected)} rows rejected{first})")
+        self.rejected = rejected
+
+
+def keep_rejected(out: Any, name: str, load: Callable[[], LoadResult]) -> LoadResult:
+    """Runs ``load`` and writes its rejected rows to ``<name>.jsonl`` in the run dir ``out`` (a
+    :class:`compo.rundir.RunDir`), also when no row was valid: their reasons are never lost.
+
+    Raises:
+        DataError: What ``load`` raises; for a file without a valid row, the message also names
+            the file that now holds its rejected rows.
+    """
+    try:
+        loaded = load()
+    except NoValidRowError as err:
+        if not err.rejected:
+            raise
+        out.write_rows(name, [r.to_dict() for r in err.rejected])
+        raise DataError(f"{err}; every rejected row is in {out.path / name}.jsonl") from None
+    if loaded.rejected:
+        out.write_rows(name, [r.to_dict() for r in loaded.rejected])
+    return loaded
 
 
 @dataclass
@@ -142,7 +179,7 @@ def load_pairs(
         if limit is not None and len(pairs) >= limit:
             break
     if not pairs:
-        raise DataError(f"{source}: no valid row ({len(rejected)} rows rejected)")
+        raise NoValidRowError(source, rejected)
     if rejected:
         log.warning("%s: %d bad rows set aside (see rejected_rows.jsonl)", source, len(rejected))
     return LoadResult(pairs, rejected)
@@ -179,7 +216,7 @@ class DataSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        settings.text("data.path", self.path, optional=True)
+        settings.path("data.path", self.path, null="the embedded default set")
         settings.text("data.split", self.split)
         settings.choice("data.on_error", self.on_error, ON_ERROR)
         settings.choice("data.chat_template", self.chat_template, CHAT_TEMPLATE_MODES)
@@ -188,8 +225,7 @@ class DataSpec:
             "data.max_prompt_length", self.max_prompt_length, integer=True, ge=1, lt=self.max_length
         )
         settings.number("data.limit", self.limit, integer=True, ge=1, optional=True)
-        if settings.text("data.eval_path", self.eval_path, optional=True) == "":
-            raise settings.SettingError("data.eval_path is empty; give a file, or null for none")
+        settings.path("data.eval_path", self.eval_path, null="none")
         settings.number("data.eval_fraction", self.eval_fraction, gt=0, lt=1, optional=True)
         settings.seed("data.seed", self.seed)
         if self.eval_path is not None and self.eval_fraction is not None:
@@ -208,7 +244,11 @@ class DataSpec:
                 f"and {self.path} holds unpaired rows; set both to null"
             )
         if self.eval_path is not None:
-            extra = load_pairs(self.eval_path, self.on_error)
+            try:
+                extra = load_pairs(self.eval_path, self.on_error)
+            except NoValidRowError as err:  # the training file's rejected rows go out with it
+                err.rejected[:0] = loaded.rejected
+                raise
             loaded.heldout, loaded.rejected = extra.pairs, loaded.rejected + extra.rejected
         elif self.eval_fraction is not None:
             loaded.pairs, loaded.heldout = split_by_prompt(

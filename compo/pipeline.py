@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from compo import distributed, plots
-from compo.data import DataSpec
+from compo.data import DataSpec, keep_rejected
 from compo.heldout import record_heldout
 from compo.interfaces import ComparisonOracle
 from compo.models import ModelLoader, save_checkpoint
@@ -73,12 +73,10 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
         out: The run dir (a read-only view on ranks other than 0 under torchrun).
     """
     started = time.perf_counter()
-    loaded = stages.data.load()
+    loaded = keep_rejected(out, "rejected_rows", stages.data.load)
     if loaded.unpaired:  # KTO's data: refused before any model loads if a stage needs pairs
         pairwise = {"splitter": stages.splitter, "dpo": stages.first_order}
         check_unpaired(stages.data.path, {**pairwise, "optimizer": stages.zeroth_order})
-    if loaded.rejected:
-        out.write_rows("rejected_rows", [r.to_dict() for r in loaded.rejected])
     out.log_metrics("data", {"n_pairs": len(loaded.pairs), "n_rows_rejected": len(loaded.rejected)})
     out.log_metrics("data.heldout", record_heldout(out, loaded.pairs, loaded.heldout))
 

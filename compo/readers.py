@@ -179,25 +179,25 @@ def read_source(
     """Resolves ``data.path`` and returns (label for messages, stem for default ids, rows).
 
     A path that exists locally is a file (read here) or a ``save_to_disk`` directory; a name
-    that does not, and has no file extension of ours, is tried as a hub dataset id.
+    that cannot be a local path (:func:`compo.sources.looks_like_hub_id`) is tried as a hub
+    dataset id.
 
     Args:
-        path: File, ``save_to_disk`` directory or hub id; None is the embedded default set.
+        path: File, ``save_to_disk`` directory or hub id; None is the embedded default set (an
+            empty path is a DataError, not the default set).
         split: The split of a hub dataset or of a saved ``DatasetDict``.
     """
-    if not path:
+    if path is None:
         source = default_data_path()
         return source, source.stem, iter_records(source)
+    if not str(path).strip():  # e.g. an unset shell variable: never the default set instead
+        raise DataError("empty path; give a file, a save_to_disk directory or a hub dataset id")
     source = Path(path).expanduser()
     if sources.is_saved_dataset(source):
         label, rows = sources.read_saved(source, split)
         return label, source.name, rows
     hub_id = str(path)
-    if (
-        not source.exists()
-        and source.suffix.lower() not in _FORMATS
-        and sources.looks_like_hub_id(hub_id)
-    ):
+    if sources.looks_like_hub_id(hub_id):
         label, rows = sources.read_hub(hub_id, split)
         return label, hub_id.rpartition("/")[2], rows
     return source, source.stem, iter_records(source)

@@ -6,7 +6,8 @@ The public schemas of a preference pair:
 
 * string fields ``prompt``, ``chosen``, ``rejected`` (e.g. UltraFeedback-binarized's ``prompt``);
 * ``chosen``/``rejected`` as chat-message lists sharing the prompt turns (HH-RLHF and UltraFeedback
-  in their conversational form); the last message of each must be the assistant's reply;
+  in their conversational form); the last message of each must be the assistant's reply; a
+  ``prompt`` given too must agree with the turns (the same messages, or the last user turn's text);
 * ``prompt`` as a message list with one-message ``chosen``/``rejected`` lists (TRL's
   conversational preference format);
 * raw HH-RLHF transcripts (``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` in ``chosen``/``rejected``,
@@ -14,9 +15,9 @@ The public schemas of a preference pair:
 
 Unpaired rows (KTO's data, TRL's unpaired preference format): ``prompt`` (a string or chat
 messages), ``completion`` (a string, or chat messages ending with the assistant's reply; turns
-before it are the prompt when there is no ``prompt``) and ``label`` (true: desirable, false:
-undesirable; also ``"true"``/``"false"`` as text, as in CSV, and 1/0). :func:`is_unpaired_row`
-tells the two kinds apart.
+before it are the prompt, and a ``prompt`` given too must agree with them) and ``label`` (true:
+desirable, false: undesirable; also ``"true"``/``"false"`` as text, as in CSV, and 1/0, as numbers
+or text, also written 1.0/0.0). :func:`is_unpaired_row` tells the two kinds apart.
 
 Optional fields: ``id`` (default: the ``default_id`` the loader gives, ``<file stem>-<row>``),
 ``confidence`` in [0, 1] (default 1.0); every other field is kept in ``metadata``.
@@ -92,6 +93,31 @@ def _split_conversation(messages: list[Message], name: str) -> tuple[list[Messag
     return messages[:-1], reply
 
 
+def _conversation_prompt(
+    record: dict[str, Any], turns: list[Message], name: str
+) -> str | list[Message]:
+    """The prompt of a row whose ``name`` field is a conversation with prompt ``turns``: the
+    turns, or the row's ``prompt`` when the turns are empty (TRL's conversational form).
+
+    A ``prompt`` given next to non-empty turns must agree with them (the same messages, or as
+    text the last user turn, as in UltraFeedback): otherwise one of the two would be dropped.
+    """
+    prompt = record.get("prompt")
+    if not turns:
+        turns = _messages(prompt, "prompt") if isinstance(prompt, list) else _text(record, "prompt")
+    elif _given(record, "prompt"):
+        if isinstance(prompt, list):
+            agrees = _messages(prompt, "prompt") == turns
+        else:
+            asked = [m["content"].strip() for m in turns if m["role"] == "user"][-1:]
+            agrees = asked == [_text(record, "prompt").strip()]
+        if not agrees:
+            raise RowError("prompt", f"differs from the prompt turns of '{name}'")
+    if isinstance(turns, list) and not any(m["content"].strip() for m in turns):
+        raise RowError("prompt", "is empty")
+    return turns
+
+
 def _confidence(record: dict[str, Any]) -> float:
     value = record.get("confidence")
     if value is None:
@@ -134,15 +160,7 @@ def _prompt_and_replies(record: dict[str, Any]) -> tuple[str | list[Message], st
     rejected_turns, rejected_reply = _split_conversation(rejected_msgs, "rejected")
     if chosen_turns != rejected_turns:
         raise RowError("rejected", "its prompt turns differ from those of chosen")
-    if chosen_turns:
-        turns: str | list[Message] = chosen_turns
-    elif isinstance(prompt, list):
-        turns = _messages(prompt, "prompt")
-    else:
-        turns = _text(record, "prompt")
-    if isinstance(turns, list) and not any(m["content"].strip() for m in turns):
-        raise RowError("prompt", "is empty")
-    return turns, chosen_reply, rejected_reply
+    return _conversation_prompt(record, chosen_turns, "chosen"), chosen_reply, rejected_reply
 
 
 def _check_unicode(value: Any, field: str | None) -> None:
@@ -209,7 +227,9 @@ def _row_id(record: dict[str, Any], default_id: str) -> str:
     return str(raw_id) if raw_id is not None and str(raw_id) else default_id
 
 
-_LABELS = {"true": True, "false": False}
+# CSV cells are text; "1.0"/"0.0" (and 1.0/0.0 in JSON) are what pandas writes for a label
+# column with a missing value, which makes the column float.
+_LABELS = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}
 
 
 def _label(record: dict[str, Any]) -> bool:
@@ -218,9 +238,9 @@ def _label(record: dict[str, Any]) -> bool:
         raise RowError("label", "is missing (true: desirable, false: undesirable)")
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, int | float) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _LABELS:  # CSV cells are text
+    if isinstance(value, str) and value.strip().lower() in _LABELS:
         return _LABELS[value.strip().lower()]
     shown = repr(value) if len(repr(value)) <= 20 else f"{repr(value)[:17]}..."
     raise RowError("label", f"expected true or false, got {shown}")
@@ -259,12 +279,7 @@ def example_from_record(record: Any, default_id: str) -> UnpairedExample:
     completion, prompt = record.get("completion"), record.get("prompt")
     if isinstance(completion, list):  # TRL's conversational form, or a whole conversation
         turns, reply = _split_conversation(_messages(completion, "completion"), "completion")
-        if not turns:
-            turns = (
-                _messages(prompt, "prompt") if isinstance(prompt, list) else _text(record, "prompt")
-            )
-        if isinstance(turns, list) and not any(m["content"].strip() for m in turns):
-            raise RowError("prompt", "is empty")
+        turns = _conversation_prompt(record, turns, "completion")
     elif completion is None or isinstance(completion, str):
         turns = _messages(prompt, "prompt") if isinstance(prompt, list) else _text(record, "prompt")
         reply = _text(record, "completion")

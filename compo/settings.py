@@ -113,6 +113,22 @@ def text(key: str, value: Any, *, optional: bool = False) -> str | None:
     raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
 
 
+def path(key: str, value: Any, *, null: str) -> str | None:
+    """Returns ``value`` if it is a non-blank string or None, e.g. a data file.
+
+    An empty path is refused rather than read as null: ``data.path=$DATA`` with ``DATA`` unset
+    must not quietly use what null stands for.
+
+    Args:
+        key: The config key, for the message.
+        value: The setting.
+        null: What null means here, for the message (``none``, ``the embedded default set``).
+    """
+    if text(key, value, optional=True) is not None and not value.strip():
+        raise SettingError(f"{key} is empty; give a file, or null for {null}")
+    return value
+
+
 def names(key: str, value: Any) -> list[str]:
     """Returns ``value`` as a list if it is a list of strings (``foo`` alone is not a list)."""
     # Sequence: Hydra hands over a ListConfig, not a list.

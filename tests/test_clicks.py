@@ -219,6 +219,19 @@ def test_cli_skip_writes_rejected_and_loadable_pairs(write_jsonl, tmp_path):
     assert loaded.pairs[0].metadata["n_impressions"] == 1
 
 
+def test_cli_no_valid_row_names_the_first_and_writes_the_rejected_rows(
+    write_jsonl, tmp_path, capsys
+):
+    path = write_jsonl([imp([9]), "{not json"], name="clicks.jsonl")
+    out = tmp_path / "pairs.jsonl"
+    code, err = _cli([path, "--out", out, "--on-error", "skip"], capsys)
+    assert code == 2 and "\n" not in err, err
+    assert "the first rejected: row 1: field 'clicks'" in err and "pairs.rejected.jsonl" in err, err
+    rejected = [json.loads(line) for line in out.with_suffix(".rejected.jsonl").open()]
+    assert [r["row"] for r in rejected] == [1, 2]
+    assert not out.exists()
+
+
 def _cli(argv, capsys) -> tuple[int, str]:
     """Runs compo-clicks in-process: (exit status, stderr); argparse errors exit via SystemExit."""
     try:
@@ -325,6 +338,36 @@ def test_cli_refuses_a_rejected_file_that_would_overwrite_input_or_out(
     code, err = _cli([path, "--out", out, "--on-error", "skip", "--rejected", out], capsys)
     assert code == 2 and "--rejected" in err and "--out" in err, err
     assert path.read_bytes() == original and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--eta", "2"], "--eta only applies with --correction ipw"),
+        (["--propensities", "1,0.5"], "--propensities only applies with --correction ipw"),
+        (["--correction", "none", "--eta", "1"], "--eta only applies with --correction ipw"),
+        (
+            ["--correction", "ipw", "--eta", "2", "--propensities", "1,0.5,0.3,0.2"],
+            "--eta and --propensities are both given",
+        ),
+        (["--out", "o/z.csv"], "--out: o/z.csv: compo-clicks writes JSON Lines; name it *.jsonl"),
+        (
+            ["--on-error", "skip", "--rejected", "bad.csv"],
+            "--rejected: bad.csv: compo-clicks writes JSON Lines; name it *.jsonl",
+        ),
+    ],
+)
+def test_cli_refuses_flags_that_would_do_nothing_or_mislabel_a_file(
+    write_jsonl, tmp_path, capsys, monkeypatch, extra, message
+):
+    # Before: --eta/--propensities without ipw were ignored (propensities still checked against
+    # the rows), and --out z.csv held JSON Lines.
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl([imp([2])], name="clicks.jsonl")
+    code, err = _cli([path, "--out", "pairs.jsonl", *extra], capsys)
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith("compo-clicks: error: ") and message in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["clicks.jsonl"]
 
 
 def _leftovers(directory):

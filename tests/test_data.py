@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_compo
 
 from compo.clicks import clicks_to_pairs
 from compo.data import load_pairs
@@ -68,6 +69,40 @@ def test_ultrafeedback_schema_prompt_string_and_two_message_lists(write_jsonl):
     pair = load_pairs(write_jsonl([row])).pairs[0]
     assert pair.prompt == [{"role": "user", "content": "Capital of France?"}]
     assert pair.metadata["score_chosen"] == 9.0
+
+
+def _said(*contents):
+    roles = ("user", "assistant")
+    return [{"role": roles[i % 2], "content": c} for i, c in enumerate(contents)]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "agrees"),
+    [
+        ("Capital of France?", True),
+        ("  Capital of France?\n", True),
+        (_said("Hi", "Hello", "Capital of France?"), True),
+        ("Capital of Spain?", False),
+        ("Hi", False),  # an earlier turn, not the question the replies answer
+        (_said("Capital of France?"), False),  # the turns before it dropped
+    ],
+)
+def test_a_given_prompt_must_agree_with_the_prompt_turns(write_jsonl, prompt, agrees):
+    turns = _said("Hi", "Hello", "Capital of France?")
+    row = {
+        "prompt": prompt,
+        "chosen": [*turns, {"role": "assistant", "content": "Paris."}],
+        "rejected": [*turns, {"role": "assistant", "content": "Lyon."}],
+    }
+    path = write_jsonl([row])
+    if agrees:
+        assert load_pairs(path).pairs[0].prompt == turns
+    else:
+        with pytest.raises(DataError) as err:
+            load_pairs(path)
+        assert f"{path}: row 1: field 'prompt': differs from the prompt turns of 'chosen'" in str(
+            err.value
+        )
 
 
 def test_hh_rlhf_raw_transcripts(write_jsonl):
@@ -435,3 +470,44 @@ def test_a_directory_or_device_is_named_as_such(tmp_path):
         load_pairs(tmp_path)
     with pytest.raises(DataError, match="is not a regular file"):
         load_pairs("/dev/null")
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_path_is_an_error_not_the_default_set(path):
+    with pytest.raises(DataError, match=r"^empty path; give a file"):
+        load_pairs(path)
+
+
+ALL_BAD = [{"prompt": "q", "chosen": "a"}, {"prompt": "q", "chosen": "a", "rejected": "a"}]
+
+
+def test_no_valid_row_names_the_first_rejected_row(write_jsonl):
+    path = write_jsonl(ALL_BAD, name="allbad.jsonl")
+    with pytest.raises(DataError) as err:
+        load_pairs(path, on_error="skip")
+    message = str(err.value)
+    assert message == (
+        f"{path}: no valid row (2 rows rejected; the first: row 1: field 'rejected': is missing)"
+    )
+    assert [r.row for r in err.value.rejected] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("setting", "written"),
+    [("data.path", "rejected_rows"), ("optimizer.pairs_path", "rejected_rows.optimizer")],
+)
+def test_a_run_without_a_valid_row_still_writes_the_rejected_rows(
+    write_jsonl, tmp_path, setting, written
+):
+    path = write_jsonl(ALL_BAD, name="allbad.jsonl")
+    run_dir = tmp_path / "run"
+    stages = ["eval=none", "splitter=none", "dpo=none", "data.limit=4"]
+    optimizer = (
+        ["optimizer=compo_tiny", "oracle=likelihood"]
+        if "optimizer" in setting
+        else ["optimizer=none"]
+    )
+    with pytest.raises(DataError, match=rf"row 1: field 'rejected': is missing.*{written}\.jsonl"):
+        run_compo(run_dir, f"{setting}={path}", "data.on_error=skip", *stages, *optimizer)
+    rejected = [json.loads(line) for line in (run_dir / f"{written}.jsonl").open()]
+    assert [(r["row"], r["field"]) for r in rejected] == [(1, "rejected"), (2, "rejected")]

@@ -11,6 +11,7 @@ import datasets
 import pytest
 from conftest import mixed_pair_rows
 
+from compo import sources
 from compo.data import DataSpec, load_pairs
 from compo.errors import CompoError, DataError
 
@@ -106,6 +107,39 @@ def test_an_unknown_hub_id_offline_is_one_line(offline):
     # A missing file with one of our extensions stays a missing file (no hub round trip).
     with pytest.raises(DataError, match="no such file"):
         load_pairs("nobody/pairs.jsonl")
+
+
+@pytest.mark.parametrize(
+    "path", ["d/pairs_typo", "d", "./pairs_typo", "~/no-such-pairs", "pairs.jsnol", "d/pairs.Json"]
+)
+def test_a_local_looking_path_never_tries_the_hub(tmp_path, monkeypatch, path):
+    # Its first component exists here, or it starts with ./ or ~, or has a file extension.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "d").mkdir()
+
+    def no_hub(name, split):
+        raise AssertionError(f"tried the hub for {name!r}")
+
+    monkeypatch.setattr(sources, "read_hub", no_hub)
+    with pytest.raises(
+        DataError, match=r"(no such file|not one written by datasets\.save_to_disk)$"
+    ):
+        load_pairs(path)
+
+
+def test_trying_the_hub_logs_no_retries(monkeypatch, caplog):
+    # The hub's retries (about 23 s, 11 warnings without a network) are not the user's news.
+    import huggingface_hub
+
+    def load_dataset(name, split):
+        huggingface_hub.utils.logging.get_logger("huggingface_hub.utils._http").warning("Retry")
+        raise ConnectionError(f"Couldn't reach {name!r} on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with caplog.at_level("INFO"), pytest.raises(DataError, match="ConnectionError: Couldn't"):
+        load_pairs("nobody/no-such-preference-set")
+    assert [r.name for r in caplog.records] == ["compo.sources"], caplog.records
 
 
 def test_cli_with_an_unreachable_hub_id_ends_in_one_line(tmp_path):

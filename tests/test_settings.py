@@ -85,6 +85,10 @@ BAD = [
     (["optimizer=compo_tiny", "optimizer.directions=5"], "optimizer", "optimizer.directions"),
     (["data.path=5"], "data", "data.path"),
     (["optimizer.pairs_path=5"], "optimizer", "optimizer.pairs_path"),
+    # An unset shell variable (data.path=$DATA) must not train on the embedded default set.
+    (["data.path="], "data", "data.path"),
+    (["data.path=' '"], "data", "data.path"),
+    (["optimizer.pairs_path="], "optimizer", "optimizer.pairs_path"),
     (["optimizer.modules=null"], "optimizer", "optimizer.modules"),
     (["optimizer.modules=foo"], "optimizer", "optimizer.modules"),
     (["oracle=human", "oracle.judge.poll_seconds=0"], "oracle", "oracle.judge.poll_seconds"),

@@ -73,8 +73,19 @@ def test_unpaired_csv_labels_are_text(tmp_path):
         writer.writerow(["prompt", "completion", "label", "confidence"])
         writer.writerow(["Name a color.", "Blue.", "True", "0.8"])
         writer.writerow(["Name a color.", "Seven.", "false", ""])
+        writer.writerow(["Name a color.", "Red.", "1", ""])
+        writer.writerow(["Name a color.", "Nine.", " 0 ", ""])
+        writer.writerow(["Name a color.", "Green.", "1.0", ""])  # pandas, a column with NaN
+        writer.writerow(["Name a color.", "Ten.", "0.0", ""])
     examples = load_pairs(path, unpaired=True).pairs
-    assert [(e.label, e.confidence) for e in examples] == [(True, 0.8), (False, 1.0)]
+    assert [e.label for e in examples] == [True, False, True, False, True, False]
+    assert [e.confidence for e in examples[:2]] == [0.8, 1.0]
+
+
+def test_json_labels_may_be_floats_one_and_zero(write_jsonl):
+    # What pandas writes for a label column that has a missing value.
+    rows = [{**GOOD, "id": "a", "label": 1.0}, {**GOOD, "id": "b", "label": 0.0}]
+    assert [e.label for e in load_pairs(write_jsonl(rows), unpaired=True).pairs] == [True, False]
 
 
 BAD_ROWS = [
@@ -82,6 +93,10 @@ BAD_ROWS = [
     ({**GOOD, "label": "yes"}, "label", "expected true or false, got 'yes'"),
     ({**GOOD, "label": 2}, "label", "expected true or false, got 2"),
     ({**GOOD, "label": 0.5}, "label", "expected true or false"),
+    ({**GOOD, "label": 2.0}, "label", "expected true or false, got 2.0"),
+    ({**GOOD, "label": "2"}, "label", "expected true or false, got '2'"),
+    ({**GOOD, "label": "0.5"}, "label", "expected true or false, got '0.5'"),
+    ({**GOOD, "label": "01"}, "label", "expected true or false, got '01'"),
     ({"prompt": "q", "label": True}, "completion", "is missing"),
     ({**GOOD, "completion": "  "}, "completion", "is empty"),
     ({**GOOD, "completion": 42}, "completion", "expected a string or chat messages, got int"),
@@ -91,6 +106,18 @@ BAD_ROWS = [
         "the last message must be the assistant's reply",
     ),
     ({"completion": "a", "label": False}, "prompt", "is missing"),
+    (
+        {
+            **GOOD,
+            "prompt": "Name a fruit.",
+            "completion": [
+                {"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "Blue."},
+            ],
+        },
+        "prompt",
+        "differs from the prompt turns of 'completion'",
+    ),
     ({**GOOD, "prompt": ""}, "prompt", "is empty"),
     ({**GOOD, "confidence": 1.5}, "confidence", "must be in [0, 1], got 1.5"),
     ({**GOOD, "id": "x"}, "id", "duplicate id 'x'"),

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compo import distributed, settings
-from compo.data import load_pairs
+from compo.data import keep_rejected, load_pairs
 from compo.errors import CompoError
 from compo.heldout import count_shared
 from compo.interfaces import ComparisonOracle
@@ -148,7 +148,7 @@ class ComPO:
             ("resume", resume),
         ):
             settings.flag(f"optimizer.{name}", value)
-        settings.text("optimizer.pairs_path", pairs_path, optional=True)
+        settings.path("optimizer.pairs_path", pairs_path, null="the splitter's ambiguous pairs")
         modules = settings.names("optimizer.modules", modules)
         if directions is not None and not isinstance(directions, DirectionSampler):
             raise settings.SettingError(
@@ -202,11 +202,11 @@ class ComPO:
         """The zeroth-order stage: ComPO on the pairs at ``rows`` (or on ``pairs_path``)."""
         metrics: dict[str, Any] = {}
         if self.pairs_path:
-            loaded = load_pairs(self.pairs_path, job.data.on_error)
-            if loaded.rejected:
-                job.out.write_rows(
-                    "rejected_rows.optimizer", [r.to_dict() for r in loaded.rejected]
-                )
+            loaded = keep_rejected(
+                job.out,
+                "rejected_rows.optimizer",
+                lambda: load_pairs(self.pairs_path, job.data.on_error),
+            )
             metrics["n_rows_rejected"] = len(loaded.rejected)
             pairs = job.data.encode(loaded.pairs, job.tokenizer)[0]
             if job.heldout is not None:
