@@ -290,10 +290,12 @@ class OpenAIJudge(OutputJudge):
         """
         if self.api_key_env is None:
             return "not-needed"
-        key = os.environ.get(self.api_key_env, "").strip()
+        raw = os.environ.get(self.api_key_env)
+        key = (raw or "").strip()
         if not key:
+            state = "is not set" if raw is None else "is empty"
             raise JudgeError(
-                f"oracle.openai_judge: environment variable {self.api_key_env} is not set"
+                f"oracle.openai_judge: environment variable {self.api_key_env} {state}"
             )
         if not _KEY_CHARS.match(key):
             raise JudgeError(
@@ -356,8 +358,8 @@ class OpenAIJudge(OutputJudge):
                 raise BudgetExhausted(
                     f"oracle.openai_judge: budget spent ({c['requests']}/{self.max_requests} "
                     f"requests, {c['tokens']}/{self.max_tokens} tokens); raise "
-                    "oracle.judge.max_requests or oracle.judge.max_tokens "
-                    "(verdicts so far are cached)"
+                    "oracle.judge.max_requests or oracle.judge.max_tokens"
+                    + (" (verdicts so far are cached)" if self.use_cache else "")
                 )
             c["requests"] += 1
 

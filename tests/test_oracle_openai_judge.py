@@ -130,8 +130,13 @@ def test_retries_exhausted_abstain_then_stop(serve, judge_for):
 def test_budget_stops_the_run_with_a_clear_message(serve, judge_for):
     judge = judge_for(serve(), max_requests=3, cache=False, max_concurrency=1)
     judge.judge(PROMPT, GOOD, BAD)
-    with pytest.raises(BudgetExhausted, match=r"budget spent .*3/3 requests"):
+    with pytest.raises(BudgetExhausted, match=r"budget spent .*3/3 requests") as spent:
         judge.judge(PROMPT, GOOD + "!", BAD)
+    assert "cached" not in str(spent.value)  # cache=False: nothing was kept, so say nothing
+    cached = judge_for(serve(), max_requests=2, max_concurrency=1)
+    cached.judge(PROMPT, GOOD, BAD)
+    with pytest.raises(BudgetExhausted, match=r"\(verdicts so far are cached\)"):
+        cached.judge(PROMPT, GOOD + "!", BAD)
     tokens = judge_for(serve(), max_tokens=10, cache=False, max_concurrency=1)
     with pytest.raises(CompoError, match="tokens"):
         tokens.judge(PROMPT, GOOD, BAD)
@@ -152,6 +157,9 @@ def test_cache_is_shared_across_judges_and_orders(serve, judge_for):
 def test_missing_key_and_unreachable_endpoint_fail_fast(monkeypatch, serve, judge_for):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with pytest.raises(CompoError, match="environment variable NO_SUCH_KEY_VAR is not set"):
+        OpenAIJudge(api_key_env="NO_SUCH_KEY_VAR").check()
+    monkeypatch.setenv("NO_SUCH_KEY_VAR", "  ")  # set, but to nothing: a different mistake
+    with pytest.raises(CompoError, match="environment variable NO_SUCH_KEY_VAR is empty"):
         OpenAIJudge(api_key_env="NO_SUCH_KEY_VAR").check()
     monkeypatch.setenv("COMPO_TEST_KEY", KEY)
     down = OpenAIJudge(base_url="http://127.0.0.1:9/v1", api_key_env="COMPO_TEST_KEY")
