@@ -184,6 +184,10 @@ class OpenAIJudge(OutputJudge):
     ) -> None:
         key = "oracle.judge"
         settings.text(f"{key}.base_url", base_url, optional=True)
+        if not settings.text(f"{key}.model", model).strip():
+            raise settings.SettingError(
+                f"{key}.model is empty; name the judge model the endpoint serves"
+            )
         if base_url is not None:
             # Credentials in a URL end up in the config copied into every run dir and in the
             # logs of servers and proxies: the key belongs in the variable named below.
@@ -205,6 +209,12 @@ class OpenAIJudge(OutputJudge):
                     userinfo,
                     parts.query,
                     parts.fragment,
+                )
+            if parts.scheme not in ("http", "https") or not host:
+                # Checked after the credentials, so a refused URL is never shown whole.
+                raise settings.SettingError(
+                    f"{key}.base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, "
+                    f"or null for the official API; got {base_url!r}"
                 )
         if api_key_env is not None and not (
             isinstance(api_key_env, str) and _ENV_NAME.match(api_key_env)

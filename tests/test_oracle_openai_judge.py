@@ -409,3 +409,16 @@ def test_a_cache_path_that_is_no_sqlite_file_is_one_line(tmp_path, kind):
     problem = "is a directory" if kind == "directory" else "is not a sqlite database"
     with pytest.raises(CompoError, match=rf"^oracle\.judge\.cache_path: {path} {problem}"):
         judge.cache()
+
+
+@pytest.mark.parametrize("url", ["", "  ", "127.0.0.1:8000/v1", "ftp://host/v1", "http:///v1"])
+def test_a_base_url_that_is_no_http_endpoint_is_refused_at_construction(url):
+    # An empty one used to fall back to the official API and fail naming a URL never asked
+    # for; one without a scheme failed mid-run inside httpx.
+    with pytest.raises(CompoError, match=r"^oracle\.judge\.base_url must be an http\(s\) URL"):
+        OpenAIJudge(base_url=url)
+
+
+def test_an_empty_judge_model_is_refused_at_construction():
+    with pytest.raises(CompoError, match=r"^oracle\.judge\.model is empty"):
+        OpenAIJudge(model=" ")
