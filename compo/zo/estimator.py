@@ -171,25 +171,28 @@ class MonteCarlo:
         share = distributed.partition(draws, distributed.rank(), distributed.world_size())
         counts = torch.zeros(4, dtype=torch.float64)  # better, worse, tie, sum of decisive votes
         total = len(share) * (2 if self.antithetic else 1)
-        bar = tqdm(total=total, desc=f"compo it {iteration}", disable=not progress, leave=False)
-        for start in range(share.start, share.stop, per_batch):
-            indices = list(range(start, min(share.stop, start + per_batch)))
-            dirs = self.sampler.sample(seed, iteration, indices, scope.shapes, support)
-            if self.antithetic:
-                dirs = dirs.antithetic()
-            y = torch.tensor([float(v) for v in oracle.compare(dirs.scaled(radius))])
-            tie = y == 0
-            decided = torch.stack([(y < 0).sum(), (y > 0).sum(), tie.sum()])
-            counted = ~tie  # the votes that enter the direction
-            if self.ties == "current":
-                y, counted = torch.where(tie, torch.ones_like(y), y), torch.ones_like(tie)
-            counts += torch.cat([decided.double(), y.sum().double()[None]])
-            dirs.accumulate(sum_yz, y.to(sum_yz[0].device))
-            if sum_z is not None:
-                dirs.accumulate(sum_z, counted.float().to(sum_yz[0].device))
-            bar.update(len(y))
-            del dirs  # free this batch before the next one is drawn (peak memory)
-        bar.close()
+        # A context manager: an oracle failing mid-iteration must not leave a half-drawn bar
+        # behind, printed after the run's one-line error.
+        with tqdm(
+            total=total, desc=f"compo it {iteration}", disable=not progress, leave=False
+        ) as bar:
+            for start in range(share.start, share.stop, per_batch):
+                indices = list(range(start, min(share.stop, start + per_batch)))
+                dirs = self.sampler.sample(seed, iteration, indices, scope.shapes, support)
+                if self.antithetic:
+                    dirs = dirs.antithetic()
+                y = torch.tensor([float(v) for v in oracle.compare(dirs.scaled(radius))])
+                tie = y == 0
+                decided = torch.stack([(y < 0).sum(), (y > 0).sum(), tie.sum()])
+                counted = ~tie  # the votes that enter the direction
+                if self.ties == "current":
+                    y, counted = torch.where(tie, torch.ones_like(y), y), torch.ones_like(tie)
+                counts += torch.cat([decided.double(), y.sum().double()[None]])
+                dirs.accumulate(sum_yz, y.to(sum_yz[0].device))
+                if sum_z is not None:
+                    dirs.accumulate(sum_z, counted.float().to(sum_yz[0].device))
+                bar.update(len(y))
+                del dirs  # free this batch before the next one is drawn (peak memory)
         n_better, n_worse, n_tie, vote_sum = distributed.all_reduce_sum(counts).tolist()
         for acc in [*sum_yz, *(sum_z or [])]:
             distributed.all_reduce_sum(acc)

@@ -303,9 +303,9 @@ class ComPO:
             ", ".join(scope.names),
         )
         progress = self.progress and distributed.is_main()
-        with run_dir.trace("compo") as trace, torch.no_grad():
-            todo = range(start, len(batches))
-            bar = tqdm(todo, desc="compo", disable=not progress, initial=start, total=len(batches))
+        todo = range(start, len(batches))
+        bar = tqdm(todo, desc="compo", disable=not progress, initial=start, total=len(batches))
+        with run_dir.trace("compo") as trace, torch.no_grad(), bar:
             for t in bar:
                 row = self._iteration(t, batches[t], policy, scope, oracle, head, pad, progress)
                 # The row first, then the commit: a row past the commit is dropped on resume.
