@@ -14,6 +14,7 @@ given are duck-typed.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -155,12 +156,18 @@ def _forward(decoder: Any, cache: Any, **inputs: Any) -> tuple[Any, torch.Tensor
     ``past_key_values`` (removal announced for 5.40); earlier releases only know the old name.
     The name is read from the decoder's signature, so both work without a version check.
     """
-    known = inspect.signature(decoder.forward).parameters
-    name = "cache" if "cache" in known else "past_key_values"
+    name = _cache_name(type(decoder))
     if cache is not None:
         inputs[name] = cache
     out = decoder(use_cache=True, **inputs)
     return out[name], out.last_hidden_state[:, -1]
+
+
+@functools.cache
+def _cache_name(decoder_class: type) -> str:
+    """The KV-cache keyword of ``decoder_class.forward``; read once per class, not per token."""
+    known = inspect.signature(decoder_class.forward).parameters
+    return "cache" if "cache" in known else "past_key_values"
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
