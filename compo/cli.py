@@ -215,6 +215,18 @@ def scrub_hydra_copy(run_dir: Path, secrets: tuple[str, ...]) -> None:
             atomic_write_text(path, scrubbed)
 
 
+def _log_to_files_only(message: str) -> None:
+    """Record an error in the run's log file (cli.log) without Hydra's console copy of it.
+
+    The terminal gets the error once, as the ``compo: error:`` line on stderr; the log file keeps
+    it next to the run's other records.
+    """
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -227,7 +239,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         metrics = run(cfg, run_dir)
     except (CompoError, OracleError) as exc:
         scrub_hydra_copy(run_dir, getattr(exc, "secrets", ()))
-        log.error("%s", exc)
+        _log_to_files_only(str(exc))
         print(f"compo: error: {exc}", file=sys.stderr)
         sys.exit(2)
     # What a Hydra sweeper optimises (None on ranks other than 0, and without an objective).

@@ -38,14 +38,18 @@ def test_run_writes_the_run_dir(tmp_path, write_jsonl):
 
 def test_malformed_file_is_one_line_and_exit_2(tmp_path, write_jsonl):
     data = write_jsonl([GOOD, {"prompt": "q", "chosen": "a"}])
-    proc = _compo(tmp_path / "run", f"data.path={data}")
+    run_dir = tmp_path / "run"
+    proc = _compo(run_dir, f"data.path={data}")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert errors == [
-        f"compo: error: {data}: row 2: field 'rejected': is missing "
-        "(data.on_error=skip sets such rows aside)"
-    ]
+    reason = (
+        f"{data}: row 2: field 'rejected': is missing (data.on_error=skip sets such rows aside)"
+    )
+    assert errors == [f"compo: error: {reason}"]
+    # Once on the terminal (not again in the log's console copy on stdout), and in the run's log.
+    assert reason not in proc.stdout
+    assert reason in (run_dir / "cli.log").read_text()
 
 
 def test_skip_mode_reports_rejected_rows(tmp_path, write_jsonl):
