@@ -84,6 +84,7 @@ def check_run_settings(cfg: DictConfig) -> None:
 # The headline numbers of a run; everything else is in metrics.json.
 SUMMARY_KEYS = (
     "data.n_pairs",
+    "data.n_examples",
     "data.heldout.n_pairs",
     "split.n_clean",
     "split.n_ambiguous",

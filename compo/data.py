@@ -97,11 +97,16 @@ def keep_rejected(out: Any, name: str, load: Callable[[], LoadResult]) -> LoadRe
 
 @dataclass
 class LoadResult:
-    """The valid rows of a file (preference pairs, or unpaired examples) and the rejected ones."""
+    """The valid rows of a file (preference pairs, or unpaired examples) and the rejected ones.
+
+    ``rejected`` holds the rows set aside from every file read (the training file, then the
+    held-out file); the last ``n_heldout_rejected`` of them are the held-out file's.
+    """
 
     pairs: list[PreferencePair] | list[UnpairedExample]
     rejected: list[RejectedRow]
     heldout: list[PreferencePair] = field(default_factory=list)
+    n_heldout_rejected: int = 0
 
     @property
     def unpaired(self) -> bool:
@@ -250,6 +255,7 @@ class DataSpec:
                 err.rejected[:0] = loaded.rejected
                 raise
             loaded.heldout, loaded.rejected = extra.pairs, loaded.rejected + extra.rejected
+            loaded.n_heldout_rejected = len(extra.rejected)
         elif self.eval_fraction is not None:
             loaded.pairs, loaded.heldout = split_by_prompt(
                 loaded.pairs, self.eval_fraction, self.seed

@@ -77,8 +77,13 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     if loaded.unpaired:  # KTO's data: refused before any model loads if a stage needs pairs
         pairwise = {"splitter": stages.splitter, "dpo": stages.first_order}
         check_unpaired(stages.data.path, {**pairwise, "optimizer": stages.zeroth_order})
-    out.log_metrics("data", {"n_pairs": len(loaded.pairs), "n_rows_rejected": len(loaded.rejected)})
-    out.log_metrics("data.heldout", record_heldout(out, loaded.pairs, loaded.heldout))
+    n_train_rejected = len(loaded.rejected) - loaded.n_heldout_rejected
+    count = "n_examples" if loaded.unpaired else "n_pairs"
+    out.log_metrics("data", {count: len(loaded.pairs), "n_rows_rejected": n_train_rejected})
+    heldout = record_heldout(out, loaded.pairs, loaded.heldout)
+    if heldout:
+        heldout["n_rows_rejected"] = loaded.n_heldout_rejected
+    out.log_metrics("data.heldout", heldout)
 
     log.info("loading model %s", stages.model.name)
     policy, tokenizer = stages.model.load()

@@ -170,6 +170,18 @@ def test_an_eval_file_sharing_prompts_with_the_training_data_is_warned_about(
     assert any("2 of 3 held-out prompts also occur" in r.message for r in caplog.records)
 
 
+def test_rejected_rows_are_counted_per_file(tmp_path, write_jsonl):
+    bad = {"prompt": "q", "chosen": "a"}
+    train = write_jsonl([*mixed_pair_rows(), bad, {**bad, "prompt": "q2"}], "train.jsonl")
+    held = write_jsonl(
+        [{"prompt": "Name a tree.", "chosen": "Oak.", "rejected": "7"}, bad], "h.jsonl"
+    )
+    args = [f"data.path={train}", f"data.eval_path={held}", "data.on_error=skip"]
+    metrics = run_compo(tmp_path, *args, "dpo=none", "optimizer=none")
+    assert metrics["data.n_rows_rejected"] == 2 and metrics["data.heldout.n_rows_rejected"] == 1
+    assert len((tmp_path / "rejected_rows.jsonl").read_text().splitlines()) == 3
+
+
 def test_resume_state_is_not_reused_across_another_heldout_split(
     tmp_path, mixed_pairs, write_jsonl
 ):

@@ -293,6 +293,7 @@ def test_kto_on_an_unpaired_file_runs_end_to_end(tmp_path, write_jsonl):
     assert metrics["dpo.loss_first"] == pytest.approx(0.875, abs=1e-4)
     assert metrics["dpo.loss_last"] < metrics["dpo.loss_first"]
     assert (metrics["dpo.n_desirable"], metrics["dpo.n_undesirable"]) == (3, 1)
+    assert metrics["data.n_examples"] == 4 and "data.n_pairs" not in metrics  # no pairs here
     assert metrics["eval.before.n_desirable"] == 3 and "eval.before.accuracy" not in metrics
     assert metrics["eval.displacement.clean.delta_logp_desirable"] > 0
     assert metrics["eval.displacement.clean.delta_logp_undesirable"] < 0
