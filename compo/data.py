@@ -14,8 +14,9 @@ number); a row without ``id`` gets ``<file stem>-<row>``. Files are read afresh 
 nothing is cached.
 
 A bad row (missing or empty field, wrong type, identical chosen and rejected, undecodable bytes,
-invalid JSON, a duplicate id) stops the load with one line naming file, row and field, or, with
-``on_error="skip"``, is returned in :attr:`LoadResult.rejected` with its reason. A file without a
+invalid JSON, a JSON key written twice in one object, a duplicate id) stops the load with one
+line naming file, row and field, or, with ``on_error="skip"``, is returned in
+:attr:`LoadResult.rejected` with its reason. A file without a
 valid row is a :class:`NoValidRowError` naming the first reason and holding the rejected rows,
 which :func:`keep_rejected` still writes to the run dir.
 """

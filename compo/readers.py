@@ -71,6 +71,40 @@ def _decode(path: Path, raw: bytes) -> str:
         ) from None
 
 
+class _RepeatedKeys(dict):
+    """A JSON object that names a key more than once (``json`` would keep the last value and
+    drop the others without a word): the row holding it is a bad row."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        seen: set[str] = set()
+        self.repeated = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    return obj if len(obj) == len(pairs) else _RepeatedKeys(pairs)
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_json_object)
+
+
+def _unambiguous(record: Any) -> Any:
+    """``record``, or a RowError when an object in it (at any depth) names a key twice."""
+    stack = [record]  # a loop, not recursion: json accepts nesting deeper than Python's stack
+    while stack:
+        value = stack.pop()
+        if isinstance(value, _RepeatedKeys):
+            names = ", ".join(repr(k) for k in value.repeated)
+            return RowError(None, f"names {names} more than once in one object; keep one")
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return record
+
+
 def _read_jsonl(raw: bytes) -> Iterator[tuple[int, Any]]:
     """Yields (row, record or RowError) per non-blank line, so a bad line spoils only its row."""
     row = 0
@@ -87,7 +121,7 @@ def _read_jsonl(raw: bytes) -> Iterator[tuple[int, Any]]:
             )
             continue
         try:
-            record = json.loads(text)
+            record = _unambiguous(_loads(text))
         except json.JSONDecodeError as exc:
             record = RowError(None, f"invalid JSON: {exc.msg} at column {exc.colno}")
         except (ValueError, RecursionError) as exc:  # a huge integer, nesting too deep
@@ -99,7 +133,7 @@ def _read_json(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
     """Rows of a JSON array or, as ``datasets`` also accepts under ``.json``, of JSON Lines."""
     text = _decode(path, raw)
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as exc:
         if text.lstrip().startswith("{"):  # several objects, one per line
             yield from _read_jsonl(raw)
@@ -113,7 +147,8 @@ def _read_json(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
         data = [data]  # JSON Lines with a single line
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of objects, or one object per line")
-    yield from enumerate(data, start=1)
+    for row, record in enumerate(data, start=1):
+        yield row, _unambiguous(record)
 
 
 def _read_csv(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:

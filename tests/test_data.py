@@ -511,3 +511,27 @@ def test_a_run_without_a_valid_row_still_writes_the_rejected_rows(
         run_compo(run_dir, f"{setting}={path}", "data.on_error=skip", *stages, *optimizer)
     rejected = [json.loads(line) for line in (run_dir / f"{written}.jsonl").open()]
     assert [(r["row"], r["field"]) for r in rejected] == [(1, "rejected"), (2, "rejected")]
+
+
+# A key written twice: json keeps the last value and drops the other without a word.
+DUPLICATE_KEYS = [
+    ("jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n' * 2
+     + '{"prompt": "q", "chosen": "a", "chosen": "c", "rejected": "b"}\n'),
+    ("json", '[{"prompt": "q", "chosen": "a", "rejected": "b"},\n'
+     '{"prompt": "q", "chosen": "a", "rejected": "b"},\n'
+     '{"prompt": "q", "chosen": "a", "chosen": "c", "rejected": "b"}]'),
+    ("jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b"}\n' * 2
+     + '{"prompt": [{"role": "user", "content": "q", "content": "r"}], '
+     '"chosen": "a", "rejected": "b"}\n'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fmt", "text"), DUPLICATE_KEYS)
+def test_a_key_written_twice_in_a_row_is_a_row_error(tmp_path, fmt, text):
+    path = tmp_path / f"dup.{fmt}"
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"row 3: .*more than once") as err:
+        load_pairs(path)
+    assert "\n" not in str(err.value)
+    loaded = load_pairs(path, on_error="skip")
+    assert len(loaded.pairs) == 2 and [r.row for r in loaded.rejected] == [3]
