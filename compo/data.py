@@ -71,8 +71,13 @@ class NoValidRowError(DataError):
     ``on_error=skip``), so that the caller can still write them where their reasons can be read."""
 
     def __init__(self, source: str | Path, rejected: list[RejectedRow]) -> None:
-        first = f"; the first: {rejected[0].describe()}" if rejected else ""
-        super().__init__(f"{source}: no valid row ({len(rejected)} rows rejected{first})")
+        if rejected:
+            first = rejected[0].describe()
+            super().__init__(
+                f"{source}: no valid row ({len(rejected)} rows rejected; the first: {first})"
+            )
+        else:
+            super().__init__(f"{source}: holds no rows")
         self.rejected = rejected
 
 

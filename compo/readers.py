@@ -132,6 +132,8 @@ def _read_jsonl(raw: bytes) -> Iterator[tuple[int, Any]]:
 def _read_json(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
     """Rows of a JSON array or, as ``datasets`` also accepts under ``.json``, of JSON Lines."""
     text = _decode(path, raw)
+    if not text.strip():
+        return  # no rows, as for an empty JSONL or CSV file
     try:
         data = _loads(text)
     except json.JSONDecodeError as exc:

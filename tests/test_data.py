@@ -535,3 +535,15 @@ def test_a_key_written_twice_in_a_row_is_a_row_error(tmp_path, fmt, text):
     assert "\n" not in str(err.value)
     loaded = load_pairs(path, on_error="skip")
     assert len(loaded.pairs) == 2 and [r.row for r in loaded.rejected] == [3]
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("e.jsonl", ""), ("e.jsonl", "\n  \n"), ("e.json", ""), ("e.json", "[]"), ("e.json", " \n"),
+    ("e.csv", ""), ("e.csv", "prompt,chosen,rejected\n"),
+])  # fmt: skip
+def test_a_file_without_rows_says_so_in_the_same_words_in_every_format(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as err:
+        load_pairs(path, on_error="skip")
+    assert str(err.value) == f"{path}: holds no rows"
