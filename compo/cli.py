@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -255,16 +256,51 @@ def _quiet_hydra_args(argv: list[str]) -> list[str]:
     return [*argv, *extra]
 
 
+def hydra_error_line(exc: CompactHydraException) -> str:
+    """Hydra's report of an override it refused (an unknown key or option, a syntax error), which
+    it prints in up to ~16 lines with its config search path, as one line.
+
+    Hydra's hint to append a new key repeats the override's value; it is given without the value,
+    which may be a secret typed under a misspelt key.
+    """
+    text = str(exc).split("Config search path:")[0]
+    parts: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if raw[:1].isspace() and parts:  # one of the options Hydra lists under "Available options"
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+        elif line.startswith("To append to your config use +"):
+            parts.append("to add it as a new key, prefix it with +")
+        else:
+            line = line.rstrip(".")
+            parts.append(line if not parts else line[:1].lower() + line[1:])
+    cause = str(exc.__cause__ or "").strip().splitlines()
+    return "; ".join(parts) + (f" ({cause[0]})" if cause else "")
+
+
 def main() -> None:
     """Console-script entry point (also under torchrun: see :mod:`compo.distributed`)."""
     if sys.argv[1:] == ["--version"]:
         print(f"compo {importlib.metadata.version('compo')}")
         return
+    # Hydra prints a refused override in several lines and exits 1; told to raise instead, it
+    # lets compo say it in one line. A user who set HYDRA_FULL_ERROR gets Hydra's full report.
+    user_wants_full_error = "HYDRA_FULL_ERROR" in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         if distributed.init_from_env() and not distributed.is_main():
             sys.argv = [sys.argv[0], *_quiet_hydra_args(sys.argv[1:])]
         _hydra_main()
+    except CompactHydraException as exc:
+        if user_wants_full_error:
+            raise
+        print(f"compo: error: {hydra_error_line(exc)}", file=sys.stderr)
+        sys.exit(2)
     finally:
+        if not user_wants_full_error:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
         distributed.finalize()
 
 

@@ -120,6 +120,25 @@ def test_bad_settings_stop_before_any_work_in_one_line(tmp_path):
         assert not (run_dir / "checkpoint").exists() and not (run_dir / "metrics.json").exists()
 
 
+def test_hydra_refusing_an_override_is_one_line_and_exit_2(tmp_path):
+    # Hydra printed these in 3-16 lines (option lists, its config search path) with exit 1.
+    cases = {
+        "optimizer=bogus": "In 'config': Could not find 'optimizer/bogus'; available options in "
+        "'optimizer': compo, compo_cpu,",
+        "dpo.lrr=0.1": "Could not override 'dpo.lrr'; to add it as a new key, prefix it with + "
+        "(Key 'lrr' is not in struct)",
+        "seed": "Error parsing override 'seed'; missing EQUAL at '<EOF>'",
+        "oracle.judge.api_keyy=sk-SECRET123": "Could not override 'oracle.judge.api_keyy'",
+    }
+    for i, (override, message) in enumerate(cases.items()):
+        proc = _compo(tmp_path / str(i), override)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"compo: error: {message}"), lines
+        assert "SECRET123" not in proc.stderr + proc.stdout  # the value is not echoed
+        assert not (tmp_path / str(i)).exists()  # refused before Hydra made the run dir
+
+
 def test_a_secret_given_as_a_setting_is_scrubbed_from_the_run_dir(tmp_path):
     # A key typed where a variable name belongs, or credentials in the judge's URL, used to be
     # echoed in the error and stay in cli.log and Hydra's copy of the config (.hydra/).
