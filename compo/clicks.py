@@ -8,7 +8,7 @@
 Input: one impression per row (JSONL, JSON, CSV or Parquet, read like preference files;
 validated, and read by the rule below, in :mod:`compo.impressions`)::
 
-    {"id": "imp-1",                  # optional
+    {"id": "imp-1",                  # optional; unique (a repeated id is a bad row)
      "prompt": "...",                # a string, or chat messages
      "responses": ["a", "b", "c"],   # in display order: index 0 was shown on top
      "clicks": [2],                  # indices into responses (may be empty)
@@ -134,6 +134,7 @@ def _read_log(
     settings.number("min_dwell", min_dwell, ge=0, optional=True)
     settings.number("prior", prior, gt=0, le=MAX_PRIOR)
     log_ = _Log([], [])
+    rows_by_id: dict[str, int] = {}  # an impression logged twice would count its clicks twice
     for row, record in records:
         try:
             imp = parse_impression(record)
@@ -141,6 +142,10 @@ def _read_log(
                 raise RowError(
                     "responses", f"{len(imp.responses)} shown, {len(propensities)} propensities"
                 )
+            if imp.id is not None:
+                if imp.id in rows_by_id:
+                    raise RowError("id", f"repeats the id of row {rows_by_id[imp.id]}")
+                rows_by_id[imp.id] = row
         except RowError as err:
             if on_error == "raise":
                 raise DataError(

@@ -206,6 +206,18 @@ def test_cli_raise_exits_2_with_one_line(write_jsonl, tmp_path, capsys):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize("convert", [clicks_to_pairs, clicks_to_unpaired])
+def test_an_impression_id_seen_twice_is_a_bad_row_not_double_evidence(convert):
+    # A log that holds one impression twice used to count its clicks twice (confidence 0.9375
+    # for one click instead of 0.75).
+    log = rows(imp([1], id="imp-1"), imp([2], id="imp-2"), imp([1], id="imp-1"), imp([1]), imp([1]))
+    with pytest.raises(DataError, match=r"row 3: field 'id': repeats the id of row 1"):
+        convert(log)
+    result = convert(log, on_error="skip")
+    assert [(r.row, r.field) for r in result.rejected] == [(3, "id")]
+    assert result.stats["n_impressions"] == 4  # rows without an id are never compared
+
+
 def test_cli_skip_writes_rejected_and_loadable_pairs(write_jsonl, tmp_path):
     # Not the fixture's default name pairs.jsonl: that is --out, which would overwrite the input.
     path = write_jsonl([imp([2]), imp([5]), imp([1], prompt="Other?")], name="clicks.jsonl")
