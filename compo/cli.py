@@ -32,6 +32,7 @@ from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from compo import distributed, settings, tracking
 from compo.errors import CompoError
@@ -126,6 +127,38 @@ def _summary_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_interpolations(cfg: DictConfig) -> None:
+    """Resolves every ``${...}`` of the config once (without changing it), so an unresolvable one
+    (an unset ``${oc.env:...}``, a misspelt key) is one line naming the setting.
+
+    Raises:
+        CompoError: An interpolation that cannot be resolved.
+    """
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+        return
+    except OmegaConfBaseException as exc:
+        failed, key = exc, exc.full_key
+    # Blame the setting that holds the bad interpolation, not one that refers to it (model.seed
+    # is ${seed}): the shallowest failing key, as the user wrote them on the command line.
+    for path in sorted(_leaf_paths(OmegaConf.to_container(cfg, resolve=False)), key=len):
+        try:
+            OmegaConf.select(cfg, ".".join(path), throw_on_resolution_failure=True)
+        except OmegaConfBaseException as exc:
+            failed, key = exc, ".".join(path)
+            break
+    first = str(failed).strip().splitlines()[0] if str(failed).strip() else type(failed).__name__
+    raise CompoError(f"{key}: cannot resolve its value: {first}")
+
+
+def _leaf_paths(node: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _leaf_paths(v, (*prefix, str(k)))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _leaf_paths(v, (*prefix, str(i)))]
+    return [prefix]
+
+
 def build_stages(cfg: DictConfig) -> Stages:
     """Builds every stage from its config group; each checks its own settings here.
 
@@ -179,6 +212,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     Raises:
         CompoError: A user mistake; also the objective missing, after the run dir is written.
     """
+    check_interpolations(cfg)
     objective = Objective(cfg.objective, cfg.objective_direction, _sweeper_direction())
     stages = build_stages(cfg)
     if not distributed.is_main():
