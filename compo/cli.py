@@ -314,11 +314,28 @@ def hydra_error_line(exc: CompactHydraException) -> str:
     return "; ".join(parts) + (f" ({cause[0]})" if cause else "")
 
 
+def _empty_run_dir(argv: list[str]) -> str | None:
+    """The ``hydra.run.dir`` / ``hydra.sweep.dir`` override given empty, if any: Hydra would run
+    in the working directory (an unset shell variable, ``hydra.run.dir=$OUT``, looks like this)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and not value.strip(" '\""):
+            return key
+    return None
+
+
 def main() -> None:
     """Console-script entry point (also under torchrun: see :mod:`compo.distributed`)."""
     if sys.argv[1:] == ["--version"]:
         print(f"compo {importlib.metadata.version('compo')}")
         return
+    empty = _empty_run_dir(sys.argv[1:])
+    if empty is not None:  # checked before Hydra writes .hydra/ into the run dir
+        print(
+            f"compo: error: {empty} is empty (an unset shell variable?); give a directory",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     # Hydra prints a refused override in several lines and exits 1; told to raise instead, it
     # lets compo say it in one line. A user who set HYDRA_FULL_ERROR gets Hydra's full report.
     user_wants_full_error = "HYDRA_FULL_ERROR" in os.environ

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import yaml
 
 GOOD = {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}
@@ -142,6 +144,21 @@ def test_hydra_refusing_an_override_is_one_line_and_exit_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"compo: error: {message}"), lines
         assert "SECRET123" not in proc.stderr + proc.stdout  # the value is not echoed
         assert not (tmp_path / str(i)).exists()  # refused before Hydra made the run dir
+
+
+@pytest.mark.parametrize("override", ["hydra.run.dir=", "hydra.sweep.dir=  ", "hydra.run.dir=''"])
+def test_an_empty_run_dir_is_refused_not_the_current_directory(tmp_path, override):
+    # An unset shell variable (hydra.run.dir=$OUT) used to write the run into the working directory.
+    proc = subprocess.run(
+        [sys.executable, "-m", "compo", "model=tiny", "dpo=none", "optimizer=none", override],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())},
+    )  # fmt: skip
+    key = override.split("=")[0]
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"compo: error: {key} is empty (an unset shell variable?); give a directory"
+    ), proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_secret_given_as_a_setting_is_scrubbed_from_the_run_dir(tmp_path):
