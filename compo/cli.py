@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from compo import distributed, settings, tracking
-from compo.errors import CompoError
+from compo.errors import CompoError, first_line
 from compo.interfaces import ComparisonOracle, OracleError
 from compo.objective import Objective, sweeper_direction
 from compo.pipeline import Stages, run_pipeline
@@ -66,7 +66,7 @@ def _build(node: DictConfig, group: str) -> Any:
         if isinstance(cause, CompoError):
             raise cause from None
         # Hydra's own message ends with "full_key: <group>"; the reason is the cause's.
-        reason = str(cause).strip().splitlines()[0] if cause and str(cause).strip() else str(exc)
+        reason = first_line(cause) if cause is not None else str(exc)
         raise CompoError(f"config group '{group}': {reason}") from None
 
 
@@ -147,8 +147,7 @@ def check_interpolations(cfg: DictConfig) -> None:
         except OmegaConfBaseException as exc:
             failed, key = exc, ".".join(path)
             break
-    first = str(failed).strip().splitlines()[0] if str(failed).strip() else type(failed).__name__
-    raise CompoError(f"{key}: cannot resolve its value: {first}")
+    raise CompoError(f"{key}: cannot resolve its value: {first_line(failed)}")
 
 
 def _leaf_paths(node: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

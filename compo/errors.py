@@ -6,6 +6,13 @@ exits with status 2, without a traceback; every other exception is a bug and kee
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): libraries'
+    messages run to several lines, and compo's errors are one."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class CompoError(Exception):
     """A user-facing error whose message says what went wrong and where.
 

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from compo import settings, state
-from compo.errors import ModelLoadError
+from compo.errors import ModelLoadError, first_line
 from compo.interfaces import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ def _load_pretrained(path: str, dtype: str, revision: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], revision=revision)
     except OSError as exc:
         where = "local directory" if Path(path).exists() else "hub id (is the hub reachable?)"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {path!r} as a {where}: {first}") from exc
+        raise ModelLoadError(f"cannot load model {path!r} as a {where}: {first_line(exc)}") from exc
     return model, tokenizer
 
 

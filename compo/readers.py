@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from compo import sources
-from compo.errors import DataError
+from compo.errors import DataError, first_line
 
 _FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -53,11 +53,6 @@ class RowError(Exception):
 # also caches by path and mtime, so a file rewritten with the same mtime was read stale.
 
 _NUMERIC_CSV_COLUMNS = ("confidence",)  # every other CSV cell stays text, as written
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -125,7 +120,7 @@ def _read_jsonl(raw: bytes) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as exc:
             record = RowError(None, f"invalid JSON: {exc.msg} at column {exc.colno}")
         except (ValueError, RecursionError) as exc:  # a huge integer, nesting too deep
-            record = RowError(None, f"unreadable JSON: {_first_line(exc)}")
+            record = RowError(None, f"unreadable JSON: {first_line(exc)}")
         yield row, record
 
 
@@ -144,7 +139,7 @@ def _read_json(path: Path, raw: bytes) -> Iterator[tuple[int, Any]]:
             f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}"
         ) from None
     except (ValueError, RecursionError) as exc:  # a huge integer, nesting too deep
-        raise DataError(f"{path}: unreadable JSON: {_first_line(exc)}") from None
+        raise DataError(f"{path}: unreadable JSON: {first_line(exc)}") from None
     if isinstance(data, dict) and len(text.strip().splitlines()) == 1:
         data = [data]  # JSON Lines with a single line
     if not isinstance(data, list):
@@ -206,7 +201,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: unreadable Parquet file: {_first_line(exc)}") from None
+        raise DataError(f"{path}: unreadable Parquet file: {first_line(exc)}") from None
     yield from enumerate(table.to_pylist(), start=1)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compo.errors import DataError
+from compo.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,6 @@ def looks_like_hub_id(text: str) -> bool:
         and not path.exists()
         and not Path(path.parts[0]).exists()
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _rows(dataset: Any) -> Iterator[tuple[int, Any]]:
@@ -91,7 +86,7 @@ def read_saved(path: Path, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
         found = datasets.load_from_disk(str(path))
     except (OSError, ValueError) as exc:  # an incomplete or foreign directory
         raise DataError(
-            f"data.path={path}: not a dataset written by save_to_disk: {_first_line(exc)}"
+            f"data.path={path}: not a dataset written by save_to_disk: {first_line(exc)}"
         ) from None
     dataset = _pick_split(found, split, f"data.path={path}")
     label = f"{path}[{split}]" if isinstance(found, datasets.DatasetDict) else str(path)
@@ -116,7 +111,7 @@ def read_hub(name: str, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:  # network, offline mode, auth, unknown id or split, builder errors
-        reason = _first_line(exc)
+        reason = first_line(exc)
         offline = "offline" in reason.lower() or datasets.config.HF_DATASETS_OFFLINE
         hint = " (offline: only datasets in the local cache load)" if offline else ""
         raise DataError(
