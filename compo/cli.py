@@ -22,6 +22,7 @@ import contextlib
 import importlib.metadata
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,15 @@ def scrub_hydra_copy(run_dir: Path, secrets: tuple[str, ...]) -> None:
             atomic_write_text(path, scrubbed)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop), raised like Ctrl-C so that a run stops the
+    same way: one line saying how to resume, not a silent exit."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def _log_to_files_only(message: str) -> None:
     """Record an error in the run's log file (cli.log) without Hydra's console copy of it.
 
@@ -277,6 +287,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         _log_to_files_only(str(exc))
         print(f"compo: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see main): every stage resumes
+        message = f"interrupted; the same command with hydra.run.dir={run_dir} resumes the run"
+        _log_to_files_only(message)
+        print(f"compo: {message}", file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
     # What a Hydra sweeper optimises (None on ranks other than 0, and without an objective).
     return metrics.get("run.objective_value")
 
@@ -339,6 +354,7 @@ def main() -> None:
     # lets compo say it in one line. A user who set HYDRA_FULL_ERROR gets Hydra's full report.
     user_wants_full_error = "HYDRA_FULL_ERROR" in os.environ
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if distributed.init_from_env() and not distributed.is_main():
             sys.argv = [sys.argv[0], *_quiet_hydra_args(sys.argv[1:])]
@@ -348,6 +364,9 @@ def main() -> None:
             raise
         print(f"compo: error: {hydra_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as exc:  # before a run dir was made
+        print("compo: interrupted", file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
     finally:
         if not user_wants_full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -161,65 +161,65 @@ class StepLoop:
         autocast = (
             torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         )
-        bar = tqdm(
+        # A context manager: a stage failing mid-step leaves no half-drawn bar before its error.
+        with tqdm(
             total=total,
             initial=step,
             desc=self.desc,
             leave=False,
             disable=not distributed.is_main(),
-        )
-        while step < total:
-            epoch, rows = self.rows(step)
-            sums: dict[str, float] = {}
-            step_tokens = 0
-            for start in range(0, len(rows), self.batch_size):
-                micro = rows[start : start + self.batch_size]
-                batch = [pairs[i] for i in micro]
-                with autocast, _seeded_dropout(self.seed, step, start, device=device):
-                    scores = score_pairs(
-                        scorer, batch, pad_token_id, batch_size=2 * len(batch),
-                        requires_grad=True,
-                    )  # fmt: skip
-                    kl = mismatched.kl(micro) if mismatched is not None else None
-                loss, stats = compute_loss(
-                    scores,
-                    tuple(r[micro] for r in reference),
-                    weights[micro] if weights is not None else None,
-                    kl,
-                    labels[micro] if labels is not None else None,
-                )
-                if kl is not None:
-                    stats["kl"] = kl.item() * len(micro)
-                # Scale so the accumulated gradient is that of the mean over the whole step.
-                (loss * len(micro) / len(rows)).backward()
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                step_tokens += sum(
-                    len(p.prompt_ids) * len(p.replies) + sum(map(len, p.replies)) for p in batch
-                )
-            grad_norm = None
-            if self.max_grad_norm is not None:
-                grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm).item()
-            lr = optimizer.param_groups[0]["lr"]  # this step's rate, set by the scheduler
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += step_tokens
-            row = {"step": step, "epoch": epoch, "lr": lr}
-            row.update(_step_means(sums, len(rows)))
-            row.update(grad_norm=grad_norm, n_pairs=len(rows), tokens=step_tokens)
-            trace.write(row)
-            if not math.isfinite(row["loss"]):  # stop now, not after the remaining steps
-                raise CompoError(
-                    f"{self.phase}: the loss is {row['loss']} at step {step}: the run diverged "
-                    "(lower dpo.lr) or the model holds NaN/inf; nothing saved"
-                )
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
-            if self.save_every and step % self.save_every == 0 and step < total:
-                save(step)
-        bar.close()
+        ) as bar:
+            while step < total:
+                epoch, rows = self.rows(step)
+                sums: dict[str, float] = {}
+                step_tokens = 0
+                for start in range(0, len(rows), self.batch_size):
+                    micro = rows[start : start + self.batch_size]
+                    batch = [pairs[i] for i in micro]
+                    with autocast, _seeded_dropout(self.seed, step, start, device=device):
+                        scores = score_pairs(
+                            scorer, batch, pad_token_id, batch_size=2 * len(batch),
+                            requires_grad=True,
+                        )  # fmt: skip
+                        kl = mismatched.kl(micro) if mismatched is not None else None
+                    loss, stats = compute_loss(
+                        scores,
+                        tuple(r[micro] for r in reference),
+                        weights[micro] if weights is not None else None,
+                        kl,
+                        labels[micro] if labels is not None else None,
+                    )
+                    if kl is not None:
+                        stats["kl"] = kl.item() * len(micro)
+                    # Scale so the accumulated gradient is that of the mean over the whole step.
+                    (loss * len(micro) / len(rows)).backward()
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    step_tokens += sum(
+                        len(p.prompt_ids) * len(p.replies) + sum(map(len, p.replies)) for p in batch
+                    )
+                grad_norm = None
+                if self.max_grad_norm is not None:
+                    grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm).item()
+                lr = optimizer.param_groups[0]["lr"]  # this step's rate, set by the scheduler
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += step_tokens
+                row = {"step": step, "epoch": epoch, "lr": lr}
+                row.update(_step_means(sums, len(rows)))
+                row.update(grad_norm=grad_norm, n_pairs=len(rows), tokens=step_tokens)
+                trace.write(row)
+                if not math.isfinite(row["loss"]):  # stop now, not after the remaining steps
+                    raise CompoError(
+                        f"{self.phase}: the loss is {row['loss']} at step {step}: the run diverged "
+                        "(lower dpo.lr) or the model holds NaN/inf; nothing saved"
+                    )
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
+                if self.save_every and step % self.save_every == 0 and step < total:
+                    save(step)
         return step, tokens
 
 

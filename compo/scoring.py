@@ -169,9 +169,11 @@ def score_sequences(
     sums: list[Tensor] = []
     heads: list[Tensor] = []
     pieces: list[tuple[Tensor, Tensor, Tensor]] = []
-    with torch.set_grad_enabled(requires_grad):
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+    starts = range(0, len(order), batch_size)
+    bar = tqdm(starts, desc=desc, disable=desc is None, leave=False)
+    # A context manager: an interrupt mid-pass leaves no half-drawn bar before its message.
+    with torch.set_grad_enabled(requires_grad), bar:
+        for start in bar:
             rows = order[start : start + batch_size]
             seqs = [list(prompts[i]) + list(responses[i]) for i in rows]
             ids, mask = _pad(seqs, pad_token_id, padding_side)

@@ -412,3 +412,29 @@ def test_atomic_writes_get_the_users_file_mode(tmp_path, monkeypatch):
         monkeypatch.setattr(compo.rundir, "_FILE_MODE", 0o666 & ~umask)
         compo.rundir.atomic_write_text(tmp_path / "metrics.json", "{}")
         assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_is_one_line_saying_how_to_resume(tmp_path, pairs_file, sig):
+    # Ctrl-C printed a 32-frame traceback; SIGTERM ended the run without a word.
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(run_dir, pairs_file), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not _rows(run_dir, "dpo") and proc.poll() is None:
+            assert time.monotonic() < deadline, "the run never started training"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and err.count("compo: ") == 1, err  # progress bars aside
+    assert err.strip().splitlines()[-1] == (
+        f"compo: interrupted; the same command with hydra.run.dir={run_dir} resumes the run"
+    )
+    assert not (run_dir / "checkpoint").exists()
+    assert "interrupted" in (run_dir / "cli.log").read_text()
