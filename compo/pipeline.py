@@ -19,10 +19,12 @@ from typing import Any
 
 from compo import distributed, plots
 from compo.data import DataSpec, keep_rejected
+from compo.errors import CompoError
 from compo.heldout import record_heldout
 from compo.interfaces import ComparisonOracle
 from compo.models import ModelLoader, save_checkpoint
 from compo.rundir import RunDir
+from compo.scoring import divergence
 from compo.stages import (
     Evaluator,
     FirstOrderStage,
@@ -54,11 +56,18 @@ def _log(out: RunDir, outcome: Outcome) -> None:
         out.log_metrics(group, values)
 
 
-def _checkpoint(out: RunDir, policy: Any, tokenizer: Any, changed: bool, files: dict) -> None:
+def _checkpoint(out: RunDir, job: Job, changed: bool, files: dict) -> None:
     """Saves the policy (and the stages' ``files``) if a stage changed it; else no checkpoint
-    may stand for this run."""
+    may stand for this run. A policy whose outputs diverged is not saved (its weights, checked
+    by :func:`save_checkpoint`, can be finite)."""
     if changed:
-        save_checkpoint(policy, tokenizer, out.checkpoint_dir, files)
+        broken = divergence(job.policy, job.encoded, job.pad_token_id)
+        if broken is not None:
+            raise CompoError(
+                f"checkpoint {out.checkpoint_dir} not written: the trained model diverged: "
+                f"{broken}; lower optimizer.step_size or dpo.lr"
+            )
+        save_checkpoint(job.policy, job.tokenizer, out.checkpoint_dir, files)
         log.info("checkpoint saved to %s", out.checkpoint_dir)
     elif out.checkpoint_dir.exists():
         shutil.rmtree(out.checkpoint_dir)
@@ -114,7 +123,7 @@ def run_pipeline(stages: Stages, out: RunDir) -> dict[str, Any]:
     # The checkpoint and eval.after are rank 0's alone: no collective operation follows.
     changed = first.changed or zeroth.changed
     if distributed.is_main():
-        _checkpoint(out, policy, tokenizer, changed, {**first.files, **zeroth.files})
+        _checkpoint(out, job, changed, {**first.files, **zeroth.files})
         if changed:
             _log(out, stages.evaluator.after(job, split))
         out.log_metrics("plots", plots.draw(out.path, out.metrics))

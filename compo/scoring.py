@@ -9,6 +9,7 @@ so the zeroth-order optimizer reuses them for every perturbation (see :func:`tok
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -258,3 +259,36 @@ def _take(scores: SequenceScores, rows: slice, offset: int) -> SequenceScores:
         out.targets = scores.targets[keep]
         out.seq_index = scores.seq_index[keep] - offset
     return out
+
+
+# Rows scored before a checkpoint is written: enough to see a diverged output layer, a second
+# on SmolLM2.
+DIVERGENCE_ROWS = 4
+
+
+def divergence(model: torch.nn.Module, encoded: Sequence, pad_token_id: int) -> str | None:
+    """Why a trained model's outputs are broken although its weights are finite, or None.
+
+    An output layer scaled up far enough (a huge ComPO step) keeps finite weights, but its logits
+    overflow: the log-probs are -inf or NaN, or finite and absurd (-1e30 per token). The first
+    :data:`DIVERGENCE_ROWS` training rows are scored; their mean log-prob per token must be
+    finite and no lower than ten times a uniform guess's, ``-10 log V``.
+
+    Args:
+        model: The trained causal LM.
+        encoded: Encoded training pairs (or unpaired examples).
+        pad_token_id: Padding id.
+    """
+    sample = list(encoded[:DIVERGENCE_ROWS])
+    if not sample:
+        return None
+    scores = score_pairs(model, sample, pad_token_id)
+    logps = torch.cat([s.sum_logps for s in scores])
+    per_token = float(logps.sum() / torch.cat([s.n_tokens for s in scores]).sum())
+    floor = -10 * math.log(output_layer(model)[0].shape[0])
+    if math.isfinite(per_token) and per_token >= floor:
+        return None
+    return (
+        f"its mean log-prob per token on {len(sample)} training rows is {per_token:.3g} "
+        f"(a uniform guess: {floor / 10:.3g})"
+    )

@@ -167,3 +167,15 @@ def test_a_refused_rerun_leaves_the_earlier_runs_files_as_they_were(tmp_path, mi
         run_compo(tmp_path, *args, "dpo.loss.beta=0.5")
     assert (tmp_path / "config.yaml").read_text() == config
     assert (tmp_path / "metrics.json").read_text() == metrics
+
+
+@pytest.mark.parametrize("step_size", ["3e38", "1e30"])
+def test_a_model_whose_outputs_diverged_is_not_saved(tmp_path, mixed_pairs, step_size):
+    # Its weights are finite (so the NaN/inf guard let it through), but its logits overflow and
+    # its log-probs are -inf (3e38) or around -1e30 (1e30); it was saved with exit 0.
+    from compo.errors import CompoError
+
+    args = [f"data.path={mixed_pairs}", *SPLIT_AND_COMPO, "dpo=none", "oracle=likelihood"]
+    with pytest.raises(CompoError, match=r"checkpoint .* not written: .*diverged"):
+        run_compo(tmp_path, *args, f"optimizer.step_size={step_size}", "optimizer.max_iterations=3")
+    assert not (tmp_path / "checkpoint").exists()
