@@ -19,6 +19,7 @@ in the same run dir resumes: DPO from ``dpo_state/``, ComPO from ``compo_state/`
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.metadata
 import logging
 import os
@@ -128,6 +129,30 @@ def _summary_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def warn_unread_keys(cfg: DictConfig) -> None:
+    """Warns about top-level keys added on the command line (``+seeds=1``) that compo's configs do
+    not define: nothing reads them, and a typo of a setting would otherwise pass unnoticed.
+    (They stay in config.yaml, where metadata such as ``+note=baseline`` belongs.)"""
+    if not HydraConfig.initialized():
+        return
+    primary = OmegaConf.load(Path(CONFIG_DIR) / "config.yaml")
+    known = {k for k in primary if k not in ("defaults", "hydra")}
+    known |= {group.name for group in Path(CONFIG_DIR).iterdir() if group.is_dir()}  # +experiment=
+    added = []
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0]
+        if key.startswith("+") and "." not in key and key.lstrip("+") not in known:
+            added.append(key)
+    if added:
+        near = difflib.get_close_matches(added[0].lstrip("+"), sorted(known), n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        log.warning(
+            "config: %s: nothing in compo reads these new top-level keys (kept in config.yaml)%s",
+            ", ".join(added),
+            hint,
+        )
+
+
 def check_interpolations(cfg: DictConfig) -> None:
     """Resolves every ``${...}`` of the config once (without changing it), so an unresolvable one
     (an unset ``${oc.env:...}``, a misspelt key) is one line naming the setting.
@@ -213,6 +238,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         CompoError: A user mistake; also the objective missing, after the run dir is written.
     """
     check_interpolations(cfg)
+    warn_unread_keys(cfg)
     objective = Objective(cfg.objective, cfg.objective_direction, _sweeper_direction())
     stages = build_stages(cfg)
     if not distributed.is_main():

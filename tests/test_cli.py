@@ -161,6 +161,16 @@ def test_an_empty_run_dir_is_refused_not_the_current_directory(tmp_path, overrid
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_new_top_level_key_nothing_reads_is_warned_about(tmp_path, write_jsonl):
+    # +seeds=1 (a typo of seed, with the + Hydra asks for) ran silently with seed 0.
+    data = write_jsonl([GOOD])
+    off = ["dpo=none", "optimizer=none", "splitter=none", "eval=none", f"data.path={data}"]
+    proc = _compo(tmp_path / "run", "+experiment=tiny_smoke", *off, "+seeds=1", "+note=baseline")
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stdout.splitlines() if "nothing in compo reads" in line]
+    assert len(warned) == 1 and "+seeds, +note" in warned[0] and "did you mean seed?" in warned[0]
+
+
 def test_a_secret_given_as_a_setting_is_scrubbed_from_the_run_dir(tmp_path):
     # A key typed where a variable name belongs, or credentials in the judge's URL, used to be
     # echoed in the error and stay in cli.log and Hydra's copy of the config (.hydra/).
