@@ -390,6 +390,11 @@ def main() -> None:
             raise
         print(f"compo: error: {hydra_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # e.g. Hydra making the run dir where a file is, or no space left
+        if user_wants_full_error or exc.filename is None:
+            raise
+        print(f"compo: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as exc:  # before a run dir was made
         print("compo: interrupted", file=sys.stderr)
         sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))

@@ -161,6 +161,17 @@ def test_an_empty_run_dir_is_refused_not_the_current_directory(tmp_path, overrid
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_dir_hydra_cannot_create_is_one_line(tmp_path):
+    # A file in its place ended in a 28-line FileExistsError traceback with exit 1.
+    (tmp_path / "afile").write_text("x")
+    for run_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        proc = _compo(run_dir, "dpo=none", "optimizer=none")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"compo: error: {tmp_path / 'afile'}")
+        assert lines[0].endswith(("File exists", "Not a directory")), lines
+
+
 def test_a_new_top_level_key_nothing_reads_is_warned_about(tmp_path, write_jsonl):
     # +seeds=1 (a typo of seed, with the + Hydra asks for) ran silently with seed 0.
     data = write_jsonl([GOOD])
