@@ -1,15 +1,15 @@
 """The first-order stage's resume state (``dpo_state/``, ``sft_state/``).
 
-The trainable weights (safetensors), the AdamW state and the learning-rate scheduler's state,
-committed with sha256 hashes by :mod:`compo.state`; a state is restored only by the setup that
-wrote it (``progress`` carries its identity), and a corrupt file is refused, never unpickled: the
-optimizer and scheduler states are read with ``torch.load(weights_only=True)`` after their hash
-matched.
+The trainable weights, the AdamW state and the learning-rate scheduler's state, committed with
+sha256 hashes by :mod:`compo.state`; a state is restored only by the setup that wrote it
+(``progress`` carries its identity), and a corrupt file is refused. Nothing is pickled: the
+optimizer's tensors are safetensors (its other values in the file's JSON metadata), the
+scheduler's state is JSON, so resuming never unpickles a file from the run dir.
 """
 
 from __future__ import annotations
 
-import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,38 @@ from torch import nn
 from compo import distributed, state
 from compo.errors import CompoError
 
+_PLAIN = "compo.plain"  # the metadata key holding an optimizer state's non-tensor values
 
-def _pt_bytes(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
+
+def optimizer_bytes(state_dict: dict[str, Any]) -> bytes:
+    """An optimizer's ``state_dict()`` as safetensors: tensors keyed ``<param>.<name>``, the
+    rest (``param_groups``, non-tensor per-parameter values) as JSON in the metadata."""
+    tensors, plain_state = {}, {}
+    for index, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                plain_state.setdefault(str(index), {})[name] = value
+    plain = {"param_groups": state_dict["param_groups"], "state": plain_state}
+    return safetensors_save(tensors, metadata={_PLAIN: json.dumps(plain)})
+
+
+def optimizer_state(blob: bytes) -> dict[str, Any]:
+    """The ``state_dict()`` :func:`optimizer_bytes` wrote."""
+    header_length = int.from_bytes(blob[:8], "little")
+    plain = json.loads(json.loads(blob[8 : 8 + header_length])["__metadata__"][_PLAIN])
+    per_param: dict[int, dict[str, Any]] = {
+        int(index): dict(values) for index, values in plain["state"].items()
+    }
+    for key, tensor in safetensors_load(blob).items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = tensor
+    groups = plain["param_groups"]
+    for group in groups:  # JSON turned AdamW's tuple into a list
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    return {"state": per_param, "param_groups": groups}
 
 
 def save_state(
@@ -41,8 +68,8 @@ def save_state(
     state.check_finite(tensors.items(), f"resume state {state_dir}")
     payloads = {
         "trainable": ("safetensors", safetensors_save(tensors)),
-        "optimizer": ("pt", _pt_bytes(optimizer.state_dict())),
-        "scheduler": ("pt", _pt_bytes(scheduler.state_dict())),
+        "optimizer": ("safetensors", optimizer_bytes(optimizer.state_dict())),
+        "scheduler": ("json", json.dumps(scheduler.state_dict()).encode()),
     }
     state.commit(state_dir, progress["step"], payloads, progress)
 
@@ -55,6 +82,11 @@ def load_state(
     if loaded is None:
         return None
     progress, blobs = loaded
+    if any(f["file"].endswith(".pt") for f in progress["files"].values()):
+        raise CompoError(
+            f"{state_dir}: written by an earlier compo (pickled optimizer state, no longer read); "
+            "set dpo.resume=false to start over"
+        )
     state.check_identity(state_dir, progress, expect, "dpo.resume")
     tensors = safetensors_load(blobs["trainable"])
     if sorted(tensors) != sorted(names):
@@ -63,6 +95,6 @@ def load_state(
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(io.BytesIO(blobs["optimizer"]), weights_only=True))
-    scheduler.load_state_dict(torch.load(io.BytesIO(blobs["scheduler"]), weights_only=True))
+    optimizer.load_state_dict(optimizer_state(blobs["optimizer"]))
+    scheduler.load_state_dict(json.loads(blobs["scheduler"]))
     return progress["step"]

@@ -285,6 +285,11 @@ def test_same_seed_same_result_and_resume_matches_uninterrupted(
             interrupted, easy_encoded, pad, RunDir(tmp_path / "c")
         )
     monkeypatch.setattr(compo.dpo, "save_state", real)
+    # Nothing in the state is a pickle (torch.save writes a zip holding data.pkl): safetensors
+    # and JSON only, so resuming never unpickles a file from the run dir.
+    saved = sorted((tmp_path / "c" / "dpo_state").iterdir())
+    assert {f.suffix for f in saved} == {".safetensors", ".json"}, saved
+    assert not any(f.read_bytes().startswith(b"PK") for f in saved)
     resumed, _ = TinyModel(seed=0).load()
     metrics = _trainer(**schedule).train(resumed, easy_encoded, pad, RunDir(tmp_path / "c"))
     assert metrics["resumed_from_step"] == 2 and metrics["steps_run"] == 2
