@@ -237,6 +237,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     Raises:
         CompoError: A user mistake; also the objective missing, after the run dir is written.
     """
+    if HydraConfig.initialized() and HydraConfig.get().job.chdir:
+        # Every path setting (data, caches, pairs files, models) is relative to the launch
+        # directory; under chdir they would silently name files inside the run dir.
+        raise CompoError(
+            "hydra.job.chdir=true is not supported: compo reads relative paths from the "
+            "directory it is started in, and writes only into the run dir anyway"
+        )
     check_interpolations(cfg)
     warn_unread_keys(cfg)
     objective = Objective(cfg.objective, cfg.objective_direction, _sweeper_direction())

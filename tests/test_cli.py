@@ -112,6 +112,10 @@ def test_bad_settings_stop_before_any_work_in_one_line(tmp_path):
         "optimizer.num_directions=lots": "optimizer.num_directions must be an integer >= 1",
         "seed=abc": "seed must be an integer in [0, 9223372036854775807], got 'abc'",
         "device=cuda:7": "device=cuda:7: this machine has no such device",
+        # Relative paths were then read from inside the run dir ("no such file"), and a relative
+        # reference_cache was made in each run dir.
+        "hydra.job.chdir=true": "hydra.job.chdir=true is not supported: compo reads relative "
+        "paths from the directory it is started in",
         # An interpolation that cannot be resolved used to end in OmegaConf's traceback.
         "seed=${oc.env:COMPO_TEST_UNSET}": "seed: cannot resolve its value: KeyError raised "
         "while resolving interpolation: \"Environment variable 'COMPO_TEST_UNSET' not found\"",

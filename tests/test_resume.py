@@ -418,9 +418,10 @@ def test_atomic_writes_get_the_users_file_mode(tmp_path, monkeypatch):
 def test_ctrl_c_or_sigterm_is_one_line_saying_how_to_resume(tmp_path, pairs_file, sig):
     # Ctrl-C printed a 32-frame traceback; SIGTERM ended the run without a word.
     run_dir = tmp_path / "run"
+    # A shell's background job inherits SIGINT ignored (and Python keeps it so): restore it.
     proc = subprocess.Popen(
         _cmd(run_dir, pairs_file), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
