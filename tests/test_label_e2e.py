@@ -210,12 +210,18 @@ def _answer_in_browser(
 
 
 def _is_stale(element) -> bool:
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
     try:
         element.is_enabled()
     except StaleElementReferenceException:
         return True
+    except WebDriverException as exc:
+        # Asked while the page swaps the node out, chromedriver can answer with an inspector
+        # error instead of "stale element" (seen once in CI, chromium 156): the same fact.
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
     return False
 
 
