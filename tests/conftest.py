@@ -70,6 +70,17 @@ def easy_encoded(tiny):
     return encoded
 
 
+@pytest.fixture(params=["directory", "text file"])
+def no_sqlite_file(request, tmp_path):
+    """A path an sqlite store (verdict cache, label queue) cannot open, and how it is refused."""
+    path = tmp_path / "store"
+    if request.param == "directory":
+        path.mkdir()
+        return path, "is a directory"
+    path.write_text("not a database\n")
+    return path, "is not a sqlite database"
+
+
 @pytest.fixture
 def write_jsonl(tmp_path):
     """Writes rows (dicts, or raw strings/bytes as lines) to a JSONL file and returns its path."""

@@ -512,14 +512,8 @@ def test_a_resume_is_not_refused_for_a_new_port_wait_or_budget():
     assert described(seed=0) != described(seed=1)  # another order is another experiment
 
 
-@pytest.mark.parametrize("kind", ["directory", "text file"])
-def test_a_queue_path_that_is_no_sqlite_file_is_one_line(tmp_path, kind):
+def test_a_queue_path_that_is_no_sqlite_file_is_one_line(no_sqlite_file):
     # Used to end in a sqlite3.OperationalError / DatabaseError traceback.
-    path = tmp_path / "queue"
-    if kind == "directory":
-        path.mkdir()
-    else:
-        path.write_text("not a database\n")
-    problem = "is a directory" if kind == "directory" else "is not a sqlite database"
+    path, problem = no_sqlite_file
     with pytest.raises(CompoError, match=rf"^oracle\.judge\.queue_path: {path} {problem}"):
         HumanJudge(queue_path=str(path)).check()

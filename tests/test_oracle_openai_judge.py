@@ -397,16 +397,10 @@ def test_a_base_url_with_credentials_a_query_or_fragment_is_refused(url):
     assert "SECRET123" in " ".join(info.value.secrets)  # scrubbed from Hydra's copy by the CLI
 
 
-@pytest.mark.parametrize("kind", ["directory", "text file"])
-def test_a_cache_path_that_is_no_sqlite_file_is_one_line(tmp_path, kind):
+def test_a_cache_path_that_is_no_sqlite_file_is_one_line(no_sqlite_file):
     # Used to end in a sqlite3.OperationalError / DatabaseError traceback.
-    path = tmp_path / "cache"
-    if kind == "directory":
-        path.mkdir()
-    else:
-        path.write_text("not a database\n")
+    path, problem = no_sqlite_file
     judge = OpenAIJudge(cache_path=str(path), api_key_env=None)
-    problem = "is a directory" if kind == "directory" else "is not a sqlite database"
     with pytest.raises(CompoError, match=rf"^oracle\.judge\.cache_path: {path} {problem}"):
         judge.cache()
 
