@@ -293,6 +293,12 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _exit_interrupted(exc: KeyboardInterrupt, message: str) -> None:
+    """Prints ``compo: <message>`` and exits as a shell reports the signal (130, SIGTERM 143)."""
+    print(f"compo: {message}", file=sys.stderr)
+    sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
+
+
 def _log_to_files_only(message: str) -> None:
     """Record an error in the run's log file (cli.log) without Hydra's console copy of it.
 
@@ -323,8 +329,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see main): every stage resumes
         message = f"interrupted; the same command with hydra.run.dir={run_dir} resumes the run"
         _log_to_files_only(message)
-        print(f"compo: {message}", file=sys.stderr)
-        sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
+        _exit_interrupted(exc, message)
     # What a Hydra sweeper optimises (None on ranks other than 0, and without an objective).
     return metrics.get("run.objective_value")
 
@@ -403,8 +408,7 @@ def main() -> None:
         print(f"compo: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as exc:  # before a run dir was made
-        print("compo: interrupted", file=sys.stderr)
-        sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
+        _exit_interrupted(exc, "interrupted")
     finally:
         if not user_wants_full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
