@@ -390,7 +390,7 @@ class DPOTrainer:
         # A state continues only the run that wrote it: same settings, same pairs and labels
         # (and confidences when they weight the loss), same starting weights.
         setup = {
-            "settings": self.settings(),
+            "dpo": self.settings(),
             "data": state.digest_pairs(pairs, confidences if self.weight_by_confidence else None),
             "start": state.digest_tensors(p for _, p in sorted(model.named_parameters())),
         }

@@ -191,8 +191,12 @@ class ComparisonOracle(Protocol):
         return {}
 
     def describe(self) -> dict[str, Any]:
-        """What this oracle's verdicts depend on; part of ComPO's resume fingerprint, so a state
-        is never continued with another oracle or judge (default: :func:`plain_settings`)."""
+        """What this oracle's verdicts depend on; part of ComPO's resume identity, so a state
+        is never continued with another oracle or judge (default: :func:`plain_settings`).
+
+        It is written to ``compo_state/progress.json`` as it is, like the config to
+        ``config.yaml``: never put a secret in it (keys are read from the environment).
+        """
         return plain_settings(self)
 
 

@@ -9,7 +9,7 @@ Loading hashes the bytes before parsing them: a truncated or altered file raises
 its own content and the step its files are named after, so an edited field (an iteration count
 moved by hand) or a malformed structure is refused the same way. Nothing with a NaN or inf weight
 is committed (:func:`check_finite`), and a state is resumed only by the setup that wrote it
-(:func:`fingerprint`, checked by :func:`check_identity`).
+(:func:`check_identity`).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def commit(state_dir: Path, step: int, payloads: dict[str, tuple[str, bytes]], p
         step: Names the files (``<name>-<step>.<suffix>``), so a commit never overwrites the
             files the current ``progress.json`` points to.
         payloads: ``name -> (suffix, bytes)``, e.g. ``{"weights": ("safetensors", blob)}``.
-        progress: Plain JSON values recorded alongside (step, fingerprint, ...).
+        progress: Plain JSON values recorded alongside (step, settings, digests, ...).
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -220,20 +220,24 @@ def _first_difference(found: dict, expect: dict, prefix: str = "") -> tuple[str,
 def check_identity(state_dir: Path, progress: dict, expect: dict, option: str) -> None:
     """Refuses state written by a different setup (one line: which key, which values).
 
-    ``expect`` maps keys to values or to dicts of settings; a differing setting is named
-    (``lr``), a differing digest (``data``, ``start``, ``fingerprint``) is described.
+    ``expect`` maps keys to values or to dicts of settings; a differing setting is named by its
+    config path (``dpo.lr``, ``optimizer.radius``), a differing digest (``data``, ``start``,
+    ``blocks``) is described.
     """
     digests = {
         "data": "the training data (pairs or examples, labels, weights) or held-out split differ",
         "start": "the starting weights differ",
-        "fingerprint": "its settings, pairs (or the held-out split) or starting weights differ",
+        "blocks": "the perturbed tensors' names or shapes differ",
     }
     for key, value in expect.items():
-        found = progress.get(key)
+        if key not in progress:
+            what = f"written by an earlier compo (it does not record {key})"
+            raise CompoError(f"{state_dir}: {what}; use a new run dir or {option}=false")
+        found = progress[key]
         if found == value:
             continue
         if isinstance(value, dict) and isinstance(found, dict):
-            name, was, now = _first_difference(found, value)
+            name, was, now = _first_difference(found, value, f"{key}.")
             what = f"written with {name}={was!r}, this run has {now!r}"
         elif key in digests:
             what = f"written by another setup: {digests[key]}"

@@ -304,7 +304,7 @@ def test_same_seed_same_result_and_resume_matches_uninterrupted(
     again, _ = TinyModel(seed=0).load()
     metrics = _trainer(**schedule).train(again, easy_encoded, pad, RunDir(tmp_path / "c"))
     assert metrics["steps_run"] == 0
-    with pytest.raises(CompoError, match="written with epochs=2, this run has 3"):
+    with pytest.raises(CompoError, match=r"written with dpo\.epochs=2, this run has 3"):
         _trainer(**{**schedule, "epochs": 3}).train(
             again, easy_encoded, pad, RunDir(tmp_path / "c")
         )

@@ -118,7 +118,7 @@ def test_dropout_is_seeded_and_resume_is_exact(tiny, easy_encoded, tmp_path, mon
     assert adapters[0].keys() == adapters[1].keys()
 
     # Another rank is another adapter: the state is refused in one line naming the setting.
-    with pytest.raises(CompoError, match=r"written with lora\.r=4, this run has 8; "):
+    with pytest.raises(CompoError, match=r"written with dpo\.lora\.r=4, this run has 8; "):
         DPOTrainer(
             lr=1e-2, batch_size=1, epochs=2, scope="last_k", last_k=1, max_grad_norm=None,
             warmup_steps=1, schedule="linear", lora=LoRA(r=8, alpha=ALPHA, dropout=0.3),

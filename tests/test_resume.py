@@ -400,7 +400,7 @@ def test_a_changed_loss_setting_is_named_in_the_refusal(tiny, easy_encoded, tmp_
     model, tokenizer = tiny
     out, pad = RunDir(tmp_path), tokenizer.pad_token_id
     _train_dpo(model, easy_encoded, pad, out, loss=DPO(beta=0.1))
-    with pytest.raises(CompoError, match=r"written with loss\.beta=0\.1, this run has 0\.2;"):
+    with pytest.raises(CompoError, match=r"written with dpo\.loss\.beta=0\.1, this run has 0\.2;"):
         _train_dpo(TinyModel(seed=0).load()[0], easy_encoded, pad, out, loss=DPO(beta=0.2))
 
 
@@ -439,3 +439,52 @@ def test_ctrl_c_or_sigterm_is_one_line_saying_how_to_resume(tmp_path, pairs_file
     )
     assert not (run_dir / "checkpoint").exists()
     assert "interrupted" in (run_dir / "cli.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("optimizer.radius=0.01", "optimizer.radius='auto', this run has 0.01"),
+        ("optimizer.perturbation_batch=8", "optimizer.perturbation_batch=16, this run has 8"),
+        ("optimizer.num_directions=32", "optimizer.num_directions=64, this run has 32"),
+    ],
+)
+def test_a_changed_compo_setting_is_named_in_the_refusal(tmp_path, pairs_file, change, named):
+    # "Its settings, pairs or starting weights differ" left the user to guess which of ~30.
+    _compo_only_in_process(tmp_path, pairs_file, "optimizer.max_iterations=2")
+    with pytest.raises(CompoError, match=r"optimizer\.resume=false") as info:
+        _compo_only_in_process(tmp_path, pairs_file, "optimizer.max_iterations=3", change)
+    assert named in str(info.value) and "\n" not in str(info.value)
+
+
+def test_compo_state_of_another_oracle_setting_names_it(tmp_path, pairs_file):
+    base = ["oracle=likelihood", "optimizer.max_iterations=2"]
+    _compo_only_in_process(tmp_path, pairs_file, *base)
+    with pytest.raises(CompoError, match=r"optimizer\.resume=false") as info:
+        _compo_only_in_process(tmp_path, pairs_file, *base, "oracle.aggregation=majority")
+    assert "written with oracle.aggregation='any', this run has 'majority'" in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_damaged_trace_on_resume_is_reported_not_miscounted(tmp_path, pairs_file, damage, caplog):
+    # The weights resume exactly, but the summary is read from the trace: 4 iterations ran in
+    # all, whatever the trace still holds, and the counts it cannot vouch for are said to be so.
+    _compo_only_in_process(tmp_path, pairs_file, "optimizer.max_iterations=2")
+    trace = tmp_path / "trace" / "compo.jsonl"
+    if damage == "deleted":
+        trace.unlink()
+    else:
+        trace.write_text(trace.read_text().splitlines()[0] + "\n")
+    metrics = _compo_only_in_process(tmp_path, pairs_file, "optimizer.max_iterations=4")
+    traced = 2 if damage == "deleted" else 3
+    assert metrics["compo.n_iterations"] == 4
+    assert metrics["compo.n_iterations_traced"] == traced
+    assert "trace" in metrics["compo.warning"]
+    warned = [r.getMessage() for r in caplog.records if "trace/compo.jsonl" in r.getMessage()]
+    assert len(warned) == 1 and f"holds {traced} of the 4 iterations" in warned[0], warned
+
+
+def test_an_intact_trace_reports_no_untraced_iterations(tmp_path, pairs_file):
+    _compo_only_in_process(tmp_path, pairs_file, "optimizer.max_iterations=2")
+    metrics = _compo_only_in_process(tmp_path, pairs_file, "optimizer.max_iterations=4")
+    assert metrics["compo.n_iterations"] == 4 and "compo.n_iterations_traced" not in metrics

@@ -33,7 +33,7 @@ from compo.zo.directions import DirectionBatch, DirectionSampler, GaussianSphere
 from compo.zo.estimator import TIE_RULES, Expected, MonteCarlo, cosine, norm
 from compo.zo.head import HeadEvaluator
 from compo.zo.radius import PARAMETER_ORACLE_RADIUS, RADIUS_SCALES, RadiusSchedule, RadiusSearch
-from compo.zo.resume import CompoState, fingerprint, truncate_traces
+from compo.zo.resume import CompoState, identity, truncate_traces, untraced
 from compo.zo.scope import Scope
 from compo.zo.summary import low_decisive, noisy_direction, summarise
 from compo.zo.update import clip, normalise
@@ -230,15 +230,40 @@ class ComPO:
         )
 
     def settings(self) -> dict[str, Any]:
-        """What the iterations' results depend on (for the resume fingerprint)."""
-        ignored = {"epochs", "max_iterations", "progress", "pairs_path", "resume", "save_every"}
-        skip = ignored | {"sampler", "monte_carlo", "radius_search"}
-        # Run state (``_radii``) is not a setting: a resumed run restores it from the commit.
-        out = {k: v for k, v in vars(self).items() if k not in skip and not k.startswith("_")}
-        out["radius_search"] = vars(self.radius_search)
-        out["sampler"] = [type(self.sampler).__name__, vars(self.sampler)]
-        out["monte_carlo"] = {k: v for k, v in vars(self.monte_carlo).items() if k != "sampler"}
-        return out
+        """What the iterations' results depend on, under the optimizer config's names (a resume
+        under other settings is refused naming the one that changed: ``optimizer.radius``).
+
+        ``epochs``, ``max_iterations``, ``save_every``, ``progress``, ``resume`` and
+        ``pairs_path`` are left out: the first two only extend or cut the list of batches (a
+        longer rerun continues), the pairs themselves are recorded by digest, and the others
+        do not touch the numbers.
+        """
+        carlo, search = self.monte_carlo, self.radius_search
+        return {
+            "num_directions": carlo.m,
+            "radius": self.radius,
+            "radius_scale": self.radius_scale,
+            "target_differ": search.target,
+            "radius_every": self.radius_every,
+            "radius_probes": search.probes,
+            "threshold": self.threshold,
+            "step_size": self.step_size,
+            "clip_threshold": self.clip_threshold,
+            "keep_fraction": self.keep_fraction,
+            "directions": {"type": type(self.sampler).__name__, **vars(self.sampler)},
+            "estimator": self.estimator,
+            "centred": carlo.centred,
+            "antithetic": carlo.antithetic,
+            "ties": carlo.ties,
+            "acceptance_check": self.acceptance_check,
+            "modules": self.modules,
+            "batch_size": self.batch_size,
+            # Sums over directions are accumulated a batch at a time: another batch changes the
+            # fp32 rounding, so a continuation under it would not equal the uninterrupted run.
+            "perturbation_batch": carlo.batch,
+            "trace_limit": self.trace_limit,
+            "seed": self.seed,
+        }
 
     def batches(self, pairs: Sequence) -> list[list]:
         out = []
@@ -274,7 +299,7 @@ class ComPO:
         batches = self.batches(pairs)
         keeper = CompoState(
             run_dir.path / "compo_state",
-            fingerprint({**self.settings(), "oracle": oracle.describe()}, scope, pairs),
+            identity(self.settings(), oracle.describe(), scope, pairs),
         )
         start = keeper.load(scope) if self.resume else 0
         if start > len(batches):
@@ -319,13 +344,18 @@ class ComPO:
         scope.write_back()
         summary = summarise(rows, time.perf_counter() - started)
         summary.update(resumed_from_iteration=start, iterations_run=len(batches) - start)
+        warnings = []
+        if distributed.is_main() and len(rows) < len(batches):
+            warnings.append(untraced(len(rows), len(batches)))
+            # An untraced iteration may have stepped: the weights count as changed.
+            summary.update(n_iterations=len(batches), n_iterations_traced=len(rows), changed=True)
         # The expected estimator asks the oracle nothing: no verdicts, no estimate to judge.
         if self.estimator == "monte_carlo":
-            warnings = [w for w in (low_decisive(summary), noisy_direction(summary)) if w]
-            for warning in warnings:
-                log.warning("compo: %s", warning)
-            if warnings:
-                summary["warning"] = "; ".join(warnings)
+            warnings += [w for w in (low_decisive(summary), noisy_direction(summary)) if w]
+        for warning in warnings:
+            log.warning("compo: %s", warning)
+        if warnings:
+            summary["warning"] = "; ".join(warnings)
         return summary
 
     # ------------------------------------------------------------------ one iteration

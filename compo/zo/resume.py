@@ -2,7 +2,7 @@
 
 ``weights-<t>.safetensors`` holds the fp32 master copies of the perturbed tensors after t
 iterations; ``progress.json`` (written last, the commit marker, see :mod:`compo.state`) holds t,
-the data position, the seed, a fingerprint of everything the iterations depend on and the file's
+the data position, the seed, what the iterations depend on (:func:`identity`) and the file's
 sha256. A rerun of the same command loads it, skips the t committed iterations and continues;
 directions are regenerated from (seed, t, i), so nothing else is needed to continue exactly.
 Trace rows written after the last commit are dropped (:func:`truncate_traces`): their
@@ -11,6 +11,7 @@ iterations run again.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,32 +25,58 @@ from compo.errors import CompoError
 from compo.zo.scope import Scope
 
 
-def fingerprint(settings: dict[str, Any], scope: Scope, pairs: Sequence) -> str:
-    """sha256 of what the iterations depend on: settings, pairs, perturbed names and start weights.
+def identity(
+    settings: dict[str, Any], oracle: dict[str, Any], scope: Scope, pairs: Sequence
+) -> dict[str, Any]:
+    """What the iterations depend on, recorded in ``progress.json`` and checked on resume.
 
-    The starting weights are included so a state is never continued on top of a different model
-    (another DPO result, another seed). ``epochs`` and ``max_iterations`` are left out by the
-    caller: they only extend or cut the list of batches, so a longer rerun continues.
+    The settings and the oracle's description are kept as they are (canonical JSON), so a
+    refusal names the one that changed (``optimizer.radius``, ``oracle.aggregation``); the pairs
+    and the starting weights as digests, so a state is never continued on other pairs or on top
+    of a different model (another DPO result, another seed).
+
+    Args:
+        settings: :meth:`compo.zo.ComPO.settings`.
+        oracle: The oracle's ``describe()``.
+        scope: The perturbed tensors, at the weights the iterations start from.
+        pairs: The encoded pairs, in order.
     """
-    return state.fingerprint(
-        {
-            "settings": settings,
-            "pairs": state.digest_pairs(pairs),
-            "blocks": [(n, list(s)) for n, s in zip(scope.names, scope.shapes, strict=True)],
-            "start": state.digest_tensors(scope.masters()),
-        }
-    )
+
+    def canonical(value: Any) -> Any:  # as it reads back from JSON: tuples are lists
+        return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+    return {
+        "optimizer": canonical(settings),
+        "oracle": canonical(oracle),
+        "data": state.digest_pairs(pairs),
+        "blocks": [[n, list(s)] for n, s in zip(scope.names, scope.shapes, strict=True)],
+        "start": state.digest_tensors(scope.masters()),
+    }
 
 
 def truncate_traces(run_dir: Path, start: int) -> list[dict[str, Any]]:
-    """Keeps the trace rows of the ``start`` committed iterations; returns ComPO's.
+    """Keeps the trace rows of the ``start`` committed iterations; returns ComPO's, one per
+    iteration in order (fewer than ``start`` when the trace was damaged or deleted).
 
     ``trace/compo.jsonl`` and ``trace/oracle.jsonl`` under ``run_dir`` are rewritten; oracle rows
     that belong to no iteration are kept.
     """
     oracle_trace = run_dir / "trace" / "oracle.jsonl"
     state.truncate_trace(oracle_trace, lambda r: r.get("iteration", -1) < start)
-    return state.truncate_trace(run_dir / "trace" / "compo.jsonl", lambda r: r["iteration"] < start)
+    rows = state.truncate_trace(run_dir / "trace" / "compo.jsonl", lambda r: r["iteration"] < start)
+    by_iteration = {}
+    for row in rows:  # a row repeated by hand must not count twice
+        by_iteration.setdefault(row["iteration"], row)
+    return [by_iteration[t] for t in sorted(by_iteration)]
+
+
+def untraced(traced: int, total: int) -> str:
+    """The warning for a resumed run whose trace lost rows of its committed iterations."""
+    return (
+        f"trace/compo.jsonl holds {traced} of the {total} iterations (damaged or deleted before "
+        "this resume): the weights are exact, but compo.* counts and means cover only the "
+        "traced iterations"
+    )
 
 
 class CompoState:
@@ -57,11 +84,11 @@ class CompoState:
 
     Args:
         state_dir: The directory (``<run dir>/compo_state``).
-        fingerprint: From :func:`fingerprint`, computed before any iteration.
+        identity: From :func:`identity`, computed before any iteration.
     """
 
-    def __init__(self, state_dir: Path, fingerprint: str) -> None:
-        self.dir, self.fingerprint = state_dir, fingerprint
+    def __init__(self, state_dir: Path, identity: dict[str, Any]) -> None:
+        self.dir, self.identity = state_dir, identity
         self.radius: float | None = None  # the radius in force at the commit (radius=auto)
 
     def load(self, scope: Scope) -> int:
@@ -87,9 +114,7 @@ class CompoState:
                 f"{self.dir / state.PROGRESS}: corrupt resume state (radius {radius!r}); "
                 f"delete {self.dir} to start over"
             )
-        state.check_identity(
-            self.dir, progress, {"fingerprint": self.fingerprint}, "optimizer.resume"
-        )
+        state.check_identity(self.dir, progress, self.identity, "optimizer.resume")
         tensors = safetensors_load(blobs["weights"])
         if sorted(tensors) != sorted(scope.names):
             raise CompoError(
@@ -123,7 +148,7 @@ class CompoState:
             "pairs_done": sum(len(b) for b in batches[:done]),
             "next_pair_ids": [p.pair_id for p in batches[done]] if done < len(batches) else [],
             "seed": seed,
-            "fingerprint": self.fingerprint,
+            **self.identity,
             "radius": radius,
         }
         state.commit(
