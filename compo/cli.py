@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -362,8 +363,33 @@ def hydra_error_line(exc: CompactHydraException) -> str:
         else:
             line = line.rstrip(".")
             parts.append(line if not parts else line[:1].lower() + line[1:])
-    cause = str(exc.__cause__ or "").strip().splitlines()
-    return "; ".join(parts) + (f" ({cause[0]})" if cause else "")
+    cause = exc.__cause__
+    return "; ".join(parts) + (f" ({first_line(cause)})" if str(cause or "").strip() else "")
+
+
+def raised_in_job(exc: BaseException) -> bool:
+    """Whether an exception comes from compo's code (its job, a resolver) rather than from Hydra
+    or a plugin before or after the job (two modes given, ``--cfg job --resolve`` on an
+    unresolvable value, a launcher or sweeper setting out of its domain).
+
+    That is: a frame of this package other than :func:`main` in its traceback, in the traceback
+    of its cause or context, or in a worker's traceback that a launcher (joblib) attached to it
+    as text. Oracles run inside the job, below :func:`_hydra_main`, so their frames come with
+    one of this package's.
+    """
+    package = str(Path(__file__).resolve().parent) + os.sep
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for frame in traceback.extract_tb(current.__traceback__):
+            entry_point = frame.name == "main" and frame.filename == __file__
+            if frame.filename.startswith(package) and not entry_point:
+                return True
+        if package in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _empty_run_dir(argv: list[str]) -> str | None:
@@ -409,6 +435,16 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt as exc:  # before a run dir was made
         _exit_interrupted(exc, "interrupted")
+    except Exception as exc:
+        # Hydra or a plugin failed outside the job: a user's flag or hydra.* setting, said in
+        # one line. A failure inside compo's job is a bug and keeps its traceback.
+        if user_wants_full_error or raised_in_job(exc):
+            raise
+        print(
+            f"compo: error: hydra: {first_line(exc)} (HYDRA_FULL_ERROR=1 shows where)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     finally:
         if not user_wants_full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -150,6 +150,46 @@ def test_hydra_refusing_an_override_is_one_line_and_exit_2(tmp_path):
         assert not (tmp_path / str(i)).exists()  # refused before Hydra made the run dir
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "--cfg", "job"], "Only one of --run, --multirun, --cfg"),
+        (["--cfg", "job", "--resolve", "seed=${oc.env:COMPO_UNSET_VAR}"], "COMPO_UNSET_VAR"),
+        (["-m", "hydra/launcher=local_joblib", "hydra.launcher.n_jobs=0", "seed=1,2"], "n_jobs"),
+    ],
+    ids=["two-modes", "cfg-resolve", "joblib-n_jobs"],
+)
+def test_hydra_or_a_plugin_failing_outside_the_job_is_one_line(tmp_path, args, message):
+    # These were 20-40 line tracebacks from Hydra, OmegaConf or joblib with exit 1.
+    proc = subprocess.run(
+        [sys.executable, "-m", "compo", *args, "model=tiny", f"hydra.run.dir={tmp_path / 'run'}",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("compo: error: hydra: "), lines
+    assert message in lines[0] and lines[0].endswith("(HYDRA_FULL_ERROR=1 shows where)"), lines
+
+
+def test_a_bug_inside_the_job_keeps_its_traceback(tmp_path):
+    # Only failures outside compo's job are shortened: a bug in compo must show where it is.
+    code = (
+        "import sys, compo.cli\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise ValueError('a bug in the pipeline')\n"
+        "compo.cli.run_pipeline = broken\n"
+        "sys.argv = ['compo', 'model=tiny', sys.argv[1]]\n"
+        "compo.cli.main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr
+    assert "in broken" in proc.stderr and "a bug in the pipeline" in proc.stderr
+
+
 @pytest.mark.parametrize("override", ["hydra.run.dir=", "hydra.sweep.dir=  ", "hydra.run.dir=''"])
 def test_an_empty_run_dir_is_refused_not_the_current_directory(tmp_path, override):
     # An unset shell variable (hydra.run.dir=$OUT) used to write the run into the working directory.
