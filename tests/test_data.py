@@ -547,3 +547,25 @@ def test_a_file_without_rows_says_so_in_the_same_words_in_every_format(tmp_path,
     with pytest.raises(DataError) as err:
         load_pairs(path, on_error="skip")
     assert str(err.value) == f"{path}: holds no rows"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_a_field_no_row_has_is_said_of_the_file_not_of_row_1(tmp_path, fmt):
+    # A CSV header (or a schema) without 'rejected' was "row 1: field 'rejected': is missing
+    # (data.on_error=skip sets such rows aside)": skipping would set every row aside.
+    rows = [
+        {"prompt": "Q", "chosen": "a", "other": "b"},
+        {"prompt": "R", "chosen": "c", "other": "d"},
+    ]
+    path = _write_rows(tmp_path / f"pairs.{fmt}", rows)
+    with pytest.raises(DataError) as info:
+        load_pairs(path)
+    assert str(info.value) == (
+        f"{path}: no row has a 'rejected' field (row 1 has: chosen, other, prompt)"
+    )
+
+
+def test_a_field_missing_from_some_rows_stays_an_error_of_the_first_such_row(write_jsonl):
+    path = write_jsonl([{"prompt": "Q", "chosen": "a"}, GOOD])
+    with pytest.raises(DataError, match=r"row 1: field 'rejected': is missing \(data\.on_error"):
+        load_pairs(path)
