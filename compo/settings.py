@@ -82,7 +82,25 @@ def number(
 
 def _shown(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    text = text if len(text) <= 40 else text[:37] + "..."
+    if isinstance(value, str) and _decodes(value):
+        # Hydra's oc.env always gives text: seed=${oc.env:SEED,3} arrives as '3'.
+        text += (
+            " (text, as ${oc.env:...} gives: wrap it in ${oc.decode:...}, on the command line "
+            "quoted: seed='${oc.decode:${oc.env:SEED,0}}')"
+        )
+    return text
+
+
+def _decodes(text: str) -> bool:
+    """Whether ``text`` reads as a number or a boolean (what ``oc.decode`` would make of it)."""
+    if text.strip().lower() in ("true", "false"):
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer

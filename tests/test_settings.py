@@ -186,3 +186,27 @@ def test_no_checkpoint_with_nan_or_inf_weights(tiny, tmp_path, bad):
     with pytest.raises(CompoError, match=r"lm_head\.weight"):
         save_checkpoint(model, tokenizer, tmp_path / "checkpoint")
     assert not (tmp_path / "checkpoint").exists()
+
+
+@pytest.mark.parametrize(
+    ("check", "value"),
+    [
+        (lambda v: settings.seed("seed", v), "3"),
+        (lambda v: settings.number("optimizer.step_size", v, gt=0), "0.5"),
+        (lambda v: settings.flag("optimizer.centred", v), "true"),
+    ],
+)
+def test_a_number_or_flag_given_as_text_says_how_to_decode_it(check, value):
+    # seed=${oc.env:SEED,3} gives the text '3': "got '3'" left the user puzzled.
+    with pytest.raises(settings.SettingError) as info:
+        check(value)
+    assert str(info.value).endswith(
+        f"got {value!r} (text, as ${{oc.env:...}} gives: wrap it in ${{oc.decode:...}}, on the "
+        "command line quoted: seed='${oc.decode:${oc.env:SEED,0}}')"
+    )
+
+
+def test_a_word_that_is_no_number_gets_no_decoding_hint():
+    with pytest.raises(settings.SettingError) as info:
+        settings.number("optimizer.step_size", "big", gt=0)
+    assert str(info.value).endswith("got 'big'")
