@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -392,12 +393,29 @@ def raised_in_job(exc: BaseException) -> bool:
     return False
 
 
+RUN_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
+
+
 def _empty_run_dir(argv: list[str]) -> str | None:
-    """The ``hydra.run.dir`` / ``hydra.sweep.dir`` override given empty, if any: Hydra would run
-    in the working directory (an unset shell variable, ``hydra.run.dir=$OUT``, looks like this)."""
+    """The run or sweep dir override given empty, if any (also through an interpolation that
+    resolves to nothing, ``${oc.env:OUT,}``): Hydra would run in the working directory, or, for
+    ``hydra.sweep.subdir``, put every job of a sweep in one dir. An unset shell variable,
+    ``hydra.run.dir=$OUT``, looks like this."""
     for arg in argv:
         key, sep, value = arg.lstrip("+").partition("=")
-        if sep and key in ("hydra.run.dir", "hydra.sweep.dir") and not value.strip(" '\""):
+        if not sep or key not in RUN_DIR_KEYS:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]  # Hydra's quoted string
+        if "${" in value:
+            try:
+                with warnings.catch_warnings():  # `${oc.env:OUT,}`: "some elements are missing"
+                    warnings.simplefilter("ignore")
+                    value = str(OmegaConf.create({"value": value}).value)
+            except OmegaConfBaseException:
+                continue  # a resolver only Hydra has (now, hydra:): Hydra resolves it
+        if not value.strip(" '\""):
             return key
     return None
 

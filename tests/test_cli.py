@@ -190,7 +190,19 @@ def test_a_bug_inside_the_job_keeps_its_traceback(tmp_path):
     assert "in broken" in proc.stderr and "a bug in the pipeline" in proc.stderr
 
 
-@pytest.mark.parametrize("override", ["hydra.run.dir=", "hydra.sweep.dir=  ", "hydra.run.dir=''"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "hydra.run.dir=",
+        "hydra.sweep.dir=  ",
+        "hydra.run.dir=''",
+        # An interpolation that resolves to nothing wrote the run into the working directory.
+        "hydra.run.dir=${oc.env:COMPO_UNSET_DIR,}",
+        "hydra.sweep.dir='${oc.env:COMPO_UNSET_DIR,\"\"}'",
+        # Every job of a sweep would share one run dir, each overwriting the last.
+        "hydra.sweep.subdir=",
+    ],
+)
 def test_an_empty_run_dir_is_refused_not_the_current_directory(tmp_path, override):
     # An unset shell variable (hydra.run.dir=$OUT) used to write the run into the working directory.
     proc = subprocess.run(
