@@ -267,17 +267,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def scrub_hydra_copy(run_dir: Path, secrets: tuple[str, ...]) -> None:
-    """Replaces ``secrets`` by ``***`` in Hydra's copy of the config (``.hydra/`` in the run dir).
+    """Replaces ``secrets`` by ``***`` in Hydra's copies of the config: ``.hydra/`` in the run
+    dir and, in a sweep, ``multirun.yaml`` at the sweep dir's root.
 
-    Hydra writes that copy, command-line overrides included, before compo checks any setting;
-    a setting refused because it looks secret (:attr:`CompoError.secrets`) is removed from it.
+    Hydra writes those copies, command-line overrides included, before compo checks any setting;
+    a setting refused because it looks secret (:attr:`CompoError.secrets`) is removed from them.
+    (Hydra also prints a sweep job's overrides when it launches it: that is on the terminal
+    only, where the user typed them.)
     """
     if not secrets or not HydraConfig.initialized():
         return
-    subdir = HydraConfig.get().output_subdir
-    if subdir is None:
-        return
-    for path in sorted((run_dir / subdir).glob("*.yaml")):
+    hydra_cfg = HydraConfig.get()
+    paths = []
+    if hydra_cfg.output_subdir is not None:
+        paths += sorted((run_dir / hydra_cfg.output_subdir).glob("*.yaml"))
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        paths.append(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+    for path in paths:
+        if not path.is_file():
+            continue
         text = path.read_text(encoding="utf-8")
         scrubbed = text
         for secret in sorted(secrets, key=len, reverse=True):

@@ -259,6 +259,24 @@ def test_a_secret_given_as_a_setting_is_scrubbed_from_the_run_dir(tmp_path):
                 assert b"SECRET123" not in path.read_bytes(), path
 
 
+def test_a_secret_given_as_a_setting_in_a_sweep_is_scrubbed_from_the_sweep_dir(tmp_path):
+    # Under -m Hydra also writes multirun.yaml (overrides, override_dirname, the config) at the
+    # sweep dir's root: the key stayed there three times.
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "compo", "-m", "model=tiny", "optimizer=compo_tiny",
+         "oracle=openai_judge", "oracle.judge.api_key_env=sk-SECRET123", "seed=0,1",
+         f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "SECRET123" not in proc.stderr
+    assert (sweep / "multirun.yaml").is_file() and (sweep / "0" / ".hydra").is_dir()
+    for path in sweep.rglob("*"):
+        if path.is_file():
+            assert b"SECRET123" not in path.read_bytes(), path
+
+
 def test_an_unlockable_run_dir_is_one_line(tmp_path):
     from compo.errors import CompoError
     from compo.rundir import lock_run_dir
