@@ -14,6 +14,9 @@ validated, and read by the rule below, in :mod:`compo.impressions`)::
      "clicks": [2],                  # indices into responses (may be empty)
      "dwell": [14.0]}                # optional: seconds per click, aligned with clicks
 
+A CSV cell holds a list as JSON text; an empty cell is a field not given (a CSV row cannot leave
+out a column), so a row without dwell times leaves its ``dwell`` cell empty.
+
 Rule (Joachims et al. 2005, "clicked > skipped above"): a clicked response is preferred to every
 unclicked response shown above it; ``--rule skip_next`` also prefers it to the first unclicked
 response right below it. With ``--min-dwell S`` a click shorter than S seconds counts as no click.

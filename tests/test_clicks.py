@@ -441,3 +441,30 @@ def test_console_script_prints_one_line_for_a_bad_number(write_jsonl, tmp_path):
         len(lines) == 1 and lines[0].startswith("compo-clicks: error: ") and "--prior" in lines[0]
     )
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def _csv_log(tmp_path, text, name="clicks.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_an_empty_optional_csv_cell_means_absent(tmp_path, capsys):
+    # A CSV row cannot leave out a column: an empty dwell cell was "field 'dwell': expected a
+    # list (CSV: a JSON list in the cell)", and two empty id cells "repeats the id of row 2".
+    path = _csv_log(
+        tmp_path,
+        "id,prompt,responses,clicks,dwell\n"
+        'b1,Q1,"[""x"",""y""]","[1]","[7]"\n'
+        ',Q2,"[""x"",""y""]","[]",\n'
+        ',Q3,"[""x"",""y""]","[1]", \n',
+    )
+    out = tmp_path / "pairs.jsonl"
+    code, err = _cli([path, "--out", out, "--min-dwell", "1"], capsys)
+    assert code == 0, err
+    assert [r["prompt"] for r in map(json.loads, out.open())] == ["Q1", "Q3"]
+    # An empty required cell is a missing field, with the advice how to write it.
+    bad = _csv_log(tmp_path, 'prompt,responses,clicks\nQ1,"[""x"",""y""]",\n', "bad.csv")
+    with pytest.raises(DataError, match=r"row 1: field 'clicks': is missing \(use \[\]"):
+        clicks_to_pairs(load_records(bad), source=str(bad))
+
