@@ -19,7 +19,8 @@ out a column), so a row without dwell times leaves its ``dwell`` cell empty.
 
 Rule (Joachims et al. 2005, "clicked > skipped above"): a clicked response is preferred to every
 unclicked response shown above it; ``--rule skip_next`` also prefers it to the first unclicked
-response right below it. With ``--min-dwell S`` a click shorter than S seconds counts as no click.
+response right below it. With ``--min-dwell S`` a click shorter than S seconds counts as no click
+(refused for a log in which no row has ``dwell``: it would change nothing).
 
 Position bias (``--correction ipw``): a user examines position k (0 = top) with propensity
 p_k = (1 / (k + 1)) ** eta (eta = 1 by default; eta = 0 means no position bias), or with the
@@ -80,6 +81,7 @@ from compo.data import RejectedRow
 from compo.errors import CompoError, DataError
 from compo.impressions import Impression, clicked, impression_preferences, parse_impression
 from compo.readers import RowError
+from compo.records import given
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,12 @@ def _read_log(
     prior: float,
     on_error: str,
 ) -> _Log:
-    """Checks the settings, then validates every impression (bad rows: DataError or set aside)."""
+    """Checks the settings, then validates every impression (bad rows: DataError or set aside).
+
+    Raises:
+        CompoError: A setting is invalid, or ``min_dwell`` is given for a log none of whose rows
+            has dwell times (like ``--eta`` without ipw, it would change nothing).
+    """
     settings.choice("correction", correction, CORRECTIONS)
     settings.choice("on_error", on_error, ("raise", "skip"))
     if propensities is not None and not all(0 < p <= 1 for p in propensities):
@@ -138,7 +145,9 @@ def _read_log(
     settings.number("prior", prior, gt=0, le=MAX_PRIOR)
     log_ = _Log([], [])
     rows_by_id: dict[str, int] = {}  # an impression logged twice would count its clicks twice
+    has_dwell = False
     for row, record in records:
+        has_dwell = has_dwell or (isinstance(record, dict) and given(record, "dwell"))
         try:
             imp = parse_impression(record)
             if propensities is not None and len(imp.responses) > len(propensities):
@@ -159,6 +168,11 @@ def _read_log(
             continue
         prop = list(propensities or examination_propensities(len(imp.responses), eta))
         log_.impressions.append((row, imp, prop))
+    if min_dwell is not None and not has_dwell:
+        raise CompoError(
+            f"--min-dwell: no row of {source} has a 'dwell' field, so it would change nothing "
+            "(drop the flag, or log dwell seconds per click)"
+        )
     return log_
 
 

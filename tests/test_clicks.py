@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -467,4 +468,20 @@ def test_an_empty_optional_csv_cell_means_absent(tmp_path, capsys):
     bad = _csv_log(tmp_path, 'prompt,responses,clicks\nQ1,"[""x"",""y""]",\n', "bad.csv")
     with pytest.raises(DataError, match=r"row 1: field 'clicks': is missing \(use \[\]"):
         clicks_to_pairs(load_records(bad), source=str(bad))
+
+
+def test_cli_refuses_min_dwell_on_a_log_without_dwell(write_jsonl, tmp_path, capsys):
+    # Before: exit 0 with the same pairs as without the flag.
+    path = write_jsonl([imp([2]), imp([1])], name="clicks.jsonl")
+    out = tmp_path / "pairs.jsonl"
+    code, err = _cli([path, "--out", out, "--min-dwell", "5"], capsys)
+    assert code == 2 and "\n" not in err, err
+    assert err == (
+        f"compo-clicks: error: --min-dwell: no row of {path} has a 'dwell' field, so it would "
+        "change nothing (drop the flag, or log dwell seconds per click)"
+    ), err
+    assert not out.exists()
+    # One row with dwell is enough: the flag applies to it.
+    path = write_jsonl([imp([2], dwell=[9.0]), imp([1])], name="clicks.jsonl")
+    assert _cli([path, "--out", out, "--min-dwell", "5"], capsys)[0] == 0
 
