@@ -78,9 +78,9 @@ from typing import Any
 from compo import settings
 from compo.beta_posterior import MAX_PRIOR, beta_confidence
 from compo.data import RejectedRow
-from compo.errors import CompoError, DataError
+from compo.errors import CompoError
 from compo.impressions import Impression, clicked, impression_preferences, parse_impression
-from compo.readers import RowError
+from compo.readers import RowError, bad_row
 from compo.records import given
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def _read_log(
     settings.number("min_dwell", min_dwell, ge=0, optional=True)
     settings.number("prior", prior, gt=0, le=MAX_PRIOR)
     log_ = _Log([], [])
+    records = iter(records)  # once: a bad row's error reads the rows after it
     rows_by_id: dict[str, int] = {}  # an impression logged twice would count its clicks twice
     has_dwell = False
     for row, record in records:
@@ -160,9 +161,8 @@ def _read_log(
                 rows_by_id[imp.id] = row
         except RowError as err:
             if on_error == "raise":
-                raise DataError(
-                    err.describe(Path(source), row) + " (--on-error skip sets such rows aside)"
-                ) from None
+                first = not log_.impressions
+                raise bad_row(source, row, err, record, records, first, "--on-error skip") from None
             kept = record if not isinstance(record, RowError) else None
             log_.rejected.append(RejectedRow(source, row, err.field, err.reason, kept))
             continue

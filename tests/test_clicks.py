@@ -485,3 +485,25 @@ def test_cli_refuses_min_dwell_on_a_log_without_dwell(write_jsonl, tmp_path, cap
     path = write_jsonl([imp([2], dwell=[9.0]), imp([1])], name="clicks.jsonl")
     assert _cli([path, "--out", out, "--min-dwell", "5"], capsys)[0] == 0
 
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_column_no_row_has_is_said_of_the_file_not_of_row_1(tmp_path, capsys, fmt):
+    # Before: "row 1: field 'clicks': is missing ... (--on-error skip sets such rows aside)",
+    # although skipping would set every row aside.
+    rows = [imp([1], id="a"), imp([2], id="b")]
+    for row in rows:
+        del row["clicks"]
+    path = tmp_path / f"nocol.{fmt}"
+    if fmt == "csv":
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({**r, "responses": json.dumps(r["responses"])} for r in rows)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, err = _cli([path, "--out", tmp_path / "n.jsonl"], capsys)
+    assert code == 2, err
+    assert err == (
+        f"compo-clicks: error: {path}: no row has a 'clicks' field "
+        "(row 1 has: id, prompt, responses)"
+    ), err
