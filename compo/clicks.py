@@ -14,9 +14,13 @@ validated, and read by the rule below, in :mod:`compo.impressions`)::
      "clicks": [2],                  # indices into responses (may be empty)
      "dwell": [14.0]}                # optional: seconds per click, aligned with clicks
 
+A CSV cell holds a list as JSON text; an empty cell is a field not given (a CSV row cannot leave
+out a column), so a row without dwell times leaves its ``dwell`` cell empty.
+
 Rule (Joachims et al. 2005, "clicked > skipped above"): a clicked response is preferred to every
 unclicked response shown above it; ``--rule skip_next`` also prefers it to the first unclicked
-response right below it. With ``--min-dwell S`` a click shorter than S seconds counts as no click.
+response right below it. With ``--min-dwell S`` a click shorter than S seconds counts as no click
+(refused for a log in which no row has ``dwell``: it would change nothing).
 
 Position bias (``--correction ipw``): a user examines position k (0 = top) with propensity
 p_k = (1 / (k + 1)) ** eta (eta = 1 by default; eta = 0 means no position bias), or with the
@@ -74,9 +78,10 @@ from typing import Any
 from compo import settings
 from compo.beta_posterior import MAX_PRIOR, beta_confidence
 from compo.data import RejectedRow
-from compo.errors import CompoError, DataError
+from compo.errors import CompoError
 from compo.impressions import Impression, clicked, impression_preferences, parse_impression
-from compo.readers import RowError
+from compo.readers import RowError, bad_row
+from compo.records import given
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +130,12 @@ def _read_log(
     prior: float,
     on_error: str,
 ) -> _Log:
-    """Checks the settings, then validates every impression (bad rows: DataError or set aside)."""
+    """Checks the settings, then validates every impression (bad rows: DataError or set aside).
+
+    Raises:
+        CompoError: A setting is invalid, or ``min_dwell`` is given for a log none of whose rows
+            has dwell times (like ``--eta`` without ipw, it would change nothing).
+    """
     settings.choice("correction", correction, CORRECTIONS)
     settings.choice("on_error", on_error, ("raise", "skip"))
     if propensities is not None and not all(0 < p <= 1 for p in propensities):
@@ -134,8 +144,11 @@ def _read_log(
     settings.number("min_dwell", min_dwell, ge=0, optional=True)
     settings.number("prior", prior, gt=0, le=MAX_PRIOR)
     log_ = _Log([], [])
+    records = iter(records)  # once: a bad row's error reads the rows after it
     rows_by_id: dict[str, int] = {}  # an impression logged twice would count its clicks twice
+    has_dwell = False
     for row, record in records:
+        has_dwell = has_dwell or (isinstance(record, dict) and given(record, "dwell"))
         try:
             imp = parse_impression(record)
             if propensities is not None and len(imp.responses) > len(propensities):
@@ -148,14 +161,18 @@ def _read_log(
                 rows_by_id[imp.id] = row
         except RowError as err:
             if on_error == "raise":
-                raise DataError(
-                    err.describe(Path(source), row) + " (--on-error skip sets such rows aside)"
-                ) from None
+                first = not log_.impressions
+                raise bad_row(source, row, err, record, records, first, "--on-error skip") from None
             kept = record if not isinstance(record, RowError) else None
             log_.rejected.append(RejectedRow(source, row, err.field, err.reason, kept))
             continue
         prop = list(propensities or examination_propensities(len(imp.responses), eta))
         log_.impressions.append((row, imp, prop))
+    if min_dwell is not None and not has_dwell:
+        raise CompoError(
+            f"--min-dwell: no row of {source} has a 'dwell' field, so it would change nothing "
+            "(drop the flag, or log dwell seconds per click)"
+        )
     return log_
 
 

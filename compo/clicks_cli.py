@@ -6,7 +6,8 @@
 
 The rules are :mod:`compo.clicks`'. Every numeric flag is checked when parsed; ``--eta`` and
 ``--propensities`` only with ``--correction ipw`` (elsewhere they would change nothing), and not
-both; ``--out`` and the rejected-rows file must be writable ``*.jsonl`` files other than the input.
+both; ``--min-dwell`` only for a log in which some row has ``dwell``; ``--out`` and the
+rejected-rows file must be writable ``*.jsonl`` files other than the input.
 Such mistakes, and a malformed impression, end in one line and exit status 2.
 """
 

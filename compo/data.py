@@ -24,7 +24,7 @@ which :func:`keep_rejected` still writes to the run dir.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from compo import settings
 from compo.encoding import CHAT_TEMPLATE_MODES, encode_rows
 from compo.errors import DataError
 from compo.heldout import split_by_prompt
-from compo.readers import RowError, read_source
+from compo.readers import RowError, bad_row, read_source
 from compo.records import example_from_record, is_unpaired_row, pair_from_record
 from compo.types import PreferencePair, UnpairedExample
 
@@ -172,7 +172,9 @@ def load_pairs(
                 raise RowError("id", f"duplicate id {pair.id!r}")
         except RowError as err:
             if on_error == "raise":
-                raise _bad_row(source, row, err, record, records, first_row=not pairs) from None
+                raise bad_row(
+                    source, row, err, record, records, not pairs, "data.on_error=skip"
+                ) from None
             kept = record if not isinstance(record, RowError) else None
             rejected.append(RejectedRow(str(source), row, err.field, err.reason, kept))
             continue
@@ -192,24 +194,6 @@ def load_pairs(
     if rejected:
         log.warning("%s: %d bad rows set aside (see rejected_rows.jsonl)", source, len(rejected))
     return LoadResult(pairs, rejected)
-
-
-def _bad_row(
-    source: Any, row: int, err: RowError, record: Any, rest: Iterator, first_row: bool
-) -> DataError:
-    """The error of a bad row under ``on_error=raise``.
-
-    A field that the first row lacks and no later row has is said of the file (a CSV header or a
-    schema without it): ``data.on_error=skip``, the usual advice, would set every row aside.
-    ``rest`` (the rows after this one) is consumed.
-    """
-    lacks = isinstance(record, dict) and err.reason == "is missing" and err.field not in record
-    if first_row and lacks and not any(isinstance(r, dict) and err.field in r for _, r in rest):
-        return DataError(
-            f"{source}: no row has a '{err.field}' field (row {row} has: "
-            f"{', '.join(sorted(map(str, record)))})"
-        )
-    return DataError(err.describe(source, row) + " (data.on_error=skip sets such rows aside)")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 from compo.errors import CompoError
 from compo.readers import RowError
-from compo.records import ROLES, as_object
+from compo.records import ROLES, as_object, given
 
 RULES = ("skip_above", "skip_next")
 
@@ -74,7 +74,8 @@ def parse_impression(record: Any) -> Impression:
     """
     record = as_object(record)
     prompt = _prompt(record)
-    if record.get("responses") is None:
+    # given(): an empty CSV cell is an absent field (a CSV row cannot leave out a column).
+    if not given(record, "responses"):
         raise RowError("responses", "is missing")
     responses = _number_list(record, "responses")
     if len(responses) < 2:
@@ -84,7 +85,7 @@ def parse_impression(record: Any) -> Impression:
             raise RowError("responses", f"entry {i}: expected a non-empty string")
     if len({t.strip() for t in responses}) < len(responses):
         raise RowError("responses", "holds the same response twice")
-    if record.get("clicks") is None:
+    if not given(record, "clicks"):
         raise RowError("clicks", "is missing (use [] for an impression without clicks)")
     clicks = _number_list(record, "clicks")
     for c in clicks:
@@ -93,15 +94,15 @@ def parse_impression(record: Any) -> Impression:
     if len(set(clicks)) < len(clicks):
         raise RowError("clicks", "lists the same index twice")
     dwell = None
-    if record.get("dwell") is not None:
+    if given(record, "dwell"):
         dwell = _number_list(record, "dwell")
         if len(dwell) != len(clicks):
             raise RowError("dwell", f"has {len(dwell)} entries for {len(clicks)} clicks")
         for d in dwell:
             if isinstance(d, bool) or not isinstance(d, int | float) or not d >= 0:
                 raise RowError("dwell", f"{d!r} is not a non-negative number of seconds")
-    raw_id = record.get("id")
-    return Impression(prompt, responses, clicks, dwell, None if raw_id is None else str(raw_id))
+    raw_id = str(record["id"]) if given(record, "id") else None
+    return Impression(prompt, responses, clicks, dwell, raw_id)
 
 
 def clicked(imp: Impression, min_dwell: float | None = None) -> set[int]:

@@ -4,7 +4,8 @@
 Parquet; :func:`read_source` also resolves ``save_to_disk`` directories and hub dataset ids
 (:mod:`compo.sources`) and the embedded default set. A row that cannot be read becomes a
 :class:`RowError` in place of its record, so one bad line spoils only its row; validating records
-into pairs is :mod:`compo.records`' job, loading a file's rows :mod:`compo.data`'s.
+into pairs is :mod:`compo.records`' job, loading a file's rows :mod:`compo.data`'s (and
+:mod:`compo.clicks`'; both stop at a bad row with :func:`bad_row`'s error).
 """
 
 from __future__ import annotations
@@ -44,6 +45,37 @@ class RowError(Exception):
             if self.field
             else f"{where}: {self.reason}"
         )
+
+
+def bad_row(
+    source: Any, row: int, err: RowError, record: Any, rest: Iterator, first: bool, skip: str
+) -> DataError:
+    """The error that stops a load at a bad row (bad rows not set aside).
+
+    A field that ``row`` lacks, "is missing" from it, and that no later row has either is said of
+    the file (a CSV header or a schema without it) when ``first`` (no valid row came before):
+    setting bad rows aside, the usual advice, would set every row aside.
+
+    Args:
+        source: The file, as named in messages.
+        row: The bad row's number.
+        err: Why the row is bad.
+        record: The row as read.
+        rest: The rows after this one, ``(row, record)`` pairs; consumed.
+        first: Whether no valid row came before this one.
+        skip: The setting that sets bad rows aside, e.g. ``data.on_error=skip``.
+    """
+    lacks = (
+        isinstance(record, dict)
+        and err.reason.startswith("is missing")  # also "is missing (use [] for ...)"
+        and err.field not in record
+    )
+    if first and lacks and not any(isinstance(r, dict) and err.field in r for _, r in rest):
+        return DataError(
+            f"{source}: no row has a '{err.field}' field (row {row} has: "
+            f"{', '.join(sorted(map(str, record)))})"
+        )
+    return DataError(f"{err.describe(source, row)} ({skip} sets such rows aside)")
 
 
 # Every format is read row by row with each value's own type, and nothing is cached. Readers that

@@ -105,7 +105,7 @@ def _conversation_prompt(
     prompt = record.get("prompt")
     if not turns:
         turns = _messages(prompt, "prompt") if isinstance(prompt, list) else _text(record, "prompt")
-    elif _given(record, "prompt"):
+    elif given(record, "prompt"):
         if isinstance(prompt, list):
             agrees = _messages(prompt, "prompt") == turns
         else:
@@ -246,7 +246,9 @@ def _label(record: dict[str, Any]) -> bool:
     raise RowError("label", f"expected true or false, got {shown}")
 
 
-def _given(record: dict[str, Any], name: str) -> bool:
+def given(record: dict[str, Any], name: str) -> bool:
+    """Whether ``record`` gives a value for ``name``: a CSV row has every column of its file, so
+    an empty (or blank) cell counts as absent, like a field left out of a JSON row."""
     value = record.get(name)
     return value is not None and not (isinstance(value, str) and not value.strip())
 
@@ -258,9 +260,9 @@ def is_unpaired_row(record: Any) -> bool:
     """
     return (
         isinstance(record, dict)
-        and not _given(record, "chosen")
-        and not _given(record, "rejected")
-        and (_given(record, "completion") or _given(record, "label"))
+        and not given(record, "chosen")
+        and not given(record, "rejected")
+        and (given(record, "completion") or given(record, "label"))
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -441,3 +442,68 @@ def test_console_script_prints_one_line_for_a_bad_number(write_jsonl, tmp_path):
         len(lines) == 1 and lines[0].startswith("compo-clicks: error: ") and "--prior" in lines[0]
     )
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def _csv_log(tmp_path, text, name="clicks.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_an_empty_optional_csv_cell_means_absent(tmp_path, capsys):
+    # A CSV row cannot leave out a column: an empty dwell cell was "field 'dwell': expected a
+    # list (CSV: a JSON list in the cell)", and two empty id cells "repeats the id of row 2".
+    path = _csv_log(
+        tmp_path,
+        "id,prompt,responses,clicks,dwell\n"
+        'b1,Q1,"[""x"",""y""]","[1]","[7]"\n'
+        ',Q2,"[""x"",""y""]","[]",\n'
+        ',Q3,"[""x"",""y""]","[1]", \n',
+    )
+    out = tmp_path / "pairs.jsonl"
+    code, err = _cli([path, "--out", out, "--min-dwell", "1"], capsys)
+    assert code == 0, err
+    assert [r["prompt"] for r in map(json.loads, out.open())] == ["Q1", "Q3"]
+    # An empty required cell is a missing field, with the advice how to write it.
+    bad = _csv_log(tmp_path, 'prompt,responses,clicks\nQ1,"[""x"",""y""]",\n', "bad.csv")
+    with pytest.raises(DataError, match=r"row 1: field 'clicks': is missing \(use \[\]"):
+        clicks_to_pairs(load_records(bad), source=str(bad))
+
+
+def test_cli_refuses_min_dwell_on_a_log_without_dwell(write_jsonl, tmp_path, capsys):
+    # Before: exit 0 with the same pairs as without the flag.
+    path = write_jsonl([imp([2]), imp([1])], name="clicks.jsonl")
+    out = tmp_path / "pairs.jsonl"
+    code, err = _cli([path, "--out", out, "--min-dwell", "5"], capsys)
+    assert code == 2 and "\n" not in err, err
+    assert err == (
+        f"compo-clicks: error: --min-dwell: no row of {path} has a 'dwell' field, so it would "
+        "change nothing (drop the flag, or log dwell seconds per click)"
+    ), err
+    assert not out.exists()
+    # One row with dwell is enough: the flag applies to it.
+    path = write_jsonl([imp([2], dwell=[9.0]), imp([1])], name="clicks.jsonl")
+    assert _cli([path, "--out", out, "--min-dwell", "5"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_column_no_row_has_is_said_of_the_file_not_of_row_1(tmp_path, capsys, fmt):
+    # Before: "row 1: field 'clicks': is missing ... (--on-error skip sets such rows aside)",
+    # although skipping would set every row aside.
+    rows = [imp([1], id="a"), imp([2], id="b")]
+    for row in rows:
+        del row["clicks"]
+    path = tmp_path / f"nocol.{fmt}"
+    if fmt == "csv":
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({**r, "responses": json.dumps(r["responses"])} for r in rows)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, err = _cli([path, "--out", tmp_path / "n.jsonl"], capsys)
+    assert code == 2, err
+    assert err == (
+        f"compo-clicks: error: {path}: no row has a 'clicks' field "
+        "(row 1 has: id, prompt, responses)"
+    ), err

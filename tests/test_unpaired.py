@@ -82,6 +82,20 @@ def test_unpaired_csv_labels_are_text(tmp_path):
     assert [e.confidence for e in examples[:2]] == [0.8, 1.0]
 
 
+def test_an_unpaired_csv_without_a_label_column_is_said_of_the_file(tmp_path):
+    # Before: "row 1: field 'label': is missing (true: desirable, false: undesirable) ..."
+    # with the advice data.on_error=skip, which would set every row aside.
+    path = tmp_path / "thumbs.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "completion"])
+        writer.writerow(["Name a color.", "Blue."])
+        writer.writerow(["Name a color.", "Seven."])
+    with pytest.raises(DataError) as err:
+        load_pairs(path, unpaired=True)
+    assert str(err.value) == f"{path}: no row has a 'label' field (row 1 has: completion, prompt)"
+
+
 def test_json_labels_may_be_floats_one_and_zero(write_jsonl):
     # What pandas writes for a label column that has a missing value.
     rows = [{**GOOD, "id": "a", "label": 1.0}, {**GOOD, "id": "b", "label": 0.0}]
