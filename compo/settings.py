@@ -67,29 +67,34 @@ def number(
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     finite = ok_type and (isinstance(value, int) or math.isfinite(value))
     if isinstance(value, bool) or not finite:
-        raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
+        raise SettingError(f"{key} must be {domain}, {_got(key, value)}")
     if (
         (gt is not None and not value > gt)
         or (ge is not None and not value >= ge)
         or (lt is not None and not value < lt)
         or (le is not None and not value <= le)
     ):
-        raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
+        raise SettingError(f"{key} must be {domain}, {_got(key, value)}")
     if not integer and isinstance(value, int) and abs(value) > 1e308:  # beyond float range
-        raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
+        raise SettingError(f"{key} must be {domain}, {_got(key, value)}")
     return value if integer else float(value)
 
 
 def _shown(value: Any) -> str:
     text = repr(value)
-    text = text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _got(key: str, value: Any) -> str:
+    """``got <value>``, and how to decode it when a number or flag arrived as text."""
     if isinstance(value, str) and _decodes(value):
-        # Hydra's oc.env always gives text: seed=${oc.env:SEED,3} arrives as '3'.
-        text += (
-            " (text, as ${oc.env:...} gives: wrap it in ${oc.decode:...}, on the command line "
-            "quoted: seed='${oc.decode:${oc.env:SEED,0}}')"
+        # Hydra's oc.env always gives text: seed=${oc.env:SEED,3} arrives as '3'. The single
+        # quotes keep the shell off the $, the double ones make Hydra read the value whole.
+        return (
+            f"got {_shown(value)} (text, as ${{oc.env:...}} gives: decode it, on the command "
+            f"line '{key}=\"${{oc.decode:${{oc.env:VAR,{value}}}}}\"')"
         )
-    return text
+    return f"got {_shown(value)}"
 
 
 def _decodes(text: str) -> bool:
@@ -120,7 +125,7 @@ def flag(key: str, value: Any, *, optional: bool = False) -> bool | None:
     if (value is None and optional) or isinstance(value, bool):
         return value
     domain = "true or false" + (" or null" if optional else "")
-    raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
+    raise SettingError(f"{key} must be {domain}, {_got(key, value)}")
 
 
 def text(key: str, value: Any, *, optional: bool = False) -> str | None:
@@ -128,7 +133,7 @@ def text(key: str, value: Any, *, optional: bool = False) -> str | None:
     if (value is None and optional) or isinstance(value, str):
         return value
     domain = "a string" + (" or null" if optional else "")
-    raise SettingError(f"{key} must be {domain}, got {_shown(value)}")
+    raise SettingError(f"{key} must be {domain}, {_got(key, value)}")
 
 
 def path(key: str, value: Any, *, null: str) -> str | None:

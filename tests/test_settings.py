@@ -189,20 +189,21 @@ def test_no_checkpoint_with_nan_or_inf_weights(tiny, tmp_path, bad):
 
 
 @pytest.mark.parametrize(
-    ("check", "value"),
+    ("key", "check", "value"),
     [
-        (lambda v: settings.seed("seed", v), "3"),
-        (lambda v: settings.number("optimizer.step_size", v, gt=0), "0.5"),
-        (lambda v: settings.flag("optimizer.centred", v), "true"),
+        ("seed", settings.seed, "3"),
+        ("optimizer.step_size", lambda k, v: settings.number(k, v, gt=0), "0.5"),
+        ("optimizer.centred", settings.flag, "true"),
     ],
 )
-def test_a_number_or_flag_given_as_text_says_how_to_decode_it(check, value):
-    # seed=${oc.env:SEED,3} gives the text '3': "got '3'" left the user puzzled.
+def test_a_number_or_flag_given_as_text_says_how_to_decode_it(key, check, value):
+    # seed=${oc.env:SEED,3} gives the text '3': "got '3'" left the user puzzled. The advice names
+    # the failing key and is quoted so that it survives a shell as typed.
     with pytest.raises(settings.SettingError) as info:
-        check(value)
+        check(key, value)
+    advice = f"""'{key}="${{oc.decode:${{oc.env:VAR,{value}}}}}"'"""
     assert str(info.value).endswith(
-        f"got {value!r} (text, as ${{oc.env:...}} gives: wrap it in ${{oc.decode:...}}, on the "
-        "command line quoted: seed='${oc.decode:${oc.env:SEED,0}}')"
+        f"got {value!r} (text, as ${{oc.env:...}} gives: decode it, on the command line {advice})"
     )
 
 
