@@ -206,8 +206,12 @@ def _read_progress(marker: Path) -> dict[str, Any]:
 
 
 def _first_difference(found: dict, expect: dict, prefix: str = "") -> tuple[str, Any, Any]:
-    """The first differing key (dotted through nested settings, e.g. ``loss.beta``) and values."""
-    for key in sorted(set(found) | set(expect)):
+    """The first differing key (dotted through nested settings, e.g. ``loss.beta``) and values.
+
+    A differing ``type`` comes first: the other fields of another class (another oracle, another
+    loss) differ because of it.
+    """
+    for key in sorted(set(found) | set(expect), key=lambda k: (k != "type", k)):
         was, now = found.get(key), expect.get(key)
         if was == now:
             continue

@@ -349,8 +349,10 @@ def _compo_only_in_process(run_dir, pairs, *extra):
 def test_compo_state_of_another_oracle_is_refused(tmp_path, pairs_file):
     # The likelihood oracle's state (and its radius) must not be continued with a judge.
     _compo_only_in_process(tmp_path, pairs_file, "oracle=likelihood", "optimizer.max_iterations=2")
-    with pytest.raises(CompoError, match=r"optimizer\.resume=false"):
+    with pytest.raises(CompoError, match=r"optimizer\.resume=false") as info:
         _compo_only_in_process(tmp_path, pairs_file, "oracle=scorer", "optimizer.max_iterations=4")
+    # The oracle's type is named, not a setting the two oracles happen to share.
+    assert "written with oracle.type='oracles.likelihood." in str(info.value)
 
 
 def _forge(state_dir: Path, edit) -> None:
