@@ -313,3 +313,18 @@ def test_every_flag_of_every_console_script_has_help():
     assert clicks().parse_args(["in.jsonl", "-o", "out.jsonl"]).out.name == "out.jsonl"
     vllm_style = judge_server().parse_args(["--served-model-name", "judge", "--api-key", "k"])
     assert vllm_style.model_name == "judge" and vllm_style.api_key == "k"
+
+
+def test_a_message_whose_first_line_ends_in_a_colon_keeps_what_follows():
+    # Hydra's "Error loading 'compo.zo.RademacherDirections':" was cut there: the reason is below.
+    from compo.errors import first_line
+
+    cause = ValueError(
+        "Error loading 'a.B':\nModuleNotFoundError(\"No module named 'a'\")\nAre you sure?"
+    )
+    assert first_line(cause) == (
+        "Error loading 'a.B': ModuleNotFoundError(\"No module named 'a'\") Are you sure?"
+    )
+    assert first_line(ValueError("one line\nand a second")) == "one line"
+    long = first_line(ValueError("from one of:\n" + "x" * 1000))
+    assert len(long) <= 300 and long.endswith("...")
