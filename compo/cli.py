@@ -107,6 +107,9 @@ SUMMARY_KEYS = (
     "eval.after.accuracy",
     "eval.displacement.clean.delta_logp_chosen",
     "eval.displacement.clean.delta_logp_rejected",
+    "eval.displacement.clean.delta_logp_desirable",  # unpaired examples (KTO's data)
+    "eval.displacement.clean.delta_logp_undesirable",
+    "eval.displacement.clean.frac_desirable_down",
     "eval.displacement.ambiguous.delta_logp_chosen",
     "eval.displacement.ambiguous.delta_logp_rejected",
     "eval.displacement.ambiguous.frac_both_down",
