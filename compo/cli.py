@@ -96,6 +96,7 @@ SUMMARY_KEYS = (
     "dpo.loss_first",
     "dpo.loss_last",
     "compo.n_iterations",
+    "compo.n_iterations_traced",  # only when a resumed run's trace lost rows
     "compo.n_applied",
     "compo.skipped_reason",
     "compo.radius_last",
