@@ -97,6 +97,7 @@ SUMMARY_KEYS = (
     "dpo.loss_first",
     "dpo.loss_last",
     "compo.n_iterations",
+    "compo.n_iterations_traced",  # only when a resumed run's trace lost rows
     "compo.n_applied",
     "compo.skipped_reason",
     "compo.radius_last",
@@ -108,6 +109,9 @@ SUMMARY_KEYS = (
     "eval.after.accuracy",
     "eval.displacement.clean.delta_logp_chosen",
     "eval.displacement.clean.delta_logp_rejected",
+    "eval.displacement.clean.delta_logp_desirable",  # unpaired examples (KTO's data)
+    "eval.displacement.clean.delta_logp_undesirable",
+    "eval.displacement.clean.frac_desirable_down",
     "eval.displacement.ambiguous.delta_logp_chosen",
     "eval.displacement.ambiguous.delta_logp_rejected",
     "eval.displacement.ambiguous.frac_both_down",

@@ -231,6 +231,7 @@ def aggregate(votes: Sequence[Verdict], rule: str) -> Verdict:
     Returns:
         The combined verdict; TIE when every pair abstained.
     """
+    settings.choice("oracle.aggregation", rule, AGGREGATIONS)
     better = sum(v == Verdict.PERTURBED_BETTER for v in votes)
     worse = sum(v == Verdict.CURRENT_BETTER for v in votes)
     if better == 0 and worse == 0:
@@ -241,10 +242,8 @@ def aggregate(votes: Sequence[Verdict], rule: str) -> Verdict:
         if better == worse:
             return Verdict.TIE
         ok = better > worse
-    elif rule == "all":
+    else:  # all
         ok = worse == 0
-    else:
-        raise CompoError(f"oracle.aggregation: {rule!r} is not one of {AGGREGATIONS}")
     return Verdict.PERTURBED_BETTER if ok else Verdict.CURRENT_BETTER
 
 

@@ -154,7 +154,11 @@ class PretrainedModel:
         device: str = "cpu",
         revision: str | None = None,
     ) -> None:
-        self.name = str(name_or_path)
+        if not (settings.text("model.name_or_path", name_or_path, optional=True) or "").strip():
+            raise settings.SettingError(
+                "model.name_or_path: no model given; set it to a local model directory or a hub id"
+            )
+        self.name = name_or_path
         self.revision = revision
         self.device = settings.device("model.device", device)
         self.dtype = settings.dtype("model.dtype", dtype, self.device)

@@ -9,8 +9,9 @@
                       (eval_pairs.jsonl, written by eval.after)
 
 A picture whose stage did not run in this run (``optimizer=none``, ``eval=none``, a model that
-did not change) is not drawn, and a stale one from an earlier run in the same dir is removed; the
-reason is logged once and kept in ``plots.skipped.<name>``. Which stages ran is read from this
+did not change) or whose data the run lacks (``logp.png`` of unpaired examples) is not drawn,
+and a stale one from an earlier run in the same dir is removed; the reason is logged once and
+kept in ``plots.skipped.<name>``. Which stages ran is read from this
 run's metrics, not from the files, since a run dir may hold traces of an earlier run.
 
 Only matplotlib's object API is used (``Figure``, no pyplot): nothing global, such as the
@@ -186,6 +187,8 @@ def _plans(run_dir: Path, metrics: Mapping[str, Any]) -> dict[str, tuple[Any, st
     pairs = _rows(run_dir / "eval_pairs.jsonl")
     if "eval.after.n_pairs" in metrics and pairs:
         plans["logp"] = (lambda fig: _logp(fig, pairs), None)
+    elif "eval.before.n_examples" in metrics:  # KTO's data: no pair's two replies to draw
+        plans["logp"] = (None, "unpaired examples: the picture needs pairs")
     elif "eval.before.n_pairs" not in metrics:
         plans["logp"] = (None, "eval=none")
     else:

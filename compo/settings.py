@@ -202,7 +202,7 @@ def device(key: str, value: Any) -> str:
     }
     # Other types torch parses (xpu, meta, ...) are not devices compo runs on.
     if not available.get(parsed.type, lambda: False)():
-        raise SettingError(f"{key}={value}: this machine has no such device (use device=cpu)")
+        raise SettingError(f"{key}={value}: this machine has no such device (use {key}=cpu)")
     return value
 
 

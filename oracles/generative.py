@@ -140,13 +140,8 @@ class GenerativeOracle(TextOracle):
         query: str = "current",
         graded: bool = False,
     ) -> None:
-        if aggregation not in (*AGGREGATIONS, "sum", "auto"):
-            raise CompoError(
-                f"oracle.aggregation: {aggregation!r} is not one of auto, sum, "
-                f"{', '.join(AGGREGATIONS)}"
-            )
-        if query not in QUERIES:
-            raise CompoError(f"oracle.query: {query!r} is not one of {QUERIES}")
+        settings.choice("oracle.aggregation", aggregation, ("auto", "sum", *AGGREGATIONS))
+        settings.choice("oracle.query", query, QUERIES)
         super().__init__(judge, max_new_tokens, temperature, seed)
         settings.flag("oracle.do_sample", do_sample)
         settings.flag("oracle.graded", graded)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compo.interfaces import AGGREGATIONS, ComparisonOracle, CompoError, Verdict, aggregate
+from compo.interfaces import AGGREGATIONS, ComparisonOracle, Verdict, aggregate, settings
 
 
 def pair_verdicts(deltas: Tensor) -> list[list[Verdict]]:
@@ -48,8 +48,7 @@ class LikelihoodOracle(ComparisonOracle):
     kind = "parameter"
 
     def __init__(self, aggregation: str = "any") -> None:
-        if aggregation not in AGGREGATIONS:
-            raise CompoError(f"oracle.aggregation: {aggregation!r} is not one of {AGGREGATIONS}")
+        settings.choice("oracle.aggregation", aggregation, AGGREGATIONS)
         self.aggregation = aggregation
         self.head: Any = None
         self.last_deltas: Tensor | None = None

@@ -314,6 +314,17 @@ class OpenAIJudge(OutputJudge):
             )
         return key
 
+    def _rejected(self, exc: openai.AuthenticationError) -> JudgeError:
+        """The error for a server that refused the key sent (or the absence of one)."""
+        if self.api_key_env is None:
+            what = (
+                "rejected the request: no key was sent: oracle.judge.api_key_env is null; "
+                "set it to the environment variable holding the key"
+            )
+        else:
+            what = f"rejected the key in {self.api_key_env}"
+        return JudgeError(f"oracle.openai_judge: {self.where} {what} (HTTP {exc.status_code})")
+
     def _redact(self, text: str) -> str:
         """``text`` without the key in any spelling of it (a header error shows it escaped)."""
         key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
@@ -340,10 +351,7 @@ class OpenAIJudge(OutputJudge):
         try:
             listed = [m.id for m in client.models.list(timeout=min(self.timeout, 10.0))]
         except openai.AuthenticationError as exc:
-            raise JudgeError(
-                f"oracle.openai_judge: {self.where} rejected the key in {self.api_key_env} "
-                f"(HTTP {exc.status_code})"
-            ) from None
+            raise self._rejected(exc) from None
         except openai.APITimeoutError:
             raise JudgeError(
                 f"oracle.openai_judge: {self.where} did not answer (timed out)"
@@ -408,10 +416,7 @@ class OpenAIJudge(OutputJudge):
                     timeout=self.timeout,
                 )
             except openai.AuthenticationError as exc:
-                raise JudgeError(
-                    f"oracle.openai_judge: {self.where} rejected the key in {self.api_key_env} "
-                    f"(HTTP {exc.status_code})"
-                ) from None
+                raise self._rejected(exc) from None
             except (openai.APIError, ValueError) as exc:
                 if isinstance(exc, openai.APIError) and _transient(exc):
                     code = getattr(exc, "status_code", None)

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 from compo.interfaces import (
-    CompoError,
     OracleError,
     Verdict,
     finite_scores,
@@ -80,8 +79,7 @@ class SampleScoredOracle(TextOracle):
         graded: bool = False,
     ) -> None:
         settings.number("oracle.num_samples", num_samples, integer=True, ge=2)
-        if ranking not in RANKINGS:
-            raise CompoError(f"oracle.ranking: {ranking!r} is not one of {RANKINGS}")
+        settings.choice("oracle.ranking", ranking, RANKINGS)
         super().__init__(judge, max_new_tokens, temperature, seed)
         settings.flag("oracle.graded", graded)
         self.num_samples, self.ranking, self.graded = num_samples, ranking, graded

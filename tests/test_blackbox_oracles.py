@@ -187,6 +187,17 @@ def test_all_tie_judge_warns_and_applies_nothing(tmp_path):
     assert summary["n_applied"] == 0 and summary["n_decisive"] == 0
     assert "warning" in summary
     assert oracle.usage()["judge.texts_scored"] > 0  # responses differed; the judge tied them
+    assert "try optimizer.radius=auto" in summary["warning"]
+
+
+def test_an_all_tie_judge_under_radius_auto_is_not_told_to_use_radius_auto(tmp_path):
+    _, _, summary, _, _ = _train(
+        tmp_path, _generative(), scorer=constant, radius="auto", num_directions=8,
+        max_iterations=1, epochs=1,
+    )  # fmt: skip
+    assert summary["n_decisive"] == 0 and summary["radius_differ_mean"] > 0
+    assert "radius=auto" not in summary["warning"]
+    assert "try a larger optimizer.target_differ, or an oracle with finer" in summary["warning"]
 
 
 class _AllTies(ComparisonOracle):

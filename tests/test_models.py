@@ -76,6 +76,14 @@ def test_missing_model_is_a_one_line_user_error(tmp_path):
         PretrainedModel(str(tmp_path), dtype="float8")  # refused when built, before any loading
 
 
+@pytest.mark.parametrize("name", [None, "", " "])
+def test_no_model_named_is_said_in_words_when_built(name):
+    # Used to be looked up on the hub as the model 'None'.
+    with pytest.raises(CompoError, match=r"^model\.name_or_path: no model given") as err:
+        PretrainedModel(name)
+    assert "None" not in str(err.value)
+
+
 @pytest.mark.slow
 def test_real_default_model_loads_untied_and_scores_a_pair():
     model, tokenizer = EmbeddedSmolLM2().load()

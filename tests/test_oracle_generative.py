@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from compo.encoding import encode_pairs
-from compo.interfaces import OracleError, Verdict
+from compo.interfaces import CompoError, OracleError, Verdict
 from compo.rundir import RunDir
 from compo.zo.directions import DirectionBatch, GaussianSphere, LowRank
 from compo.zo.scope import Scope
 from oracles.generative import GenerativeOracle, judge_prompt
+from oracles.sample_scored import SampleScoredOracle
 from oracles.scorer import ScorerJudge
 from tests.conftest import EASY_PAIRS
 
@@ -199,3 +200,26 @@ def test_a_non_finite_score_is_an_error_naming_the_judge(setup):
     oracle.begin(model, scope, pairs, tokenizer.pad_token_id, iteration=0, head=None)
     with pytest.raises(OracleError, match=r"^judge NanScoring: non-finite score \[nan"):
         oracle.compare(GaussianSphere().sample(0, 0, [0, 1], scope.shapes).scaled(50.0))
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: GenerativeOracle(CountingJudge(), query="bogus"),
+            "oracle.query: 'bogus' is not one of ['current', 'antithetic']",
+        ),
+        (
+            lambda: GenerativeOracle(CountingJudge(), aggregation="bogus"),
+            "oracle.aggregation: 'bogus' is not one of ['auto', 'sum', 'any', 'majority', 'all']",
+        ),
+        (
+            lambda: SampleScoredOracle(CountingJudge(), ranking="bogus"),
+            "oracle.ranking: 'bogus' is not one of ['reference', 'round_robin']",
+        ),
+    ],
+)
+def test_a_choice_outside_its_options_is_one_line_in_the_settings_format(build, message):
+    with pytest.raises(CompoError) as info:
+        build()
+    assert str(info.value) == message

@@ -118,3 +118,13 @@ def test_fast_deltas_match_full_forward_on_smollm2():
         batch = sampler.sample(0, 0, [0], scope.shapes).scaled(0.05)
         full = _full_forward(model, scope, pairs, tokenizer.pad_token_id, batch.dense(0)) - base
         assert torch.allclose(head.deltas(batch)[0], full, atol=1e-4)
+
+
+def test_an_aggregation_outside_its_options_is_one_line_in_the_settings_format():
+    expected = "oracle.aggregation: 'bogus' is not one of ['any', 'majority', 'all']"
+    with pytest.raises(CompoError) as info:
+        LikelihoodOracle(aggregation="bogus")
+    assert str(info.value) == expected
+    with pytest.raises(CompoError) as info:
+        aggregate([Verdict.PERTURBED_BETTER], "bogus")
+    assert str(info.value) == expected

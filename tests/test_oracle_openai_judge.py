@@ -172,6 +172,11 @@ def test_missing_key_and_unreachable_endpoint_fail_fast(monkeypatch, serve, judg
     with pytest.raises(CompoError, match="rejected the key in WRONG_KEY") as info:
         wrong.check()
     assert "sk-wrong" not in str(info.value)
+    keyless = judge_for(serve(), api_key_env=None)
+    with pytest.raises(CompoError, match="rejected the request") as info:
+        keyless.check()
+    assert "no key was sent: oracle.judge.api_key_env is null" in str(info.value)
+    assert "None" not in str(info.value)
 
 
 def test_key_never_reaches_config_logs_trace_or_cache(serve, judge_for, tmp_path, caplog):

@@ -67,7 +67,11 @@ def test_bad_path_and_wrong_head_fail_with_one_line(tmp_path, rm_path):
     ("setting", "message"),
     [
         ({"device": "bogus"}, r"^oracle\.judge\.device: 'bogus' is not a device torch knows"),
-        ({"device": "cuda:7"}, r"^oracle\.judge\.device=cuda:7: this machine has no such device"),
+        (
+            {"device": "cuda:7"},
+            r"^oracle\.judge\.device=cuda:7: this machine has no such device "
+            r"\(use oracle\.judge\.device=cpu\)$",
+        ),
         ({"dtype": "bogus"}, r"^oracle\.judge\.dtype: 'bogus' is not one of"),
         ({"dtype": "int8"}, r"^oracle\.judge\.dtype: 'int8' is not one of"),
     ],
@@ -78,6 +82,13 @@ def test_device_and_dtype_are_checked_at_construction(rm_path, setting, message)
     for path in ("tiny", rm_path):
         with pytest.raises(CompoError, match=message):
             RewardModelJudge(path, **setting)
+
+
+@pytest.mark.parametrize("path", [None, "", "  "])
+def test_no_path_is_said_in_words_at_construction(path):
+    with pytest.raises(CompoError, match=r"^oracle\.judge\.path") as info:
+        RewardModelJudge(path)
+    assert "no reward model given" in str(info.value) and "None" not in str(info.value)
 
 
 def test_dtype_auto_resolves_and_tiny_is_loaded_in_the_dtype():

@@ -468,7 +468,9 @@ def test_compo_state_of_another_oracle_setting_names_it(tmp_path, pairs_file):
 
 
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
-def test_a_damaged_trace_on_resume_is_reported_not_miscounted(tmp_path, pairs_file, damage, caplog):
+def test_a_damaged_trace_on_resume_is_reported_not_miscounted(
+    tmp_path, pairs_file, damage, caplog, capsys
+):
     # The weights resume exactly, but the summary is read from the trace: 4 iterations ran in
     # all, whatever the trace still holds, and the counts it cannot vouch for are said to be so.
     _compo_only_in_process(tmp_path, pairs_file, "optimizer.max_iterations=2")
@@ -484,6 +486,10 @@ def test_a_damaged_trace_on_resume_is_reported_not_miscounted(tmp_path, pairs_fi
     assert "trace" in metrics["compo.warning"]
     warned = [r.getMessage() for r in caplog.records if "trace/compo.jsonl" in r.getMessage()]
     assert len(warned) == 1 and f"holds {traced} of the 4 iterations" in warned[0], warned
+    table = capsys.readouterr().out.rsplit("metric", 1)[1].split()  # the last run's summary
+    keys = ["compo.n_iterations", "compo.n_iterations_traced", "compo.n_applied"]
+    assert [table.index(k) for k in keys] == sorted(table.index(k) for k in keys)
+    assert table[table.index("compo.n_iterations_traced") + 1] == str(traced)
 
 
 def test_an_intact_trace_reports_no_untraced_iterations(tmp_path, pairs_file):

@@ -295,7 +295,7 @@ def test_the_trainer_refuses_unpaired_examples_it_cannot_train_on(tiny, tmp_path
 # --------------------------------------------------------------------------------------------
 
 
-def test_kto_on_an_unpaired_file_runs_end_to_end(tmp_path, write_jsonl):
+def test_kto_on_an_unpaired_file_runs_end_to_end(tmp_path, write_jsonl, capsys):
     from conftest import run_compo
 
     data = write_jsonl(ROWS)
@@ -312,6 +312,11 @@ def test_kto_on_an_unpaired_file_runs_end_to_end(tmp_path, write_jsonl):
     assert metrics["eval.displacement.clean.delta_logp_desirable"] > 0
     assert metrics["eval.displacement.clean.delta_logp_undesirable"] < 0
     assert (tmp_path / "checkpoint").is_dir()
+    # eval ran: the picture of pairs is missing because there are no pairs, and says so
+    assert metrics["plots.skipped.logp"] == "unpaired examples: the picture needs pairs"
+    table = capsys.readouterr().out  # the summary table shows what eval measured
+    for key in ("delta_logp_desirable", "delta_logp_undesirable", "frac_desirable_down"):
+        assert f"eval.displacement.clean.{key}" in table
 
 
 def test_an_unpaired_run_resumes_and_refuses_state_of_other_labels(tmp_path, write_jsonl):

@@ -16,6 +16,7 @@ from compo.rundir import RunDir
 from compo.scoring import score_pairs
 from compo.zo import ComPO, LowRank, Scope
 from compo.zo.directions import DirectionBatch
+from oracles.base import Verdict
 from oracles.likelihood import LikelihoodOracle
 
 FAST = dict(
@@ -119,6 +120,34 @@ def test_expected_estimator_computes_the_limit_once_per_iteration(
     rows = [json.loads(line) for line in (tmp_path / "trace" / "compo.jsonl").open()]
     assert len(rows) == 3 and len(calls) == 3
     assert all(r["cos_limit"] == pytest.approx(1.0) for r in rows)  # the step is the limit
+
+
+class _TiedLikelihood(LikelihoodOracle):
+    """Has the likelihood oracle's exact direction, but ties every comparison."""
+
+    def compare(self, deltas):
+        return [Verdict.TIE] * len(super().compare(deltas))
+
+
+@pytest.mark.parametrize(
+    ("radius", "advice"),
+    [(1e-3, "try optimizer.radius=auto"), ("auto", "a larger optimizer.radius")],
+)
+def test_a_run_whose_oracle_decided_nothing_warns_of_ties_only(
+    tiny, easy_encoded, tmp_path, radius, advice
+):
+    # No vote means no direction: its cosine with the exact one is undefined, not noise; and
+    # radius=auto is not advised to a run that used it (it keeps 5e-4 for this oracle).
+    model, tokenizer = tiny
+    options = {**FAST, "num_directions": 4, "epochs": 1, "radius": radius}
+    summary = ComPO(**options).run(
+        model, tokenizer, easy_encoded[:2], _TiedLikelihood(), RunDir(tmp_path)
+    )
+    assert summary["n_decisive"] == 0 and summary["n_applied"] == 0
+    assert summary["cos_limit_mean"] is None
+    assert "ties teach nothing" in summary["warning"] and advice in summary["warning"]
+    assert "noise" not in summary["warning"]
+    assert ("radius=auto" in summary["warning"]) == (radius != "auto")
 
 
 def test_a_noisy_vote_direction_is_measured_and_the_run_says_so(

@@ -351,7 +351,8 @@ class ComPO:
             summary.update(n_iterations=len(batches), n_iterations_traced=len(rows), changed=True)
         # The expected estimator asks the oracle nothing: no verdicts, no estimate to judge.
         if self.estimator == "monte_carlo":
-            warnings += [w for w in (low_decisive(summary), noisy_direction(summary)) if w]
+            found = (low_decisive(summary, self.auto_radius), noisy_direction(summary))
+            warnings += [w for w in found if w]
         for warning in warnings:
             log.warning("compo: %s", warning)
         if warnings:
@@ -395,7 +396,11 @@ class ComPO:
             **search,
             "frac_predicted": limit.frac if limit else None,
             "angle_ab": limit.angle if limit else None,
-            "cos_limit": cosine(g, exact.direction) if exact and self.trace_limit else None,
+            # No vote (all ties, or votes that cancel) has no direction: its cosine is undefined,
+            # not the 0 that would pass for a noisy step.
+            "cos_limit": (
+                cosine(g, exact.direction) if exact and self.trace_limit and raw_norm else None
+            ),
             "logp_chosen_before": base[:n].tolist(),
             "logp_rejected_before": base[n:].tolist(),
         }

@@ -69,11 +69,12 @@ def summarise(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     }
 
 
-def low_decisive(summary: dict[str, Any]) -> str | None:
+def low_decisive(summary: dict[str, Any], auto_radius: bool) -> str | None:
     """The warning for a run whose oracle decided < :data:`LOW_DECISIVE` of its comparisons.
 
     Args:
         summary: From :func:`summarise`.
+        auto_radius: Whether the run used ``optimizer.radius=auto`` (then it is not advised).
 
     Returns:
         One line saying how few comparisons were decided and what to try, or None (enough were,
@@ -82,10 +83,17 @@ def low_decisive(summary: dict[str, Any]) -> str | None:
     share = summary["decisive_share"]
     if not summary["n_verdicts"] or share >= LOW_DECISIVE:
         return None
+    if not auto_radius:
+        tries = "optimizer.radius=auto, a larger radius"
+    elif summary["radius_differ_mean"] is not None:
+        # auto searched the radius (an output-level oracle): the responses changed, yet tied.
+        tries = "a larger optimizer.target_differ"
+    else:  # auto keeps the fixed radius of an oracle reading log-probs
+        tries = "a larger optimizer.radius"
     return (
         f"the oracle decided only {summary['n_decisive']} of {summary['n_verdicts']} "
-        f"comparisons ({100 * share:.1f}%); ties teach nothing: try optimizer.radius="
-        "auto, a larger radius, or an oracle with finer verdicts"
+        f"comparisons ({100 * share:.1f}%); ties teach nothing: try {tries}, or an oracle with "
+        "finer verdicts"
     )
 
 
@@ -94,7 +102,8 @@ def noisy_direction(summary: dict[str, Any]) -> str | None:
 
     Args:
         summary: From :func:`summarise`; ``cos_limit_mean`` is the mean cosine of the vote
-            direction with the oracle's exact one (None: not traced, or no exact direction).
+            direction with the oracle's exact one (None: not traced, no exact direction, or no
+            step had a vote direction, e.g. all ties: :func:`low_decisive` covers that).
 
     Returns:
         One line with the measured cosine and what to change, or None (not measured, or at
