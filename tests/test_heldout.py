@@ -104,7 +104,7 @@ def test_an_eval_file_is_read_and_checked_like_the_training_file(write_jsonl):
     held = write_jsonl([tree], "h.jsonl")
     loaded = DataSpec(path=str(train), eval_path=str(held)).load()
     assert len(loaded.pairs) == 12 and [p.id for p in loaded.heldout] == ["h-1"]
-    bad = write_jsonl([{"prompt": "q", "chosen": "a"}], "bad.jsonl")
+    bad = write_jsonl([{"prompt": "q", "chosen": "a"}, tree], "bad.jsonl")
     with pytest.raises(DataError, match=rf"{bad}: row 1: field 'rejected': is missing"):
         DataSpec(path=str(train), eval_path=str(bad)).load()
     with pytest.raises(DataError, match="no such file"):
