@@ -164,8 +164,12 @@ def check_interpolations(cfg: DictConfig) -> None:
     (an unset ``${oc.env:...}``, a misspelt key) is one line naming the setting.
 
     Raises:
-        CompoError: An interpolation that cannot be resolved.
+        CompoError: A required setting left unset (``???``), or an interpolation that cannot
+            be resolved.
     """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise CompoError(f"{missing[0]}: must be set (it has no default)")
     try:
         OmegaConf.to_container(cfg, resolve=True)
         return

@@ -211,3 +211,13 @@ def test_a_word_that_is_no_number_gets_no_decoding_hint():
     with pytest.raises(settings.SettingError) as info:
         settings.number("optimizer.step_size", "big", gt=0)
     assert str(info.value).endswith("got 'big'")
+
+
+def test_a_required_setting_left_unset_is_one_line_naming_it(tmp_path):
+    # compo model=pretrained without model.name_or_path ended in a 40-line MissingMandatoryValue.
+    from conftest import run_compo
+
+    with pytest.raises(CompoError) as info:
+        run_compo(tmp_path, "model=pretrained")
+    assert str(info.value).startswith("model.name_or_path: must be set (it has no default)")
+    assert "\n" not in str(info.value)
