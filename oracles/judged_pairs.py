@@ -39,7 +39,7 @@ class JudgedPairsOracle(LikelihoodOracle):
         self.tokenizer = None
         self.run_dir = None
         self.counts = {"pairs_judged": 0, "pairs_kept": 0, "pairs_flipped": 0, "pairs_dropped": 0}
-        self.judge_seconds = 0.0
+        self._judge_seconds = 0.0
 
     def bind(self, tokenizer: Any, run_dir: Any = None) -> None:
         """Gives the tokenizer (to decode the replies) and the RunDir for ``judged_pairs.jsonl``."""
@@ -67,7 +67,7 @@ class JudgedPairsOracle(LikelihoodOracle):
         ]
         started = time.perf_counter()
         judgements = self.judge.judge_batch(asks)
-        self.judge_seconds += time.perf_counter() - started
+        self._judge_seconds += time.perf_counter() - started
         kept, labels = [], []
         for pair, judgement in zip(pairs, judgements, strict=True):
             # judge(prompt, current=y+, perturbed=y-): "perturbed better" means y- is better.
@@ -99,6 +99,6 @@ class JudgedPairsOracle(LikelihoodOracle):
     def usage(self) -> dict[str, Any]:
         """Counters for ``metrics.json``: the labelling, then the judge's under ``judge.``."""
         out: dict[str, Any] = dict(self.counts)
-        out["judge_seconds"] = round(self.judge_seconds, 3)
+        out["judge_seconds"] = round(self._judge_seconds, 3)
         out.update({f"judge.{k}": v for k, v in self.judge.usage().items()})
         return out

@@ -392,3 +392,17 @@ def test_oracle_trace_survives_the_optimizers_trace_truncation(tmp_path):
     rows = [json.loads(line) for line in lines]
     assert len(rows) == oracle.usage()["queries"] == 8
     assert sorted({r["iteration"] for r in rows}) == [0, 1]
+
+
+def test_judged_pairs_describes_the_same_after_judging(tmp_path):
+    # ComPO records describe() after prepare() judged the pairs: the judge's time used to be in
+    # it, so a judged_pairs run was refused on every resume ("written with judge_seconds=...").
+    _, tokenizer = TinyModel(seed=0).load()
+    pairs = [PreferencePair("a", "Name a color.", "Red.", "A long answer about colors.")]
+    encoded, _ = encode_pairs(pairs, tokenizer, 256, 128)
+    fresh, judged = (JudgedPairsOracle(ScorerJudge(shorter)) for _ in range(2))
+    for oracle in (fresh, judged):
+        oracle.bind(tokenizer, RunDir(tmp_path))
+        oracle.check()
+    judged.prepare(list(encoded))
+    assert judged.describe() == fresh.describe()
