@@ -409,7 +409,7 @@ class DPOTrainer:
                 )
         trace_path = out.path / "trace" / f"{self.phase}.jsonl"
         if distributed.is_main():  # rows after the last commit (or all, on a fresh start) rerun
-            state.truncate_trace(trace_path, lambda r: r["step"] <= step)
+            state.truncate_trace(trace_path, lambda r: r["step"] <= step, "step")
         # Rank 0 overwrites dpo_state/ from its first step on: every rank must have read it.
         distributed.barrier()
         if self.gradient_checkpointing:

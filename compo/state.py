@@ -250,22 +250,28 @@ def check_identity(state_dir: Path, progress: dict, expect: dict, option: str) -
         raise CompoError(f"{state_dir}: {what}; use a new run dir or {option}=false")
 
 
-def truncate_trace(path: Path, keep: Callable[[dict], bool]) -> list[dict]:
+def truncate_trace(path: Path, keep: Callable[[dict], bool], key: str | None = None) -> list[dict]:
     """Keeps the rows of a JSONL trace that ``keep`` accepts (rewritten atomically); returns them.
 
     A process killed after writing a trace row but before committing its state left that row
     behind; the resumed run writes it again, so it is dropped here rather than duplicated. A
-    torn last line (killed mid-write) is dropped too.
+    torn last line (killed mid-write) is dropped too, and so is any line that is no row of the
+    trace (damaged on disk or edited): not UTF-8 or not JSON, not an object, or, when ``key``
+    is given, without an integer ``key`` (the step or iteration ``keep`` reads).
     """
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            row = json.loads(line)
-        except ValueError:
+            row = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError is one
             continue
-        if isinstance(row, dict) and keep(row):
+        if not isinstance(row, dict):
+            continue
+        if key is not None and (type(row.get(key)) is not int):
+            continue
+        if keep(row):
             rows.append(row)
     write_jsonl(path, rows)
     return rows

@@ -261,10 +261,23 @@ def test_a_commit_interrupted_before_its_marker_leaves_the_previous_state(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["progress.json", "w-00000003.bin"]
 
 
+def test_a_trace_line_that_is_no_row_of_it_is_dropped_on_resume(tmp_path):
+    # A stray byte, a row without the key, or a key of another type crashed the resume with a
+    # UnicodeDecodeError, KeyError or TypeError traceback.
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(
+        b'{"iteration": 0}\n{"iteration": 1, "x": "\xff"}\n{}\n[1]\n{"iteration": "3"}\n'
+        b'{"iteration": true}\n{"iteration": 2}\n'
+    )
+    rows = state.truncate_trace(trace, lambda r: r["iteration"] < 3, "iteration")
+    assert rows == [{"iteration": 0}, {"iteration": 2}]
+    assert trace.read_text() == '{"iteration": 0}\n{"iteration": 2}\n'
+
+
 def test_a_torn_trace_line_is_dropped_on_resume(tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"iteration": 0}\n{"iteration": 1}\n{"iteration": 2}\n{"itera')
-    rows = state.truncate_trace(trace, lambda r: r["iteration"] < 2)
+    rows = state.truncate_trace(trace, lambda r: r["iteration"] < 2, "iteration")
     assert rows == [{"iteration": 0}, {"iteration": 1}]
     assert trace.read_text() == '{"iteration": 0}\n{"iteration": 1}\n'
 

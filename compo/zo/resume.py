@@ -62,8 +62,12 @@ def truncate_traces(run_dir: Path, start: int) -> list[dict[str, Any]]:
     that belong to no iteration are kept.
     """
     oracle_trace = run_dir / "trace" / "oracle.jsonl"
-    state.truncate_trace(oracle_trace, lambda r: r.get("iteration", -1) < start)
-    rows = state.truncate_trace(run_dir / "trace" / "compo.jsonl", lambda r: r["iteration"] < start)
+    # Oracle rows of no iteration (e.g. a judge's setup) stay.
+    state.truncate_trace(
+        oracle_trace, lambda r: type(r.get("iteration")) is not int or r["iteration"] < start
+    )
+    compo_trace = run_dir / "trace" / "compo.jsonl"
+    rows = state.truncate_trace(compo_trace, lambda r: r["iteration"] < start, "iteration")
     by_iteration = {}
     for row in rows:  # a row repeated by hand must not count twice
         by_iteration.setdefault(row["iteration"], row)
