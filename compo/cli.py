@@ -23,6 +23,7 @@ import difflib
 import importlib.metadata
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -167,11 +168,11 @@ def check_interpolations(cfg: DictConfig) -> None:
         CompoError: A required setting left unset (``???``), or an interpolation that cannot
             be resolved.
     """
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise CompoError(f"{missing[0]}: must be set (it has no default)")
     try:
         OmegaConf.to_container(cfg, resolve=True)
+        missing = sorted(OmegaConf.missing_keys(cfg))  # resolves too: after the check above
+        if missing:
+            raise CompoError(f"{missing[0]}: must be set (it has no default)")
         return
     except OmegaConfBaseException as exc:
         failed, key = exc, exc.full_key
@@ -274,6 +275,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+def refused_secrets(cfg: DictConfig) -> tuple[str, ...]:
+    """The values the oracle group refuses because they look secret, for a run that stopped on
+    another error first (``dpo.lr=-1``): Hydra's copy of the config must lose them all the same.
+
+    Building a group reads no file and no model, so it is cheap here; any other failure of it
+    means it refuses no secret.
+    """
+    try:
+        _build(cfg.oracle, "oracle")
+    except CompoError as exc:
+        return exc.secrets
+    except Exception:  # whatever else fails, there is no secret to scrub
+        return ()
+    return ()
+
+
 def scrub_hydra_copy(run_dir: Path, secrets: tuple[str, ...]) -> None:
     """Replaces ``secrets`` by ``***`` in Hydra's copies of the config: ``.hydra/`` in the run
     dir and, in a sweep, ``multirun.yaml`` at the sweep dir's root.
@@ -289,15 +306,21 @@ def scrub_hydra_copy(run_dir: Path, secrets: tuple[str, ...]) -> None:
     paths = []
     if hydra_cfg.output_subdir is not None:
         paths += sorted((run_dir / hydra_cfg.output_subdir).glob("*.yaml"))
+    # The overrides that held a secret: in a sweep their other values (a swept list of keys)
+    # are in the sweep's files too, so each such override loses its whole value there.
+    keys = [o.partition("=")[0] for o in hydra_cfg.overrides.task if any(x in o for x in secrets)]
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        paths.append(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+        sweep = Path(hydra_cfg.sweep.dir)
+        paths += [sweep / "multirun.yaml", *sorted(sweep.glob(f"*/{hydra_cfg.output_subdir}/*"))]
     for path in paths:
-        if not path.is_file():
+        if not path.is_file() or path.suffix != ".yaml":
             continue
         text = path.read_text(encoding="utf-8")
         scrubbed = text
         for secret in sorted(secrets, key=len, reverse=True):
             scrubbed = scrubbed.replace(secret, "***")
+        for key in keys:
+            scrubbed = re.sub(rf"(?<![\w.]){re.escape(key)}=[^\n]*", f"{key}=***", scrubbed)
         if scrubbed != text:
             atomic_write_text(path, scrubbed)
 
@@ -340,7 +363,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg, run_dir)
     except (CompoError, OracleError) as exc:
-        scrub_hydra_copy(run_dir, getattr(exc, "secrets", ()))
+        scrub_hydra_copy(run_dir, getattr(exc, "secrets", ()) or refused_secrets(cfg))
         _log_to_files_only(str(exc))
         print(f"compo: error: {exc}", file=sys.stderr)
         sys.exit(2)

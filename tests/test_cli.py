@@ -246,10 +246,13 @@ def test_a_secret_given_as_a_setting_is_scrubbed_from_the_run_dir(tmp_path):
             "oracle.judge.api_key_env=sk-SECRET123",
             "oracle.judge.base_url=http://user:SECRET123@127.0.0.1:9/v1",
             "oracle.judge.base_url='http://127.0.0.1:9/v1?api-key=SECRET123'",
+            # Another setting refused first: the key stayed in .hydra/ (the user fixes dpo.lr
+            # and reruns elsewhere).
+            "oracle.judge.api_key_env=sk-SECRET123 dpo.lr=-1",
         ]
     ):
         run_dir = tmp_path / str(i)
-        proc = _compo(run_dir, "optimizer=compo_tiny", "oracle=openai_judge", override)
+        proc = _compo(run_dir, "optimizer=compo_tiny", "oracle=openai_judge", *override.split())
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "SECRET123" not in proc.stderr + proc.stdout
@@ -265,16 +268,17 @@ def test_a_secret_given_as_a_setting_in_a_sweep_is_scrubbed_from_the_sweep_dir(t
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         [sys.executable, "-m", "compo", "-m", "model=tiny", "optimizer=compo_tiny",
-         "oracle=openai_judge", "oracle.judge.api_key_env=sk-SECRET123", "seed=0,1",
+         "oracle=openai_judge", "oracle.judge.api_key_env=sk-SECRET123,sk-SECRET456",
          f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "SECRET123" not in proc.stderr
     assert (sweep / "multirun.yaml").is_file() and (sweep / "0" / ".hydra").is_dir()
-    for path in sweep.rglob("*"):
+    for path in sweep.rglob("*"):  # the swept value no job ran with is gone too
         if path.is_file():
             assert b"SECRET123" not in path.read_bytes(), path
+            assert b"SECRET456" not in path.read_bytes(), path
 
 
 def test_an_unlockable_run_dir_is_one_line(tmp_path):
