@@ -435,11 +435,39 @@ def raised_in_job(exc: BaseException) -> bool:
 RUN_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
 
 
-def _empty_run_dir(argv: list[str]) -> str | None:
-    """The run or sweep dir override given empty, if any (also through an interpolation that
-    resolves to nothing, ``${oc.env:OUT,}``): Hydra would run in the working directory, or, for
-    ``hydra.sweep.subdir``, put every job of a sweep in one dir. An unset shell variable,
-    ``hydra.run.dir=$OUT``, looks like this."""
+def _leading_interpolation(value: str) -> str | None:
+    """The ``${...}`` a value starts with (balanced braces), if any."""
+    if not value.startswith("${"):
+        return None
+    depth = 0
+    for i, char in enumerate(value):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "}" and depth == 0:
+            return value[: i + 1]
+    return None
+
+
+def _resolved(value: str) -> str | None:
+    """``value`` with its interpolations resolved where OmegaConf can (None: only Hydra can,
+    e.g. ``now``)."""
+    if "${" not in value:
+        return value
+    try:
+        with warnings.catch_warnings():  # `${oc.env:OUT,}`: "some elements are missing"
+            warnings.simplefilter("ignore")
+            return str(OmegaConf.create({"value": value}).value)
+    except OmegaConfBaseException:
+        return None
+
+
+def _bad_run_dir(argv: list[str]) -> str | None:
+    """Why a run or sweep dir override names no directory of its own, if one does.
+
+    An unset shell variable, ``hydra.run.dir=$OUT`` or ``$OUT/``, or an interpolation resolving
+    to nothing, ``${oc.env:OUT,}``, would make Hydra write the run into the working directory
+    or the filesystem root; an empty or ``.`` ``hydra.sweep.subdir`` would put every job of a
+    sweep in one dir.
+    """
     for arg in argv:
         key, sep, value = arg.lstrip("+").partition("=")
         if not sep or key not in RUN_DIR_KEYS:
@@ -447,15 +475,22 @@ def _empty_run_dir(argv: list[str]) -> str | None:
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]  # Hydra's quoted string
-        if "${" in value:
-            try:
-                with warnings.catch_warnings():  # `${oc.env:OUT,}`: "some elements are missing"
-                    warnings.simplefilter("ignore")
-                    value = str(OmegaConf.create({"value": value}).value)
-            except OmegaConfBaseException:
-                continue  # a resolver only Hydra has (now, hydra:): Hydra resolves it
-        if not value.strip(" '\""):
-            return key
+        resolved = _resolved(value)
+        if resolved is None:
+            continue
+        if not resolved.strip(" '\""):
+            return f"{key} is empty (an unset shell variable?); give a directory"
+        leading = _leading_interpolation(value)
+        lead = _resolved(leading) if leading else None  # None: no such part, or only Hydra's
+        if lead is not None and not lead.strip():
+            return (
+                f"{key} starts with a variable that is empty (an unset shell variable?); "
+                "give a directory"
+            )
+        if key == "hydra.sweep.subdir" and os.path.normpath(resolved) == ".":
+            return f"{key} is the sweep dir itself: every job would share it; give a name"
+        if key != "hydra.sweep.subdir" and os.path.normpath(resolved) == "/":
+            return f"{key} is the filesystem root (an unset shell variable?); give a directory"
     return None
 
 
@@ -464,12 +499,9 @@ def main() -> None:
     if sys.argv[1:] == ["--version"]:
         print(f"compo {importlib.metadata.version('compo')}")
         return
-    empty = _empty_run_dir(sys.argv[1:])
-    if empty is not None:  # checked before Hydra writes .hydra/ into the run dir
-        print(
-            f"compo: error: {empty} is empty (an unset shell variable?); give a directory",
-            file=sys.stderr,
-        )
+    bad_dir = _bad_run_dir(sys.argv[1:])
+    if bad_dir is not None:  # checked before Hydra writes .hydra/ into the run dir
+        print(f"compo: error: {bad_dir}", file=sys.stderr)
         sys.exit(2)
     # Hydra prints a refused override in several lines and exits 1; told to raise instead, it
     # lets compo say it in one line. A user who set HYDRA_FULL_ERROR gets Hydra's full report.

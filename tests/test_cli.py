@@ -190,20 +190,29 @@ def test_a_bug_inside_the_job_keeps_its_traceback(tmp_path):
     assert "in broken" in proc.stderr and "a bug in the pipeline" in proc.stderr
 
 
+EMPTY = "is empty (an unset shell variable?); give a directory"
+ROOT = "is the filesystem root (an unset shell variable?); give a directory"
+LEADING = "starts with a variable that is empty (an unset shell variable?); give a directory"
+
+
 @pytest.mark.parametrize(
-    "override",
+    ("override", "reason"),
     [
-        "hydra.run.dir=",
-        "hydra.sweep.dir=  ",
-        "hydra.run.dir=''",
+        ("hydra.run.dir=", EMPTY),
+        ("hydra.sweep.dir=  ", EMPTY),
+        ("hydra.run.dir=''", EMPTY),
         # An interpolation that resolves to nothing wrote the run into the working directory.
-        "hydra.run.dir=${oc.env:COMPO_UNSET_DIR,}",
-        "hydra.sweep.dir='${oc.env:COMPO_UNSET_DIR,\"\"}'",
+        ("hydra.run.dir=${oc.env:COMPO_UNSET_DIR,}", EMPTY),
+        ("hydra.sweep.dir='${oc.env:COMPO_UNSET_DIR,\"\"}'", EMPTY),
+        # ... or into the filesystem root: $OUT/ with OUT unset, or its interpolated form.
+        ("hydra.run.dir=/", ROOT),
+        ("hydra.run.dir=${oc.env:COMPO_UNSET_DIR,}/run", LEADING),
         # Every job of a sweep would share one run dir, each overwriting the last.
-        "hydra.sweep.subdir=",
+        ("hydra.sweep.subdir=", EMPTY),
+        ("hydra.sweep.subdir=.", "is the sweep dir itself: every job would share it; give a name"),
     ],
 )
-def test_an_empty_run_dir_is_refused_not_the_current_directory(tmp_path, override):
+def test_an_empty_run_dir_is_refused_not_the_current_directory(tmp_path, override, reason):
     # An unset shell variable (hydra.run.dir=$OUT) used to write the run into the working directory.
     proc = subprocess.run(
         [sys.executable, "-m", "compo", "model=tiny", "dpo=none", "optimizer=none", override],
@@ -211,9 +220,9 @@ def test_an_empty_run_dir_is_refused_not_the_current_directory(tmp_path, overrid
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())},
     )  # fmt: skip
     key = override.split("=")[0]
-    assert proc.returncode == 2 and proc.stderr.strip() == (
-        f"compo: error: {key} is empty (an unset shell variable?); give a directory"
-    ), proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip() == f"compo: error: {key} {reason}", (
+        proc.stderr
+    )
     assert list(tmp_path.iterdir()) == []
 
 
