@@ -61,6 +61,18 @@ TEMPERATURE = 0.0  # greedy: a verdict should not depend on the sampler's luck
 _ANSWER = re.compile(r"^(A|B|TIE)$")
 RETRY_AFTER_MAX = 60.0  # longer waits asked by a server: our own backoff (as the openai client)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# What a key typed where its variable's name belongs looks like even when it is a valid name:
+# a provider's key prefix (Groq gsk_, Hugging Face hf_, Stripe-style sk_), or a long run of
+# mixed-case letters and digits, which no one names a variable.
+_KEY_PREFIX = re.compile(r"^(sk|gsk|hf|xai|ghp|gho|github_pat|glpat|pk|rk)_")
+
+
+def _looks_like_key(name: str) -> bool:
+    mixed = any(c.islower() for c in name) and any(c.isupper() for c in name)
+    digits = sum(c.isdigit() for c in name)
+    return bool(_KEY_PREFIX.match(name)) or (len(name) >= 24 and mixed and digits >= 4)
+
+
 _KEY_CHARS = re.compile(r"^[!-~]+$")  # printable ASCII without spaces: what an HTTP header holds
 
 
@@ -217,7 +229,9 @@ class OpenAIJudge(OutputJudge):
                     f"or null for the official API; got {base_url!r}"
                 )
         if api_key_env is not None and not (
-            isinstance(api_key_env, str) and _ENV_NAME.match(api_key_env)
+            isinstance(api_key_env, str)
+            and _ENV_NAME.match(api_key_env)
+            and not _looks_like_key(api_key_env)
         ):
             # Not repeated: a value that is no variable name is most likely the key itself.
             raise _refused(

@@ -374,7 +374,16 @@ def test_a_malformed_key_is_refused_in_one_line_without_echoing_it(monkeypatch, 
     assert "SEC" not in str(info.value) and "cannot reach" not in str(info.value)
 
 
-@pytest.mark.parametrize("value", [SECRET, "1KEY", "MY-KEY", ""])
+@pytest.mark.parametrize(
+    "value",
+    [
+        SECRET, "1KEY", "MY-KEY", "",
+        # Keys that are valid variable names were accepted, then printed whole ("environment
+        # variable gsk_... is not set") and kept in .hydra/ and cli.log.
+        "gsk_8fJ2kLmN0pQrS7tUvWxYz1234567890abcdEFGH", "hf_abcdEFGHijklMNOPqrstUVWXyz012345",
+        "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+    ],
+)  # fmt: skip
 def test_api_key_env_must_name_a_variable(value):
     with pytest.raises(
         CompoError, match=r"oracle\.judge\.api_key_env must name an environment"
@@ -382,6 +391,13 @@ def test_api_key_env_must_name_a_variable(value):
         OpenAIJudge(api_key_env=value)
     assert value == "" or value not in str(e.value)
     assert e.value.secrets == ((value,) if value else ())  # scrubbed from Hydra's copy by the CLI
+
+
+@pytest.mark.parametrize(
+    "value", ["OPENAI_API_KEY", "MY_JUDGE_KEY_2", "my_judge_key", "X", "SK_JUDGE_KEY"]
+)
+def test_a_variable_name_is_accepted_as_api_key_env(value):
+    assert OpenAIJudge(api_key_env=value).api_key_env == value
 
 
 @pytest.mark.parametrize(
