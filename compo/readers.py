@@ -52,9 +52,10 @@ def bad_row(
 ) -> DataError:
     """The error that stops a load at a bad row (bad rows not set aside).
 
-    A field that ``row`` lacks, "is missing" from it, and that no later row has either is said of
-    the file (a CSV header or a schema without it) when ``first`` (no valid row came before):
-    setting bad rows aside, the usual advice, would set every row aside.
+    A field that ``row`` lacks ("is missing") or leaves empty, and that no later row gives a
+    value either, is said of the file (a CSV header or a schema without it, a column left
+    empty) when ``first`` (no valid row came before): setting bad rows aside, the usual advice,
+    would set every row aside.
 
     Args:
         source: The file, as named in messages.
@@ -65,17 +66,30 @@ def bad_row(
         first: Whether no valid row came before this one.
         skip: The setting that sets bad rows aside, e.g. ``data.on_error=skip``.
     """
-    lacks = (
-        isinstance(record, dict)
-        and err.reason.startswith("is missing")  # also "is missing (use [] for ...)"
-        and err.field not in record
-    )
-    if first and lacks and not any(isinstance(r, dict) and err.field in r for _, r in rest):
+    field = err.field
+    unset = err.reason.startswith("is missing") or err.reason == "is empty"  # "missing (use [])"
+    # The last test reads the rest of the file: only on the way to an error.
+    if (
+        first
+        and isinstance(record, dict)
+        and unset
+        and not _holds(record, field)
+        and not any(_holds(r, field) for _, r in rest)
+    ):
+        if field in record:  # keeps the reason's advice: "(use [] for ...)"
+            advice = err.reason[err.reason.find("(") :] if "(" in err.reason else ""
+            return DataError(f"{source}: '{field}' is empty in every row {advice}".rstrip())
         return DataError(
-            f"{source}: no row has a '{err.field}' field (row {row} has: "
+            f"{source}: no row has a '{field}' field (row {row} has: "
             f"{', '.join(sorted(map(str, record)))})"
         )
     return DataError(f"{err.describe(source, row)} ({skip} sets such rows aside)")
+
+
+def _holds(record: Any, field: str | None) -> bool:
+    """Whether a row read from a file gives ``field`` a value (an empty text is none)."""
+    value = record.get(field) if isinstance(record, dict) else None
+    return value is not None and not (isinstance(value, str) and not value.strip())
 
 
 # Every format is read row by row with each value's own type, and nothing is cached. Readers that

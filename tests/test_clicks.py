@@ -466,7 +466,8 @@ def test_an_empty_optional_csv_cell_means_absent(tmp_path, capsys):
     assert [r["prompt"] for r in map(json.loads, out.open())] == ["Q1", "Q3"]
     # An empty required cell is a missing field, with the advice how to write it.
     bad = _csv_log(tmp_path, 'prompt,responses,clicks\nQ1,"[""x"",""y""]",\n', "bad.csv")
-    with pytest.raises(DataError, match=r"row 1: field 'clicks': is missing \(use \[\]"):
+    # One row, its clicks cell empty: said of the file, with the reason's advice.
+    with pytest.raises(DataError, match=r"'clicks' is empty in every row \(use \[\]"):
         clicks_to_pairs(load_records(bad), source=str(bad))
 
 

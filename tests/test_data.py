@@ -569,3 +569,16 @@ def test_a_field_missing_from_some_rows_stays_an_error_of_the_first_such_row(wri
     path = write_jsonl([{"prompt": "Q", "chosen": "a"}, GOOD])
     with pytest.raises(DataError, match=r"row 1: field 'rejected': is missing \(data\.on_error"):
         load_pairs(path)
+
+
+def test_a_column_empty_in_every_row_is_said_of_the_file(tmp_path):
+    # "row 1: field 'rejected': is empty (data.on_error=skip sets such rows aside)": skipping
+    # would set every row aside.
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\nQ,a,\nR,b, \n")
+    with pytest.raises(DataError) as info:
+        load_pairs(path)
+    assert str(info.value) == f"{path}: 'rejected' is empty in every row"
+    path.write_text("prompt,chosen,rejected\nQ,a,\nR,b,c\n")  # one row has it: that row's error
+    with pytest.raises(DataError, match=r"row 1: field 'rejected': is empty \(data\.on_error"):
+        load_pairs(path)
