@@ -182,6 +182,8 @@ def _plans(run_dir: Path, metrics: Mapping[str, Any]) -> dict[str, tuple[Any, st
     steps = _rows(run_dir / "trace" / "compo.jsonl")
     if "compo.n_iterations" in metrics and steps:
         plans["compo"] = (lambda fig: _compo(fig, steps, metrics), None)
+    elif "compo.n_iterations" in metrics:  # ran, but its trace was deleted before a resume
+        plans["compo"] = (None, "trace/compo.jsonl holds no rows")
     else:
         plans["compo"] = (None, metrics.get("compo.skipped_reason", "optimizer=none"))
     pairs = _rows(run_dir / "eval_pairs.jsonl")

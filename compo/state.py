@@ -221,6 +221,13 @@ def _first_difference(found: dict, expect: dict, prefix: str = "") -> tuple[str,
     raise ValueError("no difference")
 
 
+def _as_config(value: Any) -> str:
+    """A setting's value as a config writes it: ``true``, ``null``; other values as repr."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return repr(value)
+
+
 def check_identity(state_dir: Path, progress: dict, expect: dict, option: str) -> None:
     """Refuses state written by a different setup (one line: which key, which values).
 
@@ -242,7 +249,7 @@ def check_identity(state_dir: Path, progress: dict, expect: dict, option: str) -
             continue
         if isinstance(value, dict) and isinstance(found, dict):
             name, was, now = _first_difference(found, value, f"{key}.")
-            what = f"written with {name}={was!r}, this run has {now!r}"
+            what = f"written with {name}={_as_config(was)}, this run has {_as_config(now)}"
         elif key in digests:
             what = f"written by another setup: {digests[key]}"
         else:

@@ -113,9 +113,9 @@ class ScorerJudge(OutputJudge):
         batched: bool = False,
     ) -> None:
         if callable(scorer):
-            self.scorer_name, self._scorer = getattr(scorer, "__name__", "?"), scorer
+            self.scorer, self._scorer = getattr(scorer, "__name__", "?"), scorer
         else:
-            self.scorer_name, self._scorer = settings.text("oracle.judge.scorer", scorer), None
+            self.scorer, self._scorer = settings.text("oracle.judge.scorer", scorer), None
         self.epsilon = settings.number("oracle.judge.epsilon", epsilon, ge=0)
         self.with_prompt = settings.flag("oracle.judge.with_prompt", with_prompt)
         self.batched = settings.flag("oracle.judge.batched", batched)
@@ -125,7 +125,7 @@ class ScorerJudge(OutputJudge):
     def check(self) -> None:
         """Resolves the scorer (a bad import path fails here, before any model work)."""
         if self._scorer is None:
-            self._scorer = resolve_callable(self.scorer_name, "oracle.judge.scorer")
+            self._scorer = resolve_callable(self.scorer, "oracle.judge.scorer")
 
     def _call(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
         """The scorer's values; a failure or a non-finite value is an :class:`OracleError`."""
@@ -141,9 +141,9 @@ class ScorerJudge(OutputJudge):
             values = [float(v) for v in values]
         except Exception as exc:  # the scorer is user code: report it, never guess a verdict
             raise OracleError(
-                f"oracle.scorer: {self.scorer_name} failed: {type(exc).__name__}: {exc}"
+                f"oracle.scorer: {self.scorer} failed: {type(exc).__name__}: {exc}"
             ) from exc
-        return finite_scores(f"{type(self).__name__} ({self.scorer_name})", values)
+        return finite_scores(f"{type(self).__name__} ({self.scorer})", values)
 
     def score(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
         """The scorer's value of each (prompt, text); a non-finite one is an OracleError."""

@@ -101,3 +101,12 @@ def test_a_picture_that_cannot_be_drawn_is_a_warning_not_a_lost_run(full_run, tm
     assert got["skipped.compo"] == "failed: KeyError: 'iteration'"
     assert not (run_dir / "plots" / "compo.png").exists()
     assert any("compo.png failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_whose_trace_was_lost_says_so_not_that_its_stage_was_off(full_run, tmp_path):
+    # A resumed run whose trace/compo.jsonl was deleted said "no compo.png (optimizer=none)".
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run[0], run_dir)
+    (run_dir / "trace" / "compo.jsonl").unlink()
+    got = plots.draw(run_dir, full_run[1])
+    assert got["skipped.compo"] == "trace/compo.jsonl holds no rows"

@@ -462,6 +462,9 @@ def test_ctrl_c_or_sigterm_is_one_line_saying_how_to_resume(tmp_path, pairs_file
         ("optimizer.radius=0.01", "optimizer.radius='auto', this run has 0.01"),
         ("optimizer.perturbation_batch=8", "optimizer.perturbation_batch=16, this run has 8"),
         ("optimizer.num_directions=32", "optimizer.num_directions=64, this run has 32"),
+        # Values as the config writes them (true, null), not Python's True/None.
+        ("optimizer.centred=true", "optimizer.centred=false, this run has true"),
+        ("optimizer.clip_threshold=0.001", "optimizer.clip_threshold=null, this run has 0.001"),
     ],
 )
 def test_a_changed_compo_setting_is_named_in_the_refusal(tmp_path, pairs_file, change, named):
@@ -478,6 +481,17 @@ def test_compo_state_of_another_oracle_setting_names_it(tmp_path, pairs_file):
     with pytest.raises(CompoError, match=r"optimizer\.resume=false") as info:
         _compo_only_in_process(tmp_path, pairs_file, *base, "oracle.aggregation=majority")
     assert "written with oracle.aggregation='any', this run has 'majority'" in str(info.value)
+
+
+def test_a_changed_scorer_is_named_by_its_setting(tmp_path, pairs_file):
+    base = ["oracle=scorer", "optimizer.max_iterations=1"]
+    _compo_only_in_process(tmp_path, pairs_file, *base)
+    with pytest.raises(CompoError) as info:
+        _compo_only_in_process(
+            tmp_path, pairs_file, *base, "oracle.judge.scorer=oracles.scorer.prompt_overlap",
+            "oracle.judge.with_prompt=true",
+        )  # fmt: skip
+    assert "written with oracle.judge.scorer=" in str(info.value)
 
 
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
