@@ -80,8 +80,7 @@ from compo.beta_posterior import MAX_PRIOR, beta_confidence
 from compo.data import RejectedRow
 from compo.errors import CompoError
 from compo.impressions import Impression, clicked, impression_preferences, parse_impression
-from compo.readers import RowError, bad_row
-from compo.records import given
+from compo.readers import RowError, bad_row, given
 
 log = logging.getLogger(__name__)
 

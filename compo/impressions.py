@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from compo.errors import CompoError
-from compo.readers import RowError
-from compo.records import ROLES, as_object, given
+from compo.readers import RowError, given
+from compo.records import ROLES, as_object
 
 RULES = ("skip_above", "skip_next")
 

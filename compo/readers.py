@@ -47,6 +47,13 @@ class RowError(Exception):
         )
 
 
+def given(record: dict[str, Any], name: str) -> bool:
+    """Whether ``record`` gives a value for ``name``: a CSV row has every column of its file, so
+    an empty (or blank) cell counts as absent, like a field left out of a JSON row."""
+    value = record.get(name)
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
 def bad_row(
     source: Any, row: int, err: RowError, record: Any, rest: Iterator, first: bool, skip: str
 ) -> DataError:
@@ -73,8 +80,8 @@ def bad_row(
         first
         and isinstance(record, dict)
         and unset
-        and not _holds(record, field)
-        and not any(_holds(r, field) for _, r in rest)
+        and not given(record, field)
+        and not any(isinstance(r, dict) and given(r, field) for _, r in rest)
     ):
         if field in record:  # keeps the reason's advice: "(use [] for ...)"
             advice = err.reason[err.reason.find("(") :] if "(" in err.reason else ""
@@ -84,12 +91,6 @@ def bad_row(
             f"{', '.join(sorted(map(str, record)))})"
         )
     return DataError(f"{err.describe(source, row)} ({skip} sets such rows aside)")
-
-
-def _holds(record: Any, field: str | None) -> bool:
-    """Whether a row read from a file gives ``field`` a value (an empty text is none)."""
-    value = record.get(field) if isinstance(record, dict) else None
-    return value is not None and not (isinstance(value, str) and not value.strip())
 
 
 # Every format is read row by row with each value's own type, and nothing is cached. Readers that

@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from compo.readers import RowError
+from compo.readers import RowError, given
 from compo.types import Message, PreferencePair, UnpairedExample
 
 ROLES = ("system", "user", "assistant")
@@ -244,13 +244,6 @@ def _label(record: dict[str, Any]) -> bool:
         return _LABELS[value.strip().lower()]
     shown = repr(value) if len(repr(value)) <= 20 else f"{repr(value)[:17]}..."
     raise RowError("label", f"expected true or false, got {shown}")
-
-
-def given(record: dict[str, Any], name: str) -> bool:
-    """Whether ``record`` gives a value for ``name``: a CSV row has every column of its file, so
-    an empty (or blank) cell counts as absent, like a field left out of a JSON row."""
-    value = record.get(name)
-    return value is not None and not (isinstance(value, str) and not value.strip())
 
 
 def is_unpaired_row(record: Any) -> bool:
