@@ -154,11 +154,11 @@ class PretrainedModel:
         device: str = "cpu",
         revision: str | None = None,
     ) -> None:
-        if not (settings.text("model.name_or_path", name_or_path, optional=True) or "").strip():
-            raise settings.SettingError(
-                "model.name_or_path: no model given; set it to a local model directory or a hub id"
-            )
-        self.name = name_or_path
+        self.name = settings.required(
+            "model.name_or_path",
+            name_or_path,
+            missing="no model given; set it to a local model directory or a hub id",
+        )
         self.revision = revision
         self.device = settings.device("model.device", device)
         self.dtype = settings.dtype("model.dtype", dtype, self.device)

@@ -152,6 +152,20 @@ def path(key: str, value: Any, *, null: str) -> str | None:
     return value
 
 
+def required(key: str, value: Any, *, missing: str) -> str:
+    """Returns ``value`` if it is a non-blank string (a model to load, say).
+
+    Args:
+        key: The config key, for the message.
+        value: The setting.
+        missing: What to say when it is null, empty or blank, e.g. ``no model given; set it
+            to ...``.
+    """
+    if not (text(key, value, optional=True) or "").strip():
+        raise SettingError(f"{key}: {missing}")
+    return value
+
+
 def names(key: str, value: Any) -> list[str]:
     """Returns ``value`` as a list if it is a list of strings (``foo`` alone is not a list)."""
     # Sequence: Hydra hands over a ListConfig, not a list.

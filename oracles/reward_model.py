@@ -83,12 +83,12 @@ class RewardModelJudge(OutputJudge):
         dtype: str = "float32",
         seed: int = 0,
     ) -> None:
-        if not (settings.text("oracle.judge.path", path, optional=True) or "").strip():
-            raise settings.SettingError(
-                "oracle.judge.path: no reward model given; set it to a local reward model "
-                "directory, or tiny for a random offline one"
-            )
-        self.path = path
+        self.path = settings.required(
+            "oracle.judge.path",
+            path,
+            missing="no reward model given; set it to a local reward model directory, or tiny "
+            "for a random offline one",
+        )
         self.epsilon = settings.number("oracle.judge.epsilon", epsilon, ge=0)
         self.batch_size = settings.number("oracle.judge.batch_size", batch_size, integer=True, ge=1)
         settings.number("oracle.judge.max_length", max_length, integer=True, ge=2)
